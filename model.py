@@ -1,0 +1,352 @@
+"""GPT-Fast-style Llama-family transformer whose projections are TEAL sparse linears.
+
+One `ModelArgs` dataclass, one table of known configs (`transformer_configs`), and a small
+`Transformer` with a static KV cache, GQA, RMSNorm and RoPE (interleaved pairs, the Meta /
+gpt-fast convention; Hugging Face checkpoints are permuted into it at conversion).
+
+Every projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) is a
+`teal.SparseLinear`. Attention and MLP only call `teal.project` / `teal.gated_mlp`; all
+sparsity logic (thresholds, decode vs prefill dispatch, fused kernels) lives in `teal/`.
+
+References:
+- gpt-fast (PyTorch team): model layout, static KV cache, interleaved RoPE.
+- Llama 2 / Llama 3 papers: RMSNorm, SwiGLU MLP, GQA; Llama 3.1 RoPE frequency scaling.
+- TEAL (Liu et al., 2024, arXiv 2408.14690): activation sparsity on every projection input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from teal.sparse_linear import SparseLinear, gated_mlp, project
+
+
+@dataclass
+class ModelArgs:
+    """Architecture hyper-parameters of a Llama-family decoder.
+
+    Attributes:
+        block_size: maximum context length (tokens) of the KV cache and RoPE tables.
+        vocab_size: number of token ids.
+        n_layer: number of transformer blocks.
+        n_head: number of query heads.
+        dim: model (residual stream) width.
+        intermediate_size: MLP hidden width (gate/up output, down input).
+        n_local_heads: number of KV heads (GQA); -1 means equal to `n_head`.
+        head_dim: per-head width; 0 means `dim // n_head`.
+        rope_base: RoPE theta.
+        norm_eps: RMSNorm epsilon.
+        rope_scaling: Llama-3.1 frequency scaling dict (keys `factor`, `low_freq_factor`,
+            `high_freq_factor`, `original_max_position_embeddings`) or None.
+        tie_embeddings: the output head shares the token embedding matrix.
+    """
+
+    block_size: int = 2048
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: int = 0
+    n_local_heads: int = -1
+    head_dim: int = 0
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    rope_scaling: Optional[dict] = None
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.intermediate_size == 0:
+            hidden = 4 * self.dim
+            n_hidden = int(2 * hidden / 3)
+            self.intermediate_size = (n_hidden + 255) // 256 * 256
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_head
+        if self.n_head % self.n_local_heads:
+            raise ValueError(
+                f"n_head={self.n_head} is not a multiple of n_local_heads={self.n_local_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        """Config of a known model (exact key of `transformer_configs`, case-insensitive).
+
+        Raises:
+            KeyError: the name is unknown (message lists the known names).
+        """
+        for key, cfg in transformer_configs.items():
+            if key.lower() == name.lower():
+                return cls(**cfg)
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(transformer_configs)}")
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON- and `torch.load(weights_only=True)`-safe)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        """Inverse of `to_dict`; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=8192)
+
+transformer_configs = {
+    "Llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, intermediate_size=11008, block_size=4096),
+    "Llama-2-13b": dict(n_layer=40, n_head=40, dim=5120, intermediate_size=13824, block_size=4096),
+    "Llama-2-70b": dict(n_layer=80, n_head=64, dim=8192, n_local_heads=8,
+                        intermediate_size=28672, block_size=4096),
+    "Meta-Llama-3-8B": dict(block_size=8192, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
+                            intermediate_size=14336, vocab_size=128256, rope_base=500000.0),
+    "Meta-Llama-3-70B": dict(block_size=8192, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                             intermediate_size=28672, vocab_size=128256, rope_base=500000.0),
+    "Llama-3.1-8B": dict(block_size=131072, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
+                         intermediate_size=14336, vocab_size=128256, rope_base=500000.0,
+                         rope_scaling=_LLAMA31_SCALING),
+    "Llama-3.1-70B": dict(block_size=131072, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                          intermediate_size=28672, vocab_size=128256, rope_base=500000.0,
+                          rope_scaling=_LLAMA31_SCALING),
+    "Mistral-7B": dict(n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336,
+                       vocab_size=32000, block_size=32768, rope_base=1000000.0),
+    "SmolLM2-135M": dict(block_size=8192, n_layer=30, n_head=9, n_local_heads=3, dim=576,
+                         intermediate_size=1536, vocab_size=49152, rope_base=100000.0,
+                         tie_embeddings=True),
+    "SmolLM2-360M": dict(block_size=8192, n_layer=32, n_head=15, n_local_heads=5, dim=960,
+                         intermediate_size=2560, vocab_size=49152, rope_base=100000.0,
+                         tie_embeddings=True),
+    "SmolLM2-1.7B": dict(block_size=8192, n_layer=24, n_head=32, n_local_heads=32, dim=2048,
+                         intermediate_size=8192, vocab_size=49152, rope_base=130000.0,
+                         tie_embeddings=True),
+}
+# Instruct variants share the base architecture.
+for _base in ("SmolLM2-135M", "SmolLM2-360M", "SmolLM2-1.7B"):
+    transformer_configs[_base + "-Instruct"] = transformer_configs[_base]
+
+
+class KVCache(nn.Module):
+    """Static KV cache: k/v of shape (B, n_local_heads, max_seq_length, head_dim)."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_heads: int, head_dim: int,
+                 dtype=torch.bfloat16):
+        super().__init__()
+        shape = (max_batch_size, n_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, H, S, D) at positions `input_pos` (S,); return the full caches."""
+        self.k_cache[:, :, input_pos] = k_val.to(self.k_cache.dtype)
+        self.v_cache[:, :, input_pos] = v_val.to(self.v_cache.dtype)
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich, 2019): x / rms(x) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention with q/k/v/o TEAL sparse projections."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_local_heads = config.n_local_heads
+        self.head_dim = config.head_dim
+        self.q_proj = SparseLinear(config.dim, config.n_head * config.head_dim)
+        self.k_proj = SparseLinear(config.dim, config.n_local_heads * config.head_dim)
+        self.v_proj = SparseLinear(config.dim, config.n_local_heads * config.head_dim)
+        self.o_proj = SparseLinear(config.n_head * config.head_dim, config.dim)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        bsz, seqlen, _ = x.shape
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        q = apply_rotary_emb(q, freqs_cis)
+        k = apply_rotary_emb(k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        rep = self.n_head // self.n_local_heads
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: down_proj(silu(gate_proj(x)) * up_proj(x)), all TEAL sparse projections."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.gate_proj = SparseLinear(config.dim, config.intermediate_size)
+        self.up_proj = SparseLinear(config.dim, config.intermediate_size)
+        self.down_proj = SparseLinear(config.intermediate_size, config.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(gated_mlp(x, self.gate_proj, self.up_proj))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder. State-dict keys (the checkpoint format, see teal/checkpoint.py):
+
+    `tok_embeddings.weight` (vocab, dim); per block i: `layers.i.attention_norm.weight`,
+    `layers.i.attention.{q,k,v,o}_proj.weight`, `layers.i.ffn_norm.weight`,
+    `layers.i.feed_forward.{gate,up,down}_proj.weight` (nn.Linear (out, in) shapes; q/k rows
+    in interleaved-pair RoPE order); `norm.weight`; `output.weight` (vocab, dim), the same
+    tensor as `tok_embeddings.weight` when `tie_embeddings`.
+    """
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.freqs_cis: Optional[Tensor] = None
+        self.causal_mask: Optional[Tensor] = None
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int,
+                     dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate KV caches for `max_batch_size` sequences of up to `max_seq_length` tokens.
+
+        Raises:
+            ValueError: `max_seq_length` exceeds the model's context (`block_size`).
+        """
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"{max_seq_length} tokens exceed the model's context length "
+                             f"{self.config.block_size}; use a shorter prompt or fewer new tokens")
+        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+            return
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        cfg = self.config
+        for b in self.layers:
+            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, cfg.n_local_heads,
+                                           cfg.head_dim, dtype).to(device)
+        self.freqs_cis = precompute_freqs_cis(cfg.block_size, cfg.head_dim, cfg.rope_base,
+                                              cfg.rope_scaling).to(device)
+        self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length,
+                                                 dtype=torch.bool, device=device))
+        self.max_batch_size = max_batch_size
+        self.max_seq_length = max_seq_length
+
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, T, vocab) in fp32 for token ids `idx` (B, T) at positions `input_pos` (T,).
+
+        With `input_pos` the KV caches (set up by `setup_caches`) are read and written;
+        without it the call is a plain causal forward over `idx` (positions 0..T-1, no cache).
+        """
+        if input_pos is None:
+            seqlen = idx.shape[1]
+            if self.freqs_cis is None or self.freqs_cis.device != idx.device:
+                cfg = self.config
+                self.freqs_cis = precompute_freqs_cis(cfg.block_size, cfg.head_dim, cfg.rope_base,
+                                                      cfg.rope_scaling).to(idx.device)
+            if seqlen > self.config.block_size:
+                raise ValueError(f"{seqlen} tokens exceed the context length "
+                                 f"{self.config.block_size}")
+            input_pos = torch.arange(seqlen, device=idx.device)
+            mask = torch.tril(torch.ones(seqlen, seqlen, dtype=torch.bool, device=idx.device))
+            caches = [b.attention.kv_cache for b in self.layers]
+            for b in self.layers:
+                b.attention.kv_cache = None
+            try:
+                return self._forward(idx, input_pos, mask)
+            finally:
+                for b, c in zip(self.layers, caches):
+                    b.attention.kv_cache = c
+        if self.causal_mask is None:
+            raise RuntimeError("call setup_caches() before a forward with input_pos")
+        mask = self.causal_mask[None, None, input_pos]
+        return self._forward(idx, input_pos, mask)
+
+    def _forward(self, idx: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+        freqs_cis = self.freqs_cis[input_pos]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, input_pos, freqs_cis, mask)
+        x = self.norm(x)
+        return self.output(x).float()
+
+    def sparse_linears(self):
+        """Yield (layer_index, projection_name, SparseLinear) for every projection."""
+        for i, b in enumerate(self.layers):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                yield i, name, getattr(b.attention, name)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                yield i, name, getattr(b.feed_forward, name)
+
+
+def precompute_freqs_cis(seq_len: int, n_elem: int, base: float = 10000.0,
+                         rope_scaling: Optional[dict] = None) -> Tensor:
+    """RoPE table (seq_len, n_elem // 2, 2) of (cos, sin) in fp32.
+
+    `rope_scaling` applies Llama-3.1's frequency-dependent scaling of the inverse frequencies.
+    """
+    freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2)[: n_elem // 2].double() / n_elem))
+    if rope_scaling is not None:
+        freqs = _apply_llama31_scaling(freqs, rope_scaling)
+    t = torch.arange(seq_len, dtype=torch.float64)
+    angles = torch.outer(t, freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def _apply_llama31_scaling(freqs: Tensor, s: dict) -> Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > low_wavelen, freqs / factor, freqs)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(mid, (1 - smooth) * freqs / factor + smooth * freqs, scaled)
+
+
+def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles (T, D/2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)

@@ -1,0 +1,104 @@
+"""The checkpoint format: `checkpoints/<model>/model.pth`, a torch.save'd dict
+
+    {"format": "teal-fast/1", "config": ModelArgs dict, "state_dict": {...},
+     "meta": {"name": ..., "source": ..., "tokenizer": {...}, ...}}
+
+State-dict keys and layouts are documented on `model.Transformer`. Everything is plain
+tensors, strings and numbers, so `torch.load(weights_only=True)` reads it. Files are written
+to a temp file and renamed, so an interrupted conversion leaves no partial checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FORMAT = "teal-fast/1"
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.pth")
+PREPARE_HINT = "run `python scripts/prepare.py` to download and convert the default model"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated/corrupt, or not in our format."""
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save to `path` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] = None) -> None:
+    """Write a checkpoint atomically (see module doc)."""
+    atomic_save({"format": FORMAT, "config": dict(config), "state_dict": state_dict,
+                 "meta": dict(meta or {})}, path)
+
+
+def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
+    """Read a checkpoint dict; raises CheckpointError with the fix in the message."""
+    path = Path(path)
+    if not path.exists():
+        hint = PREPARE_HINT if path.resolve() == DEFAULT_CHECKPOINT.resolve() else \
+            "convert one with scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py"
+        raise CheckpointError(f"checkpoint {path} not found; {hint}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
+                              f"({e.__class__.__name__}); delete it and convert again") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint; convert it with "
+                              f"scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py")
+    return ckpt
+
+
+def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
+    """Build a `model.Transformer` from a checkpoint, on `device`, cast to `dtype` if given.
+
+    Returns (model, ckpt_meta). Weights are laid out input-channel major for the kernels.
+
+    Raises:
+        CheckpointError: missing, corrupt, or shape-mismatched checkpoint.
+    """
+    from model import ModelArgs, Transformer
+    from teal.sparse_linear import to_kernel_layout
+
+    ckpt = load_checkpoint(path)
+    args = ModelArgs.from_dict(ckpt["config"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    sd = ckpt["state_dict"]
+    if args.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if k != "output.weight"}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match its config "
+                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+                              f"; convert it again") from None
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+        missing = [k for k in missing if k != "output.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match its config (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}); convert it again")
+    for mod in model.modules():  # buffers created on meta: materialise them
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
+    for m in model.modules():  # thresholds/counters stay fp32/fp64 whatever the weight dtype
+        if hasattr(m, "counts"):
+            m.counts = m.counts.double()
+            m.threshold = m.threshold.float()
+    to_kernel_layout(model)
+    return model, ckpt.get("meta", {})

@@ -1,0 +1,210 @@
+"""TEAL thresholds: activation histograms, their inverse CDF, and the calibration file.
+
+TEAL (arXiv 2408.14690, Section 3.1-3.2) zeroes the entries of a projection input x with
+|x| <= t, where t is the s-quantile of |x| over calibration tokens for target sparsity s.
+We stream histograms of |x| with log-spaced bins (bounded memory, any number of tokens) for
+the four distinct projection inputs of each block:
+
+    attn_in  (input of q_proj, k_proj, v_proj)   attn_out (input of o_proj)
+    mlp_in   (input of gate_proj, up_proj)       mlp_mid  (silu(gate) * up, input of down_proj)
+
+and invert the CDF at load time, so one calibration file serves every sparsity level.
+
+File format (`thresholds.safetensors`, written atomically next to the checkpoint):
+    tensor `hist`: float64 (n_layer, 4, n_bins) counts, inputs in the order of `INPUTS`;
+    metadata `teal`: JSON with `format`, `model` (ModelArgs dict), `n_layer`, `tokens`,
+    `text` (calibration source), `bins` ({lo, hi, n}), and free-form `extra`.
+Other tensors (e.g. weight-informed score histograms) may be added by other tools.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+INPUTS = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+            "o_proj": "attn_out", "gate_proj": "mlp_in", "up_proj": "mlp_in",
+            "down_proj": "mlp_mid"}
+FORMAT = "teal-thresholds/1"
+
+# Log-spaced bins of |x| in [LO, HI): 12 decades in 8192 bins, ~0.34% relative width.
+# Bin 0 also holds everything below LO (including exact zeros), the last bin everything >= HI.
+DEFAULT_BINS = dict(lo=1e-7, hi=1e5, n=8192)
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file that is missing, corrupt, or made for another model."""
+
+
+def bin_indices(a: Tensor, lo: float, hi: float, n: int) -> Tensor:
+    """Bin index (int64) of each non-negative value of `a` for log-spaced bins."""
+    la = torch.log(a.float().clamp_min(lo))
+    idx = ((la - math.log(lo)) * (n / (math.log(hi) - math.log(lo)))).long()
+    return idx.clamp_(0, n - 1)
+
+
+def update_histogram(hist: Tensor, x: Tensor, lo: float, hi: float) -> None:
+    """Add |x| (any shape) to `hist` (n_bins,) float64 in place."""
+    idx = bin_indices(x.detach().abs().reshape(-1), lo, hi, hist.numel())
+    hist += torch.bincount(idx, minlength=hist.numel()).to(hist)
+
+
+def histogram_quantile(hist: Tensor, s: float, lo: float, hi: float) -> float:
+    """Threshold t with a fraction `s` of the histogram's mass at or below t.
+
+    Linear interpolation in log space inside the bin; s == 0 gives 0.0 (dense).
+
+    Raises:
+        ValueError: s outside [0, 1) or an empty histogram.
+    """
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {s}")
+    if s == 0.0:
+        return 0.0
+    h = hist.double().cpu()
+    total = h.sum().item()
+    if total <= 0:
+        raise ValueError("empty histogram")
+    cdf = torch.cumsum(h, 0) / total
+    i = int(torch.searchsorted(cdf, torch.tensor([s], dtype=cdf.dtype)).item())
+    i = min(i, h.numel() - 1)
+    prev = cdf[i - 1].item() if i > 0 else 0.0
+    frac = (s - prev) / max(cdf[i].item() - prev, 1e-300)
+    n = h.numel()
+    log_lo, step = math.log(lo), (math.log(hi) - math.log(lo)) / n
+    if i == 0:  # everything below lo: threshold lo keeps all values above it
+        return lo
+    return math.exp(log_lo + (i + min(max(frac, 0.0), 1.0)) * step)
+
+
+@dataclass
+class Calibration:
+    """Histograms of |x| for the four projection inputs of every block, plus metadata.
+
+    Attributes:
+        hist: float64 (n_layer, 4, n_bins) counts (inputs ordered as `INPUTS`).
+        meta: dict with `model` (ModelArgs dict), `tokens`, `text`, `bins`, ...
+        extra_tensors: other tensors of the file (kept on save).
+    """
+
+    hist: Tensor
+    meta: dict
+    extra_tensors: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, model_args: dict, n_layer: int, bins: Optional[dict] = None) -> "Calibration":
+        bins = dict(bins or DEFAULT_BINS)
+        hist = torch.zeros(n_layer, len(INPUTS), bins["n"], dtype=torch.float64)
+        return cls(hist, dict(format=FORMAT, model=model_args, n_layer=n_layer, tokens=0,
+                              text=None, bins=bins))
+
+    @property
+    def bins(self) -> dict:
+        return self.meta["bins"]
+
+    def update(self, layer: int, input_name: str, x: Tensor) -> None:
+        """Accumulate |x| into the histogram of `input_name` at `layer` (x on any device)."""
+        h = self.hist[layer, INPUTS.index(input_name)]
+        local = torch.zeros(h.numel(), dtype=torch.float64, device=x.device)
+        update_histogram(local, x, self.bins["lo"], self.bins["hi"])
+        h += local.cpu()
+
+    def threshold(self, layer: int, input_name: str, sparsity: float) -> float:
+        """Threshold giving `sparsity` on the calibration distribution of that input."""
+        return histogram_quantile(self.hist[layer, INPUTS.index(input_name)], sparsity,
+                                  self.bins["lo"], self.bins["hi"])
+
+    def save(self, path) -> None:
+        """Write atomically (temp file + rename) as safetensors with JSON metadata."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        tensors = {"hist": self.hist.contiguous(), **{k: v.contiguous() for k, v in
+                                                       self.extra_tensors.items()}}
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={"teal": json.dumps(self.meta)})
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    @classmethod
+    def load(cls, path, model_args: Optional[dict] = None) -> "Calibration":
+        """Load and (with `model_args`) validate against the model it will be applied to.
+
+        Raises:
+            ThresholdsError: missing/corrupt file or a mismatch with `model_args`
+                (different layer count or widths), with the fix in the message.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise ThresholdsError(f"thresholds file {path} not found; create it with "
+                                  f"`python calibrate.py --checkpoint_path <model.pth>`")
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("teal", "null"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+            raise ThresholdsError(f"thresholds file {path} is unreadable ({e.__class__.__name__});"
+                                  f" delete it and re-run calibrate.py") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "hist" not in tensors:
+            raise ThresholdsError(f"{path} is not a TEAL thresholds file ({FORMAT}); "
+                                  f"re-run calibrate.py")
+        hist = tensors.pop("hist")
+        calib = cls(hist, meta, tensors)
+        if model_args is not None:
+            calib.check_model(model_args, path)
+        return calib
+
+    def check_model(self, model_args: dict, path="thresholds") -> None:
+        """Raise ThresholdsError unless the file was calibrated on this architecture."""
+        mine = self.meta.get("model") or {}
+        keys = ("n_layer", "dim", "intermediate_size", "n_head", "n_local_heads", "head_dim")
+        diffs = [f"{k} {mine.get(k)} != {model_args.get(k)}" for k in keys
+                 if mine.get(k) != model_args.get(k)]
+        if self.hist.shape[0] != model_args.get("n_layer"):
+            diffs.append(f"{self.hist.shape[0]} layers of histograms")
+        if diffs:
+            raise ThresholdsError(f"thresholds file {path} was made for another model "
+                                  f"({'; '.join(diffs)}); re-run calibrate.py for this checkpoint")
+
+
+def apply_uniform_sparsity(model, calib: Calibration, sparsity: float) -> dict:
+    """Set every projection's threshold to the `sparsity`-quantile of its input's |x|.
+
+    With sparsity 0 the model is left dense (`sparse=False`). Returns {(layer, proj): t}.
+
+    Raises:
+        ValueError: sparsity outside [0, 1).
+    """
+    return apply_sparsities(model, calib, {p: sparsity for p in PROJECTIONS})
+
+
+def apply_sparsities(model, calib: Calibration, sparsity) -> dict:
+    """Set thresholds from per-projection sparsities.
+
+    Args:
+        sparsity: a mapping proj -> s (same for every layer) or a callable (layer, proj) -> s.
+
+    Returns {(layer, proj): threshold}. A projection with s == 0 runs dense.
+    """
+    get = sparsity if callable(sparsity) else (lambda layer, proj: sparsity[proj])
+    out = {}
+    for layer, proj, lin in model.sparse_linears():
+        s = float(get(layer, proj))
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {s}")
+        t = calib.threshold(layer, INPUT_OF[proj], s)
+        lin.set_threshold(t)
+        lin.sparse = s > 0.0
+        out[(layer, proj)] = t
+    return out
