@@ -1,0 +1,342 @@
+"""Generate text with TEAL sparse decoding (GPT-Fast-style CLI).
+
+    python generate.py --sparsity 0.5 --prompt "Tell me about the moon." --chat
+
+Loads a checkpoint (default: SmolLM2-135M-Instruct made by `scripts/prepare.py`), applies
+TEAL thresholds for the requested sparsity from the calibration file next to it, prefills
+the prompt densely (as TEAL does at inference), decodes token by token with sparse
+projections, and prints the text, decode tokens/s, achieved GB/s (on the bytes actually
+read), peak memory, and the measured effective sparsity per projection type.
+
+Runs under `torchrun --nproc_per_node N generate.py ...` for tensor parallelism (tp.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import teal
+from teal.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
+from teal.thresholds import PROJECTIONS, ThresholdsError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- sampling
+def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
+    """Sample one index per row without a host sync (exponential-race trick)."""
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None):
+    logits = logits / max(temperature, 1e-5)
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    """Next token id (B, 1) from logits (B, T, V) at the last position; greedy if temp 0."""
+    last = logits[:, -1]
+    if temperature <= 0:
+        return torch.argmax(last, dim=-1, keepdim=True).to(dtype=torch.int)
+    return multinomial_sample_one_no_sync(logits_to_probs(last, temperature, top_k))
+
+
+# ----------------------------------------------------------------------------- decoding
+def prefill(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
+    return sample(model(x, input_pos), temperature, top_k)
+
+
+def decode_one_token(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
+    # x: (B, 1), input_pos: (1,)
+    return sample(model(x, input_pos), temperature, top_k)
+
+
+def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
+                    decode_fn, temperature: float, top_k, stop_ids=()) -> list[Tensor]:
+    new_tokens = []
+    for _ in range(num_new_tokens):
+        with _sdpa_math():
+            next_token = decode_fn(model, cur_token, input_pos, temperature, top_k)
+        input_pos += 1
+        new_tokens.append(next_token.clone())
+        cur_token = next_token.clone()
+        if stop_ids and int(next_token[0, 0]) in stop_ids:
+            break
+    return new_tokens
+
+
+def _sdpa_math():
+    if torch.cuda.is_available():
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            return sdpa_kernel([SDPBackend.MATH])
+        except ImportError:  # torch < 2.3
+            pass
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(model, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.8,
+             top_k: Optional[int] = 200, stop_ids=()) -> tuple[Tensor, dict]:
+    """Prefill `prompt` (T,) int and decode up to `max_new_tokens`; returns (ids, timings)."""
+    device = prompt.device
+    t = prompt.numel()
+    max_seq = min(t + max_new_tokens, model.config.block_size)
+    with torch.device(device):
+        model.setup_caches(max_batch_size=1, max_seq_length=max_seq)
+    seq = torch.empty(max_seq, dtype=torch.int, device=device)
+    seq[:t] = prompt
+    input_pos = torch.arange(0, t, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    next_token = prefill(model, prompt.view(1, -1), input_pos, temperature, top_k).clone()
+    _sync(device)
+    t1 = time.perf_counter()
+    seq[t] = next_token[0, 0]
+    input_pos = torch.tensor([t], device=device, dtype=torch.int)
+    tokens = decode_n_tokens(model, next_token.view(1, -1), input_pos, max_new_tokens - 1,
+                             decode_fn, temperature, top_k, stop_ids)
+    _sync(device)
+    t2 = time.perf_counter()
+    n = len(tokens)
+    if n:
+        seq[t + 1:t + 1 + n] = torch.cat(tokens).view(-1)
+    return seq[:t + 1 + n], {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": n}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- reporting
+def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int:
+    """Weight bytes read for one decode token: every parameter except the embedding table
+    (only one row is read; a tied output head still reads it), with each projection's bytes
+    scaled by its kept fraction (1 - effective sparsity)."""
+    sparsity_by_proj = sparsity_by_proj or {}
+    total = 0.0
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name == "tok_embeddings.weight" and not model.config.tie_embeddings:
+            continue
+        nbytes = p.numel() * p.element_size()
+        proj = name.split(".")[-2] if name.endswith("_proj.weight") else None
+        if proj is not None and not getattr(_module_of(model, name), "sparse", False):
+            proj = None
+        total += nbytes * (1.0 - sparsity_by_proj.get(proj, 0.0))
+    return int(total)
+
+
+def _module_of(model, param_name: str):
+    mod = model
+    for part in param_name.split(".")[:-1]:
+        mod = getattr(mod, part)
+    return mod
+
+
+@torch.no_grad()
+def measure_effective_sparsity(model, ids: Tensor, prompt_len: int, aggregate=None) -> dict:
+    """Per-projection-type fraction of zeroed inputs over the generated tokens.
+
+    Teacher-forced in eager mode over the whole sequence with every token sparsified; the
+    counts of the prompt positions are removed by a second pass over the prompt alone.
+    `aggregate(model)`, if given, sums the counters across tensor-parallel ranks.
+    """
+    def run(x):
+        teal.configure(model, sparsify_prefill=True, track=True)
+        model(x.view(1, -1))
+        if aggregate is not None:
+            aggregate(model)
+        counts = {}
+        for _, proj, lin in model.sparse_linears():
+            if lin.sparse:
+                c = counts.setdefault(proj, torch.zeros(2, dtype=torch.float64))
+                c += lin.counts.cpu()
+        return counts
+
+    try:
+        full = run(ids)
+        pre = run(ids[:prompt_len])
+    finally:
+        teal.configure(model, sparsify_prefill=False, track=False)
+    return {p: ((full[p][0] - pre[p][0]) / max((full[p][1] - pre[p][1]).item(), 1)).item()
+            for p in full}
+
+
+# ----------------------------------------------------------------------------- setup
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fail(msg: str) -> None:
+    """Exit with a one-line error (no traceback)."""
+    raise SystemExit(f"error: {msg}")
+
+
+def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
+                      thresholds: Optional[Path] = None, allocation: str = "uniform",
+                      scoring: str = "magnitude"):
+    """Load a checkpoint and apply TEAL thresholds for `sparsity`. Returns (model, meta).
+
+    Raises SystemExit with a one-line message for bad input (missing/corrupt checkpoint,
+    thresholds for another model, sparsity outside [0, 1)).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        fail(f"--sparsity must be in [0, 1), got {sparsity}")
+    try:
+        model, meta = load_model(checkpoint_path, device=device, dtype=dtype)
+    except CheckpointError as e:
+        fail(str(e))
+    if sparsity > 0 or allocation != "uniform" or scoring != "magnitude":
+        path = Path(thresholds) if thresholds else Path(checkpoint_path).parent / "thresholds.safetensors"
+        try:
+            from teal.allocation import apply_config
+        except ImportError:  # allocation module not present: uniform magnitude only
+            apply_config = None
+        try:
+            from teal.thresholds import Calibration, apply_uniform_sparsity
+            calib = Calibration.load(path, model.config.to_dict())
+            if apply_config is not None:
+                apply_config(model, calib, sparsity, allocation=allocation, scoring=scoring,
+                             checkpoint_dir=Path(checkpoint_path).parent)
+            else:
+                if allocation != "uniform" or scoring != "magnitude":
+                    fail("--allocation/--scoring need teal.allocation, which is not installed")
+                apply_uniform_sparsity(model, calib, sparsity)
+        except (ThresholdsError, ValueError) as e:
+            fail(str(e))
+    return model, meta
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--prompt", default="What are the three primary colors?",
+                    help="input prompt")
+    ap.add_argument("--chat", action="store_true",
+                    help="wrap the prompt in the model's chat template (instruct models)")
+    ap.add_argument("--interactive", action="store_true", help="read prompts from stdin")
+    ap.add_argument("--num_samples", type=int, default=1, help="number of samples")
+    ap.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per sample")
+    ap.add_argument("--top_k", type=int, default=200, help="top-k sampling")
+    ap.add_argument("--temperature", type=float, default=0.8,
+                    help="sampling temperature; 0 = greedy")
+    ap.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                    help="model.pth made by scripts/prepare.py or scripts/convert_*.py")
+    ap.add_argument("--sparsity", type=float, default=0.0,
+                    help="TEAL target sparsity in [0, 1) for every projection input")
+    ap.add_argument("--thresholds", type=Path, default=None,
+                    help="calibration file (default: thresholds.safetensors next to the checkpoint)")
+    ap.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
+                    help="uniform sparsity, or TEAL's block-wise greedy per-projection allocation")
+    ap.add_argument("--scoring", choices=["magnitude", "weight"], default="magnitude",
+                    help="keep by |x| (TEAL) or by |x|*||W[:,i]|| (weight-informed, WINA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (CUDA graphs on GPU)")
+    ap.add_argument("--device", default=default_device(), help="cpu or cuda")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype")
+    ap.add_argument("--seed", type=int, default=1234, help="random seed")
+    args = ap.parse_args(argv)
+
+    from tp import aggregate_counts, apply_tp, is_rank0, maybe_init_dist  # noqa: F401
+    rank = maybe_init_dist()
+    device = args.device
+    if rank is not None and torch.device(device).type == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    out = print if rank in (None, 0) else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    model, meta = load_sparse_model(args.checkpoint_path, device, DTYPES[args.dtype],
+                                    args.sparsity, args.thresholds, args.allocation, args.scoring)
+    if rank is not None:
+        try:
+            apply_tp(model)
+        except ValueError as e:
+            fail(str(e))
+    if torch.device(device).type == "cuda":
+        teal.fuse_shared_inputs(model)
+    model.eval()
+    out(f"Loaded {args.checkpoint_path} ({args.dtype}, {device}) in "
+        f"{time.perf_counter() - t0:.2f} s; sparsity {args.sparsity:.0%} "
+        f"({args.allocation}, {args.scoring})", file=sys.stderr)
+
+    from teal.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(Path(args.checkpoint_path).parent, meta.get("tokenizer", {}))
+    stop_ids = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id}) - {None}
+
+    decode_fn = decode_one_token
+    if args.compile:
+        if torch.device(device).type != "cuda":
+            out("note: --compile on CPU uses the inductor C++ backend (no CUDA graphs)",
+                file=sys.stderr)
+            decode_fn = torch.compile(decode_one_token, fullgraph=True)
+        else:
+            decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+
+    prompts = iter(lambda: input("Prompt: "), "") if args.interactive else \
+        [args.prompt] * args.num_samples
+    warmup = args.compile and not args.interactive
+    stats = []
+    for i, prompt_text in enumerate(prompts):
+        text = tokenizer.apply_chat_template(prompt_text) if args.chat else prompt_text
+        ids = tokenizer.encode(text)
+        if len(ids) + args.max_new_tokens > model.config.block_size:
+            fail(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
+                 f"the context length {model.config.block_size}; shorten one of them")
+        prompt = torch.tensor(ids, dtype=torch.int, device=device)
+        if warmup and i == 0:  # compile + capture outside the timed runs
+            t_c = time.perf_counter()
+            generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k)
+            out(f"Compiled + warm-up in {time.perf_counter() - t_c:.1f} s", file=sys.stderr)
+        seq, tm = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature,
+                           args.top_k, stop_ids)
+        new_ids = seq[len(ids):].tolist()
+        out(tokenizer.decode(new_ids) if args.chat else text + tokenizer.decode(new_ids))
+        tok_s = tm["decode_tokens"] / tm["decode_s"] if tm["decode_s"] > 0 else float("nan")
+        stats.append((tok_s, tm, seq, len(ids)))
+        out(f"\n[sample {i + 1}] {tm['decode_tokens'] + 1} tokens, prefill {tm['prefill_s']:.3f} s,"
+            f" decode {tok_s:.2f} tokens/s", file=sys.stderr)
+
+    if not stats:
+        return
+    tok_s, _, seq, plen = stats[-1]
+    eff = {}
+    if any(lin.sparse for _, _, lin in model.sparse_linears()):
+        eff = measure_effective_sparsity(model, seq, plen,
+                                         aggregate_counts if rank is not None else None)
+    gbytes = bytes_per_decode_step(model, eff) / 1e9
+    if torch.device(device).type == "cuda":
+        mem = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (GPU)"
+    else:
+        import resource
+        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (process RSS)"
+    med = sorted(s[0] for s in stats)[len(stats) // 2]
+    out("\n" + "-" * 60)
+    out(f"Decode: {med:.2f} tokens/s (median of {len(stats)}), "
+        f"{gbytes * med:.2f} GB/s achieved on {gbytes:.3f} GB read per token")
+    out(f"Peak memory: {mem}")
+    if eff:
+        parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)
+        out(f"Effective sparsity (generated tokens): {parts}")
+
+
+if __name__ == "__main__":
+    main()
