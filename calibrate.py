@@ -1,0 +1,125 @@
+"""Calibrate TEAL thresholds: histograms of every projection input over a calibration text.
+
+    python calibrate.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct/model.pth \
+        --text ../shared/data/wikitext-2-valid-tokenized.txt [--max_tokens 32768] [--greedy]
+
+Writes `thresholds.safetensors` next to the checkpoint (or `--output`): histograms of |x| of
+the four distinct projection inputs per block plus the weight-informed score histograms
+(see `teal.calibration`), with metadata (model config, layer count, token count, text path +
+sha256). One file serves every sparsity level. `--greedy` then runs TEAL's block-wise greedy
+allocation (`teal.greedy`) and writes `greedy.json` next to the thresholds; `--greedy-only`
+runs just that step from an existing thresholds file. Every output is written atomically at
+the end, so an interrupted run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-valid-tokenized.txt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from teal.checkpoint import DEFAULT_CHECKPOINT
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--text", type=Path, default=DEFAULT_TEXT,
+                   help="calibration text (never the evaluation text)")
+    p.add_argument("--max_tokens", type=int, default=32768, help="tokens to calibrate on")
+    p.add_argument("--min_tokens", type=int, default=None,
+                   help="fail if the text has fewer tokens (default: one window, seq_len)")
+    p.add_argument("--seq_len", type=int, default=2048, help="window length")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--output", type=Path, default=None,
+                   help="thresholds file (default: thresholds.safetensors next to the checkpoint)")
+    p.add_argument("--no-weighted", dest="weighted", action="store_false",
+                   help="skip the weight-informed (WINA) score histograms")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--greedy", action="store_true",
+                   help="also run the block-wise greedy allocation (writes greedy.json)")
+    g.add_argument("--greedy-only", dest="greedy_only", action="store_true",
+                   help="only run the greedy allocation from an existing thresholds file")
+    p.add_argument("--greedy-tokens", dest="greedy_tokens", type=int, default=4096,
+                   help="calibration tokens whose block outputs the greedy search compares")
+    p.add_argument("--greedy-seq-len", dest="greedy_seq_len", type=int, default=512,
+                   help="window length of the greedy search's token windows")
+    p.add_argument("--greedy-positions", dest="greedy_positions", type=int, default=64,
+                   help="positions per window at which block outputs are compared")
+    p.add_argument("--greedy-step", dest="greedy_step", type=float, default=0.01,
+                   help="block sparsity (parameter-weighted) added per greedy step")
+    p.add_argument("--greedy-scoring", dest="greedy_scoring", nargs="+",
+                   choices=["magnitude", "weight"], default=["magnitude", "weight"])
+    p.add_argument("--greedy-output", dest="greedy_output", type=Path, default=None,
+                   help="greedy allocation file (default: greedy.json next to the thresholds)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.output is None:
+        args.output = args.checkpoint_path.parent / "thresholds.safetensors"
+    if args.greedy_output is None:
+        args.greedy_output = args.output.parent / "greedy.json"
+    if args.min_tokens is None:
+        args.min_tokens = min(args.seq_len, args.max_tokens)
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    from teal.calibration import check_enough_tokens, collect_histograms, load_token_ids, source_meta
+    from teal.checkpoint import load_model
+    from teal.thresholds import Calibration
+
+    model, meta = load_model(args.checkpoint_path, device=args.device, dtype=DTYPES[args.dtype])
+    model.eval()
+    ids = load_token_ids(args.text, args.checkpoint_path, meta)
+    progress = not args.quiet
+    if args.greedy_only:
+        calib = Calibration.load(args.output, model.config.to_dict())
+    else:
+        check_enough_tokens(ids.numel(), args.min_tokens, "calibration", args.text)
+        n = min(ids.numel(), args.max_tokens)
+        calib = collect_histograms(
+            model, ids, args.seq_len, max_tokens=args.max_tokens, weighted=args.weighted,
+            progress=progress, text_meta=source_meta(args.text, n))
+        calib.meta.setdefault("extra", {}).update(
+            checkpoint=str(args.checkpoint_path), model_name=meta.get("name"),
+            seq_len=args.seq_len, dtype=args.dtype)
+        calib.save(args.output)  # atomic; nothing was written before this point
+        print(f"wrote {args.output} ({calib.meta['tokens']} tokens, {calib.hist.shape[0]} layers)")
+    if args.greedy or args.greedy_only:
+        from teal.greedy import greedy_search
+        check_enough_tokens(ids.numel(), min(args.greedy_tokens, args.greedy_seq_len),
+                            "the greedy search", args.text)
+        result = greedy_search(
+            model, calib, ids, n_tokens=args.greedy_tokens, seq_len=args.greedy_seq_len,
+            positions=args.greedy_positions, step=args.greedy_step,
+            scorings=args.greedy_scoring, progress=progress,
+            source=dict(thresholds=str(args.output), text=calib.meta.get("text")))
+        result.save(args.greedy_output)  # atomic, like the thresholds file
+        print(f"wrote {args.greedy_output} (scorings: {', '.join(args.greedy_scoring)})")
+
+
+def main(argv=None) -> int:
+    from teal.calibration import TextTooShortError
+    from teal.checkpoint import CheckpointError
+    from teal.thresholds import ThresholdsError
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, ThresholdsError, TextTooShortError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Calibration: stream histograms of every projection input through a dense forward pass.
+
+TEAL (arXiv 2408.14690, Section 3.2) sets each projection's threshold to a quantile of |x|
+of its input over calibration text. `collect_histograms` runs the model dense over windows
+of calibration tokens and, through forward pre-hooks registered here (the model and
+`SparseLinear` carry no calibration logic), accumulates into a `teal.thresholds.Calibration`:
+
+- `hist` (n_layer, 4, n_bins): |x| of the four distinct inputs per block (attention input =
+  input of q_proj, attention output = input of o_proj, MLP input = input of gate_proj, MLP
+  intermediate = input of down_proj);
+- `extra_tensors["hist_weighted"]` (n_layer, 7, n_bins), optional: the weight-informed score
+  |x_i| * ||W[:, i]||_2 of each of the seven projections (WINA, arXiv 2505.19427), whose
+  column norms differ per projection even where the input is shared.
+
+Memory is bounded by one window's activations plus the histograms, whatever the token count.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from teal.thresholds import INPUTS, PROJECTIONS, Calibration, update_histogram
+
+# The SparseLinear whose input is each histogrammed tensor (module path inside a block).
+INPUT_PROBES = {"attn_in": ("attention", "q_proj"), "attn_out": ("attention", "o_proj"),
+                "mlp_in": ("feed_forward", "gate_proj"), "mlp_mid": ("feed_forward", "down_proj")}
+WEIGHTED_KEY = "hist_weighted"
+
+
+class TextTooShortError(ValueError):
+    """The text has fewer tokens than a run needs."""
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def token_windows(token_ids: Tensor, seq_len: int, max_tokens: Optional[int] = None,
+                  min_len: int = 1) -> list[Tensor]:
+    """Non-overlapping windows (1-D views) of the first `max_tokens` ids; the last window may
+    be shorter than `seq_len` and is dropped when it has fewer than `min_len` tokens."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    ids = token_ids.reshape(-1)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return [w for w in ids.split(seq_len) if w.numel() >= min_len]
+
+
+def projection(model, layer: int, proj: str):
+    """The SparseLinear `proj` (e.g. "q_proj") of block `layer`."""
+    b = model.layers[layer]
+    return getattr(b.attention if proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+                   else b.feed_forward, proj)
+
+
+def column_norms(lin) -> Tensor:
+    """||W[:, i]||_2 for every input channel i of a projection: fp32 (in_features,)."""
+    return lin.weight.detach().float().norm(dim=0)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model):
+    caches = [b.attention.kv_cache for b in model.layers]
+    for b in model.layers:
+        b.attention.kv_cache = None
+    try:
+        yield
+    finally:
+        for b, c in zip(model.layers, caches):
+            b.attention.kv_cache = c
+
+
+def rope_and_mask(model, seqlen: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_pos, freqs_cis, causal mask) of a plain causal forward over `seqlen` tokens."""
+    from model import precompute_freqs_cis
+    cfg = model.config
+    freqs = precompute_freqs_cis(seqlen, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+    pos = torch.arange(seqlen, device=device)
+    mask = torch.tril(torch.ones(seqlen, seqlen, dtype=torch.bool, device=device))
+    return pos, freqs.to(device), mask
+
+
+@torch.no_grad()
+def block_inputs(model, idx: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """Yield (layer, hidden state entering that block) for token ids `idx` (B, T); the final
+    norm and output head are skipped (calibration never needs logits)."""
+    pos, freqs, mask = rope_and_mask(model, idx.shape[1], idx.device)
+    with _no_kv_cache(model):
+        x = model.tok_embeddings(idx)
+        for i, layer in enumerate(model.layers):
+            yield i, x
+            x = layer(x, pos, freqs, mask)
+
+
+class HistogramCollector:
+    """Forward pre-hooks that add projection inputs to a `Calibration` (use as a context).
+
+    Args:
+        model: a `model.Transformer`.
+        calib: the Calibration to accumulate into (its `hist`, and with `weighted` its
+            `extra_tensors["hist_weighted"]`, created if missing).
+        weighted: also histogram |x_i| * ||W[:, i]||_2 of each of the seven projections.
+    """
+
+    def __init__(self, model, calib: Calibration, weighted: bool = True):
+        self.model = model
+        self.calib = calib
+        self.weighted = weighted
+        self._handles = []
+        n_layer, _, n_bins = calib.hist.shape
+        if weighted and WEIGHTED_KEY not in calib.extra_tensors:
+            calib.extra_tensors[WEIGHTED_KEY] = torch.zeros(n_layer, len(PROJECTIONS), n_bins,
+                                                            dtype=torch.float64)
+            calib.meta.setdefault("extra", {})[WEIGHTED_KEY] = dict(
+                projections=list(PROJECTIONS),
+                score="|x_i| * ||W[:, i]||_2 (WINA, arXiv 2505.19427)")
+
+    def _hook_input(self, layer: int, name: str):
+        def hook(module, args):
+            self.calib.update(layer, name, args[0])
+        return hook
+
+    def _hook_weighted(self, layer: int, p: int, norms: Tensor):
+        hist = self.calib.extra_tensors[WEIGHTED_KEY][layer, p]
+        lo, hi = self.calib.bins["lo"], self.calib.bins["hi"]
+
+        def hook(module, args):
+            x = args[0]
+            local = torch.zeros(hist.numel(), dtype=torch.float64, device=x.device)
+            update_histogram(local, x.float().abs() * norms.to(x.device), lo, hi)
+            hist.add_(local.cpu())
+        return hook
+
+    def __enter__(self):
+        for layer in range(len(self.model.layers)):
+            for name in INPUTS:
+                mod = getattr(getattr(self.model.layers[layer], INPUT_PROBES[name][0]),
+                              INPUT_PROBES[name][1])
+                self._handles.append(mod.register_forward_pre_hook(self._hook_input(layer, name)))
+            if self.weighted:
+                for p, proj in enumerate(PROJECTIONS):
+                    lin = projection(self.model, layer, proj)
+                    self._handles.append(lin.register_forward_pre_hook(
+                        self._hook_weighted(layer, p, column_norms(lin))))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+
+@torch.no_grad()
+def collect_histograms(model, token_ids: Tensor, seq_len: int = 2048, *,
+                       max_tokens: Optional[int] = None, calib: Optional[Calibration] = None,
+                       weighted: bool = True, device=None, progress: bool = True,
+                       text_meta: Optional[dict] = None) -> Calibration:
+    """Histogram every projection input of a dense forward over `token_ids`.
+
+    Args:
+        model: a `model.Transformer`; it is run dense (its sparsity flags are restored after).
+        token_ids: 1-D int tensor of calibration tokens.
+        seq_len: window length; windows do not overlap (the last one may be shorter).
+        max_tokens: use at most this many tokens.
+        calib: accumulate into this Calibration (default: a new empty one for the model).
+        weighted: also collect the weight-informed score histograms (`hist_weighted`).
+        device: where to run (default: the model's device).
+        progress: show a tqdm bar.
+        text_meta: stored as `meta["text"]` (e.g. path and sha256 of the source text).
+
+    Returns:
+        The Calibration, with `meta["tokens"]` increased by the number of tokens seen.
+    """
+    from tqdm import tqdm
+    from teal.sparse_linear import sparse_linears
+
+    device = device or model.tok_embeddings.weight.device
+    if calib is None:
+        calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
+    windows = token_windows(token_ids, seq_len, max_tokens)
+    flags = [(m.sparse, m.track) for m in sparse_linears(model)]
+    for m in sparse_linears(model):
+        m.sparse, m.track = False, False
+    try:
+        with HistogramCollector(model, calib, weighted=weighted):
+            for w in tqdm(windows, desc="calibrate", unit="win", disable=not progress):
+                for _ in block_inputs(model, w[None].to(device)):
+                    pass
+                calib.meta["tokens"] = calib.meta.get("tokens", 0) + w.numel()
+    finally:
+        for m, (s, t) in zip(sparse_linears(model), flags):
+            m.sparse, m.track = s, t
+    if text_meta is not None:
+        calib.meta["text"] = text_meta
+    return calib
+
+
+def weighted_histograms(calib: Calibration) -> Tensor:
+    """The (n_layer, 7, n_bins) weight-informed score histograms of a calibration file.
+
+    Raises:
+        ThresholdsError: the file was calibrated without them.
+    """
+    from teal.thresholds import ThresholdsError
+    h = calib.extra_tensors.get(WEIGHTED_KEY)
+    if h is None or h.dim() != 3 or h.shape[:2] != (calib.hist.shape[0], len(PROJECTIONS)):
+        raise ThresholdsError("the thresholds file has no weight-informed histograms "
+                              f"({WEIGHTED_KEY}); re-run calibrate.py (without --no-weighted)")
+    return h
+
+
+def load_token_ids(text_path, checkpoint_path, ckpt_meta: dict) -> Tensor:
+    """Read a text file whole and tokenize it once, without BOS: 1-D int64 tensor.
+
+    `ckpt_meta` is the checkpoint's meta dict (its "tokenizer" record picks the backend)."""
+    from teal.tokenizer import load_tokenizer
+    tok = load_tokenizer(Path(checkpoint_path).parent, ckpt_meta)
+    text = Path(text_path).read_text(encoding="utf-8")
+    return torch.tensor(tok.encode(text, bos=False), dtype=torch.long)
+
+
+def check_enough_tokens(n: int, needed: int, what: str, text_path) -> None:
+    """Raise TextTooShortError (one line) when `n` < `needed` tokens."""
+    if n < needed:
+        raise TextTooShortError(f"{text_path} has only {n} tokens, {what} needs at least "
+                                f"{needed}; use a longer text or lower the minimum")
+
+
+def source_meta(text_path, n_tokens: int, **extra) -> dict:
+    """Metadata describing calibration text: path, sha256, tokens used."""
+    return dict(path=str(text_path), sha256=sha256_file(text_path), tokens=n_tokens, **extra)
+
+
+__all__: Sequence[str] = ["collect_histograms", "HistogramCollector", "block_inputs",
+                          "token_windows", "column_norms", "projection", "weighted_histograms",
+                          "TextTooShortError", "load_token_ids", "source_meta", "sha256_file",
+                          "rope_and_mask", "check_enough_tokens", "WEIGHTED_KEY"]

@@ -1,0 +1,172 @@
+"""Calibration: histogram quantiles vs exact quantiles, thresholds vs measured sparsity, the
+calibrate.py CLI (file written, validated, errors, interruption)."""
+import math
+
+import pytest
+import torch
+
+import calibrate
+import teal
+from teal.allocation import apply_config
+from teal.calibration import (INPUT_PROBES, HistogramCollector, collect_histograms,
+                              token_windows)
+from teal.evaluation import effective_sparsity
+from teal.thresholds import INPUTS, PROJECTIONS, Calibration, ThresholdsError
+
+from tiny_models import random_tokens, tiny_args, tiny_model, write_checkpoint, write_text
+
+SEQ = 64
+
+
+def _raw_inputs(model, ids):
+    """|x| of each (layer, input) of a dense forward, captured independently of the collector."""
+    raw, handles = {}, []
+    for i, b in enumerate(model.layers):
+        for name, (sub, proj) in INPUT_PROBES.items():
+            def hook(mod, args, key=(i, name)):
+                raw.setdefault(key, []).append(args[0].detach().abs().reshape(-1))
+            handles.append(getattr(getattr(b, sub), proj).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for w in token_windows(ids, SEQ):
+            model(w[None])
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v) for k, v in raw.items()}
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tiny_model()
+    ids = random_tokens(512)
+    calib = collect_histograms(model, ids, SEQ, progress=False)
+    return model, ids, calib
+
+
+def test_histogram_quantile_matches_exact_quantile(calibrated):
+    model, ids, calib = calibrated
+    raw = _raw_inputs(model, ids)
+    bins = calib.bins
+    bin_width = (math.log(bins["hi"]) - math.log(bins["lo"])) / bins["n"]
+    assert calib.meta["tokens"] == 512
+    for (layer, name), a in raw.items():
+        assert calib.hist[layer, INPUTS.index(name)].sum().item() == a.numel()
+        for s in (0.1, 0.25, 0.5, 0.75, 0.9):
+            t = calib.threshold(layer, name, s)
+            ref = torch.quantile(a.double(), s).item()
+            # within one log-spaced bin of the exact quantile (plus the gap between samples)
+            lo_s, hi_s = torch.quantile(a.double(), torch.tensor([s - 2e-3, s + 2e-3],
+                                                                 dtype=torch.float64)).tolist()
+            tol = bin_width + max(math.log(hi_s / lo_s), 0.0)
+            assert abs(math.log(t / ref)) <= tol, (layer, name, s, t, ref)
+
+
+@pytest.mark.parametrize("scoring", ["magnitude", "weight"])
+def test_thresholds_give_target_sparsity_on_calibration_data(calibrated, scoring):
+    """The thresholds zero the target fraction of the (dense) calibration activations: the
+    fraction of |x| <= t (per channel for weight scoring) seen by each projection's hook."""
+    model, ids, calib = calibrated
+    for s in (0.25, 0.5, 0.7):
+        apply_config(model, calib, s, scoring=scoring)
+        teal.configure(model, sparse=False)
+        zeroed = {p: [0, 0] for p in PROJECTIONS}
+        handles = []
+        for _, proj, lin in model.sparse_linears():
+            def hook(mod, args, proj=proj):
+                keep = args[0].abs() > mod.threshold
+                zeroed[proj][0] += (~keep).sum().item()
+                zeroed[proj][1] += keep.numel()
+            handles.append(lin.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for w in token_windows(ids, SEQ):
+                model(w[None])
+        for h in handles:
+            h.remove()
+        for proj, (z, n) in zeroed.items():
+            assert abs(z / n - s) <= 0.01, (scoring, s, proj, z / n)
+
+
+def test_sparse_model_first_block_hits_target(calibrated):
+    """Run sparsified (every token): block 0's q/k/v see exactly the calibration inputs."""
+    model, ids, calib = calibrated
+    apply_config(model, calib, 0.5)
+    teal.configure(model, sparsify_prefill=True, track=True)
+    with torch.no_grad():
+        for w in token_windows(ids, SEQ):
+            model(w[None])
+    eff = effective_sparsity(model, per_layer=True)
+    teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert abs(eff[(0, proj)] - 0.5) <= 0.01
+    assert all(abs(v - 0.5) <= 0.1 for v in eff.values())  # deeper inputs drift a little
+
+
+def test_weighted_histograms_score_definition(calibrated):
+    """hist_weighted[layer, p] counts |x_i| * ||W[:, i]||_2 of projection p's input."""
+    model, ids, _ = calibrated
+    calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
+    x_seen = {}
+
+    def grab(mod, args):
+        x_seen["x"] = args[0].detach().clone()
+    lin = model.layers[1].feed_forward.up_proj
+    h = lin.register_forward_pre_hook(grab)
+    with HistogramCollector(model, calib, weighted=True), torch.no_grad():
+        model(ids[:SEQ][None])
+    h.remove()
+    score = x_seen["x"].abs() * lin.weight.detach().norm(dim=0)
+    ref = torch.zeros(calib.bins["n"], dtype=torch.float64)
+    teal.thresholds.update_histogram(ref, score, calib.bins["lo"], calib.bins["hi"])
+    got = calib.extra_tensors["hist_weighted"][1, PROJECTIONS.index("up_proj")]
+    assert torch.equal(got, ref)
+
+
+def _calibrate_cli(tmp_path, n_tokens, *extra):
+    model = tiny_model()
+    ckpt = write_checkpoint(tmp_path / "ckpt", model)
+    text = write_text(tmp_path / "calib.txt", n_tokens)
+    argv = ["--checkpoint_path", str(ckpt), "--text", str(text), "--seq_len", str(SEQ),
+            "--max_tokens", "256", "--device", "cpu", "--quiet", *extra]
+    return model, ckpt, text, calibrate.main(argv)
+
+
+def test_calibrate_cli_writes_validated_file(tmp_path):
+    model, ckpt, text, rc = _calibrate_cli(tmp_path, 300)
+    assert rc == 0
+    out = ckpt.parent / "thresholds.safetensors"
+    calib = Calibration.load(out, model.config.to_dict())
+    assert calib.meta["tokens"] == 256
+    assert calib.meta["n_layer"] == 2
+    assert calib.meta["text"]["path"] == str(text)
+    assert calib.meta["text"]["sha256"] == teal.calibration.sha256_file(text)
+    assert calib.hist.shape[:2] == (2, 4)
+    assert calib.extra_tensors["hist_weighted"].shape[:2] == (2, 7)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [
+        "model.pth", "thresholds.safetensors", "tokenizer.json"]
+    for other in (tiny_args(n_layer=3), tiny_args(dim=64, n_head=4)):
+        with pytest.raises(ThresholdsError, match="another model"):
+            Calibration.load(out, other.to_dict())
+    with pytest.raises(ThresholdsError, match="another model"):
+        apply_config(tiny_model(n_layer=3), calib, 0.5)
+
+
+def test_calibrate_cli_text_too_short(tmp_path, capsys):
+    _, ckpt, _, rc = _calibrate_cli(tmp_path, SEQ - 10)
+    assert rc == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs at least" in err, err
+    assert not (ckpt.parent / "thresholds.safetensors").exists()
+
+
+def test_calibrate_cli_interrupt_leaves_nothing(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = teal.calibration.block_inputs
+
+    def interrupted(model, idx):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(model, idx)
+    monkeypatch.setattr(teal.calibration, "block_inputs", interrupted)
+    _, ckpt, _, rc = _calibrate_cli(tmp_path, 300)
+    assert rc == 130 and calls["n"] == 2
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["model.pth", "tokenizer.json"]

@@ -1,0 +1,142 @@
+"""Perplexity against an independent computation, sparse scoring vs sparse decoding,
+effective sparsity bookkeeping, and the perplexity.py CLI."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import perplexity as perplexity_cli
+import teal
+from teal.allocation import apply_config
+from teal.calibration import collect_histograms
+from teal.evaluation import effective_sparsity, parameter_weighted_sparsity, perplexity
+
+from tiny_models import random_tokens, tiny_model, write_checkpoint, write_text
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    calib = collect_histograms(model, random_tokens(512, seed=5), SEQ, progress=False)
+    return model, calib
+
+
+def _reference_ppl(model, ids, seq_len):
+    """Full logits of every window, concatenated, then one F.cross_entropy."""
+    logits, targets = [], []
+    with torch.no_grad():
+        for start in range(0, ids.numel(), seq_len):
+            w = ids[start:start + seq_len]
+            if w.numel() < 2:
+                continue
+            logits.append(model(w[None])[0, :-1])
+            targets.append(w[1:])
+    return math.exp(F.cross_entropy(torch.cat(logits).double(), torch.cat(targets)).item())
+
+
+def test_perplexity_matches_independent_computation(setup):
+    model, _ = setup
+    teal.configure(model, sparse=False, sparsify_prefill=False)
+    ids = random_tokens(3 * SEQ + 7, seed=2)  # a final partial window is scored too
+    ppl = perplexity(model, ids, SEQ, progress=False)
+    assert ppl == pytest.approx(_reference_ppl(model, ids, SEQ), rel=1e-5)
+    # max_tokens truncates before windowing
+    assert perplexity(model, ids, SEQ, max_tokens=2 * SEQ, progress=False) == pytest.approx(
+        _reference_ppl(model, ids[:2 * SEQ], SEQ), rel=1e-5)
+
+
+def test_sparsity_zero_equals_dense(setup):
+    model, calib = setup
+    ids = random_tokens(2 * SEQ, seed=3)
+    teal.configure(model, sparse=False, sparsify_prefill=False)
+    dense = perplexity(model, ids, SEQ, progress=False)
+    for scoring in ("magnitude", "weight"):
+        applied = apply_config(model, calib, 0.0, scoring=scoring)
+        teal.configure(model, sparsify_prefill=True, track=True)
+        assert set(applied.values()) == {0.0}
+        assert perplexity(model, ids, SEQ, progress=False) == dense
+        assert parameter_weighted_sparsity(model) == 0.0
+    apply_config(model, calib, 0.5)
+    teal.configure(model, sparsify_prefill=True)
+    assert perplexity(model, ids, SEQ, progress=False) != dense
+    teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
+
+
+def test_sparse_scoring_equals_sparse_decoding(setup):
+    """Teacher-forced forward with every position sparsified == token-by-token sparse decode
+    with a KV cache (what generate.py does when every token is decoded sparsely)."""
+    model, calib = setup
+    ids = random_tokens(20, seed=4)
+    apply_config(model, calib, 0.5)
+    teal.configure(model, sparsify_prefill=True, track=False)
+    with torch.no_grad():
+        full = model(ids[None])[0]
+        model.setup_caches(1, 20, dtype=torch.float32)
+        steps = [model(ids[None, i:i + 1], torch.tensor([i]))[0, 0] for i in range(20)]
+    torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
+    teal.configure(model, sparse=False, sparsify_prefill=False)
+
+
+def test_effective_sparsity_bookkeeping():
+    model = tiny_model()
+    teal.configure(model, sparse=False, sparsify_prefill=True, track=True)
+    for layer, proj, lin in model.sparse_linears():
+        if proj == "down_proj":
+            lin.set_threshold(float("inf"))  # zero everything
+            lin.sparse = True
+    with torch.no_grad():
+        model(random_tokens(16)[None])
+    eff = effective_sparsity(model)
+    assert eff["down_proj"] == 1.0
+    assert all(v == 0.0 for p, v in eff.items() if p != "down_proj")
+    c = model.config
+    per_block = (c.dim * c.n_head * c.head_dim * 2 + c.dim * c.n_local_heads * c.head_dim * 2
+                 + 3 * c.dim * c.intermediate_size)
+    expected = c.dim * c.intermediate_size / per_block
+    assert parameter_weighted_sparsity(model) == pytest.approx(expected)
+    assert effective_sparsity(model, per_layer=True)[(1, "down_proj")] == 1.0
+
+
+def test_perplexity_cli(tmp_path, capsys):
+    model = tiny_model()
+    ckpt = write_checkpoint(tmp_path / "ckpt", model)
+    calib = collect_histograms(model, random_tokens(256, seed=6), SEQ, progress=False)
+    calib.save(ckpt.parent / "thresholds.safetensors")
+    text = write_text(tmp_path / "test.txt", 100, seed=7)
+    out = tmp_path / "res.json"
+    rc = perplexity_cli.main(["--checkpoint_path", str(ckpt), "--text", str(text), "--sparsity",
+                              "0", "0.5", "--scoring", "magnitude", "weight", "--seq_len",
+                              str(SEQ), "--device", "cpu", "--quiet", "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())["results"]
+    assert [(r["allocation"], r["scoring"], r["sparsity"]) for r in res] == [
+        ("dense", "-", 0.0), ("uniform", "magnitude", 0.5), ("uniform", "weight", 0.5)]
+    ids = torch.tensor([int(w[1:]) for w in text.read_text().split()])
+    assert res[0]["perplexity"] == pytest.approx(_reference_ppl(model, ids, SEQ), rel=1e-5)
+    for r in res[1:]:
+        assert 0.4 < r["model_sparsity"] < 0.6
+        assert set(r["effective"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                       "up_proj", "down_proj"}
+    stdout = capsys.readouterr().out
+    assert "measured model-level" in stdout and "per type" in stdout
+
+
+@pytest.mark.parametrize("bad", ["1.0", "-0.1", "1.5"])
+def test_perplexity_cli_rejects_bad_sparsity(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        perplexity_cli.parse_args(["--sparsity", bad])
+    assert e.value.code == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_perplexity_cli_missing_thresholds(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model())
+    text = write_text(tmp_path / "t.txt", 50)
+    rc = perplexity_cli.main(["--checkpoint_path", str(ckpt), "--text", str(text),
+                              "--sparsity", "0.5", "--quiet"])
+    assert rc == 1
+    assert "calibrate.py" in capsys.readouterr().err
