@@ -1,0 +1,376 @@
+"""Convert a llama.cpp GGUF file (architecture `llama`) into our checkpoint format.
+
+    python scripts/convert_gguf_checkpoint.py path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+
+writes `checkpoints/<name>/model.pth` (see teal/checkpoint.py) and `tokenizer.json` next to it.
+Every tensor is dequantized with `gguf.quants.dequantize` (Q4_1, Q8_0, F16, ... -> float32)
+and stored as `--dtype` (float32 by default). The architecture comes from the GGUF metadata
+(`llama.block_count`, `llama.embedding_length`, ...); the output head is tied to the token
+embedding when the file has no `output.weight`.
+
+q/k rows are kept as llama.cpp stores them: permuted for interleaved-pair RoPE, which is the
+convention of `model.py` (Meta / gpt-fast). `scripts/export_hf_from_gguf.py` undoes that
+permutation for a Hugging Face (rotate-half) export.
+
+The tokenizer.json is a Hugging Face `tokenizers` byte-level BPE built from the GGUF vocabulary,
+merges and control tokens, with the pre-tokenizer named by `tokenizer.ggml.pre` (SmolLM2's
+`smollm`: every digit on its own, then the GPT-2 split regex).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from teal.checkpoint import save_checkpoint
+from teal.tokenizer import chat_template_kind
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# llama.cpp tensor names -> ours (per block: "blk.{i}." -> "layers.{i}.").
+_GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                 "output.weight": "output.weight"}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "attention_norm.weight",
+    "attn_q.weight": "attention.q_proj.weight",
+    "attn_k.weight": "attention.k_proj.weight",
+    "attn_v.weight": "attention.v_proj.weight",
+    "attn_output.weight": "attention.o_proj.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "ffn_gate.weight": "feed_forward.gate_proj.weight",
+    "ffn_up.weight": "feed_forward.up_proj.weight",
+    "ffn_down.weight": "feed_forward.down_proj.weight",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+# GPT-2's split regex, and llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`) that we rebuild.
+_GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS = {"smollm": "smollm", "gpt2": "gpt2", "default": "gpt2",
+                   "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3"}
+
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+
+class GGUFError(ValueError):
+    """A GGUF file we cannot convert (unsupported architecture, tensor, tokenizer...)."""
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def open_gguf(path) -> "gguf.GGUFReader":  # noqa: F821
+    """Open a GGUF file (memory-mapped). Raises GGUFError for a missing or unreadable file."""
+    import gguf
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"GGUF file {path} not found")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on a bad file
+        raise GGUFError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+
+
+def read_metadata(reader) -> dict:
+    """All GGUF key/value fields as plain Python values (strings, numbers, lists)."""
+    md = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        md[key] = field.contents()
+    return md
+
+
+def _round_f32(x: float) -> float:
+    """A float32 metadata value as the short decimal it was written from (9.99999975e-06 -> 1e-05)."""
+    return float(f"{float(x):.7g}")
+
+
+def model_args_from_metadata(md: dict, tensor_names: set) -> dict:
+    """`ModelArgs` dict of a llama-architecture GGUF.
+
+    Raises:
+        GGUFError: another architecture, or llama features we do not implement (MoE, ...).
+    """
+    arch = md.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(f"GGUF architecture {arch!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def get(key, default=None, required=True):
+        value = md.get(f"{arch}.{key}", default)
+        if value is None and required:
+            raise GGUFError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    if get("expert_count", 0, required=False):
+        raise GGUFError("mixture-of-experts llama GGUFs are not supported")
+    if "rope_freqs.weight" in tensor_names or get("rope.scaling.type", None, required=False) \
+            not in (None, "none"):
+        raise GGUFError("GGUF with RoPE scaling (e.g. Llama-3.1 rope_freqs) is not supported; "
+                        "convert the Hugging Face folder with scripts/convert_hf_checkpoint.py")
+    n_head = int(get("attention.head_count"))
+    dim = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", dim // n_head, required=False))
+    vocab = md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens") or [])
+    if not vocab:
+        raise GGUFError("GGUF metadata has neither a vocab size nor a token list")
+    return dict(
+        block_size=int(get("context_length")),
+        vocab_size=int(vocab),
+        n_layer=int(get("block_count")),
+        n_head=n_head,
+        dim=dim,
+        intermediate_size=int(get("feed_forward_length")),
+        n_local_heads=int(get("attention.head_count_kv", n_head, required=False)),
+        head_dim=head_dim,
+        rope_base=_round_f32(get("rope.freq_base", 10000.0, required=False)),
+        norm_eps=_round_f32(get("attention.layer_norm_rms_epsilon")),
+        rope_scaling=None,
+        tie_embeddings="output.weight" not in tensor_names,
+    )
+
+
+def default_name(gguf_path) -> str:
+    """Model name from the file name, without a quantization suffix (`X.Q4_1.gguf` -> `X`)."""
+    stem = Path(gguf_path).stem
+    parts = stem.rsplit(".", 1)
+    if len(parts) == 2 and re.fullmatch(r"(?i)(I?Q\d.*|F16|F32|BF16)", parts[1]):
+        return parts[0]
+    return re.sub(r"(?i)[-_.](I?Q\d[\w]*|F16|F32|BF16)$", "", stem)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def our_tensor_name(gguf_name: str) -> str:
+    """Our state-dict key of a llama.cpp tensor name. Raises GGUFError for unknown tensors."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    raise GGUFError(f"unexpected tensor {gguf_name!r} in a llama GGUF (not a plain Llama model?)")
+
+
+def dequantize_tensor(t) -> np.ndarray:
+    """A GGUF tensor as a float32 numpy array in nn.Linear/(rows, cols) order."""
+    import gguf
+    shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))  # ggml lists ne0 first
+    try:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise GGUFError(f"tensor {t.name}: quantization {t.tensor_type.name} cannot be "
+                        f"dequantized by this gguf version") from None
+    return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+
+def iter_state_dict(reader, dtype: torch.dtype = torch.float32,
+                    progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (our key, tensor) for every GGUF tensor, dequantized and cast to `dtype`."""
+    from tqdm import tqdm
+    for t in tqdm(reader.tensors, desc="dequantize", unit="tensor", disable=not progress):
+        name = our_tensor_name(t.name)
+        yield name, torch.from_numpy(dequantize_tensor(t).copy()).to(dtype)
+
+
+def check_shapes(sd: dict, args: dict) -> None:
+    """Every tensor has the shape the config implies. Raises GGUFError otherwise."""
+    d, hd, v = args["dim"], args["head_dim"], args["vocab_size"]
+    f, nh, nkv = args["intermediate_size"], args["n_head"], args["n_local_heads"]
+    want = {"tok_embeddings.weight": (v, d), "norm.weight": (d,), "output.weight": (v, d)}
+    for i in range(args["n_layer"]):
+        p = f"layers.{i}."
+        want.update({p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
+                     p + "attention.q_proj.weight": (nh * hd, d),
+                     p + "attention.k_proj.weight": (nkv * hd, d),
+                     p + "attention.v_proj.weight": (nkv * hd, d),
+                     p + "attention.o_proj.weight": (d, nh * hd),
+                     p + "feed_forward.gate_proj.weight": (f, d),
+                     p + "feed_forward.up_proj.weight": (f, d),
+                     p + "feed_forward.down_proj.weight": (d, f)})
+    missing = [k for k in want if k not in sd]
+    if missing:
+        raise GGUFError(f"GGUF lacks tensors for {missing[:3]} (of {len(missing)} missing)")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise GGUFError(f"tensor {k} has shape {tuple(sd[k].shape)}, expected {shape}")
+
+
+def gguf_state_dict(reader, args: dict, dtype: torch.dtype = torch.float32,
+                    progress: bool = True) -> dict:
+    """Our full state dict (q/k rows in interleaved RoPE order, as stored by llama.cpp).
+
+    With tied embeddings `output.weight` is the same tensor as `tok_embeddings.weight`.
+    """
+    sd = dict(iter_state_dict(reader, dtype, progress))
+    if args["tie_embeddings"]:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    check_shapes(sd, args)
+    return sd
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(md: dict):
+    """A Hugging Face `tokenizers.Tokenizer` (byte-level BPE) from the GGUF tokenizer metadata.
+
+    Raises:
+        GGUFError: the GGUF tokenizer is not a byte-level BPE we know how to rebuild.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = md.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, "
+                        f"'gpt2'); convert the Hugging Face folder instead")
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise GGUFError(f"GGUF pre-tokenizer {pre!r} is not supported "
+                        f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})")
+    tokens = list(md["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges") or []]
+    types = list(md.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise GGUFError("GGUF vocabulary has duplicate tokens")
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    style = _PRE_TOKENIZERS[pre]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if style == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif style == "llama3":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"), byte_level])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL])
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def tokenizer_meta(md: dict, file: str = "tokenizer.json") -> dict:
+    """The checkpoint's `meta["tokenizer"]` record (see teal/tokenizer.py) from GGUF metadata."""
+    bos = md.get("tokenizer.ggml.bos_token_id")
+    eos = md.get("tokenizer.ggml.eos_token_id")
+    eos_ids = {int(eos)} if eos is not None else set()
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if md.get(key) is not None:
+            eos_ids.add(int(md[key]))
+    return {"file": file, "backend": "hf",
+            "bos_id": None if bos is None else int(bos),
+            "eos_id": None if eos is None else int(eos),
+            "eos_ids": sorted(eos_ids),
+            "add_bos": bool(md.get("tokenizer.ggml.add_bos_token", False)),
+            "chat_template": chat_template_kind(md.get("tokenizer.chat_template"))}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def atomic_write_bytes(path, data) -> None:
+    """Write `data` (bytes or str, UTF-8) to `path` via a temp file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_checkpoint_and_tokenizer(out_dir, config: dict, sd: dict, meta: dict,
+                                   tokenizer_files: dict) -> Path:
+    """Write the tokenizer file(s) `{name: bytes|str}`, then model.pth.
+
+    model.pth is written last: its presence marks a finished conversion. If writing it fails
+    or is interrupted, tokenizer files created here are removed again, so an interrupted
+    conversion leaves neither behind. Returns the path of model.pth.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "model.pth"
+    created = []
+    try:
+        for fname, data in tokenizer_files.items():
+            path = out_dir / fname
+            if not path.exists():
+                created.append(path)
+            atomic_write_bytes(path, data)
+        save_checkpoint(ckpt_path, config, sd, meta)
+    except BaseException:
+        for path in created:
+            if path.exists():
+                path.unlink()
+        raise
+    return ckpt_path
+
+
+def convert_gguf(gguf_path, out_dir=None, name: Optional[str] = None,
+                 dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
+    """Convert a GGUF file; returns the path of the written model.pth.
+
+    Args:
+        gguf_path: the .gguf file (architecture `llama`).
+        out_dir: output folder; default `checkpoints/<name>`.
+        name: model name recorded in meta; default from the file name.
+        dtype: weight dtype of the checkpoint (dequantized values are exact in float32).
+        progress: show a tqdm bar over tensors.
+
+    Raises:
+        GGUFError: unreadable file, unsupported architecture/tensor/tokenizer.
+    """
+    gguf_path = Path(gguf_path)
+    reader = open_gguf(gguf_path)
+    md = read_metadata(reader)
+    tensor_names = {t.name for t in reader.tensors}
+    args = model_args_from_metadata(md, tensor_names)
+    name = name or default_name(gguf_path)
+    out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / name
+    tok_text = build_tokenizer(md).to_str()
+    sd = gguf_state_dict(reader, args, dtype, progress)
+    meta = {"name": name, "source": str(gguf_path.name), "source_format": "gguf",
+            "gguf_general_name": md.get("general.name"),
+            "dtype": str(dtype).replace("torch.", ""),
+            "tokenizer": tokenizer_meta(md)}
+    return write_checkpoint_and_tokenizer(out_dir, args, sd, meta, {"tokenizer.json": tok_text})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description="Convert a llama.cpp GGUF (architecture llama) into checkpoints/<name>/"
+                    "model.pth + tokenizer.json (weights dequantized).")
+    p.add_argument("gguf", type=Path, help="path of the .gguf file")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="output folder (default: checkpoints/<name>)")
+    p.add_argument("--name", default=None,
+                   help="model name stored in the checkpoint (default: the file name without "
+                        "its quantization suffix, e.g. SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weight dtype of the checkpoint (default: float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    try:
+        path = convert_gguf(a.gguf, a.out_dir, a.name, DTYPES[a.dtype], not a.no_progress)
+    except GGUFError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {path} and {path.parent / 'tokenizer.json'}")
+
+
+if __name__ == "__main__":
+    main()
