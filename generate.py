@@ -279,7 +279,7 @@ def main(argv=None) -> None:
         f"({args.allocation}, {args.scoring})", file=sys.stderr)
 
     from teal.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(Path(args.checkpoint_path).parent, meta.get("tokenizer", {}))
+    tokenizer = load_tokenizer(Path(args.checkpoint_path).parent, meta)
     stop_ids = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id}) - {None}
 
     decode_fn = decode_one_token
