@@ -1,0 +1,165 @@
+"""Fused sparse-activation GEMV kernels for single-token decode (TEAL, arXiv 2408.14690).
+
+Importable without Triton: Triton is imported lazily on the first kernel call.
+
+TEAL mask (Section 4, Eq. 2-3): keep input channel k iff ``|x_k| > t`` (scalar threshold)
+or ``|x_k| > t_k`` (per-channel vector, e.g. weight-informed scoring).  The kernels compute
+``y = W (x * mask)`` reading only the weight rows of kept channels from the input-channel
+major weight ``wt = W.t().contiguous()`` of shape (K, N).  Accumulation is fp32, the
+output has the activation dtype, results are deterministic (fixed-order split-K sum).
+
+Public API::
+
+    kernels_available(device) -> bool
+    sparse_gemv(x, wt, threshold) -> (..., N)
+    sparse_gemv_segments(x, wt, thresholds, segments) -> (..., N_total)
+    sparse_gated_gemv(x, wt, thresholds) -> (..., F)          # silu(gate) * up
+
+Plain-PyTorch twins (float64-capable) are in :mod:`teal.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from . import _checks
+from .reference import sparse_gated_gemv_ref, sparse_gemv_ref, sparse_gemv_segments_ref
+
+__all__ = [
+    "kernels_available",
+    "sparse_gemv",
+    "sparse_gemv_segments",
+    "sparse_gated_gemv",
+    "sparse_gemv_ref",
+    "sparse_gemv_segments_ref",
+    "sparse_gated_gemv_ref",
+]
+
+_OPS_LOADED = False
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def kernels_available(device) -> bool:
+    """True if the Triton kernels can run on ``device``.
+
+    CUDA: Triton importable and compute capability >= 8.0 (bf16 + fp16).  CPU: only when
+    ``TRITON_INTERPRET=1`` was set before Triton was imported (interpreter; slow, for tests).
+    Other devices: False.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or not _triton_importable():
+            return False
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(idx) >= (8, 0)
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
+    return False
+
+
+def _ensure_ops() -> None:
+    global _OPS_LOADED
+    if not _OPS_LOADED:
+        from . import ops  # noqa: F401  (registers torch.ops.teal.*)
+
+        _OPS_LOADED = True
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            "sparse GEMV kernels run on CUDA; on CPU only through the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before importing triton). Check kernels_available(device) first."
+        )
+
+
+def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Sparse-activation GEMV ``y = W (x * [|x| > t])`` for one token (o_proj, down_proj).
+
+    Args:
+        x: activation, bf16 or fp16, shape (K,) or (1, ..., 1, K).
+        wt: weight stored input-channel major, ``W.t().contiguous()`` of shape (K, N), same
+            dtype and device as x.  Row k is read only if channel k is kept.
+        threshold: float32, shape () (one threshold) or (K,) (per input channel).
+    Returns:
+        y of shape x.shape[:-1] + (N,), dtype of x; fp32 accumulation.  Channels with
+        ``|x_k| <= t`` contribute nothing (all masked: exact zeros).
+    Raises:
+        ValueError: wrong dtype, batch > 1, non-contiguous or mismatched wt, bad threshold
+        shape/dtype, device mismatch, CPU without the Triton interpreter.
+    Source: TEAL (arXiv 2408.14690) Section 4, Eq. 2-3 (magnitude threshold mask).
+    """
+    xf = _checks.flatten_x(x)
+    _checks.check_wt(xf, wt)
+    _checks.check_thresholds(threshold, xf, None, "threshold")
+    _check_device(xf)
+    _ensure_ops()
+    t = threshold.reshape(1, -1) if threshold.dim() == 1 else threshold.reshape(1)
+    y = torch.ops.teal.sparse_gemv_segments(xf, wt, t, [wt.shape[1]])
+    return y.reshape(*x.shape[:-1], wt.shape[1])
+
+
+def sparse_gemv_segments(
+    x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, segments: Sequence[int]
+) -> torch.Tensor:
+    """Shared-input sparse GEMV over column segments with their own thresholds (fused q/k/v).
+
+    Args:
+        x: bf16/fp16, (K,) or (1, ..., 1, K).
+        wt: ONE contiguous (K, N_total) buffer (input-channel major); column block s is
+            ``wt[:, segments[s-1] : segments[s]]`` (with segments[-1] read as 0), e.g. q | k | v.
+        thresholds: float32 (S,) (one per segment) or (S, K) (per segment and channel).
+        segments: S ints (1 <= S <= 4), the exclusive END offsets of the column blocks,
+            strictly increasing, last == N_total: e.g. ``(Nq, Nq + Nk, Nq + Nk + Nv)``.
+    Returns:
+        (..., N_total) in x's dtype; column block s is ``W_s (x * [|x| > t_s])``.  A kept
+        channel's row is read once per segment that keeps it, never for one that masks it.
+    Raises:
+        ValueError as for :func:`sparse_gemv`, plus bad segment offsets.
+    Source: TEAL (arXiv 2408.14690) Section 4 (Eq. 2-3) and Section 4.2 / greedy allocation
+    (q, k, v get different sparsities on the same input).
+    """
+    xf = _checks.flatten_x(x)
+    _checks.check_wt(xf, wt)
+    sizes = _checks.check_segments(segments, wt.shape[1])
+    _checks.check_thresholds(thresholds, xf, len(sizes), "thresholds")
+    _check_device(xf)
+    _ensure_ops()
+    y = torch.ops.teal.sparse_gemv_segments(xf, wt, thresholds, sizes)
+    return y.reshape(*x.shape[:-1], wt.shape[1])
+
+
+def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Fused gate/up sparse GEMV with SwiGLU epilogue: ``silu(g) * u`` for one token.
+
+    Args:
+        x: bf16/fp16, (K,) or (1, ..., 1, K).
+        wt: one contiguous (K, 2F) buffer: gate = ``wt[:, :F]``, up = ``wt[:, F:]``
+            (each = W.t() of its nn.Linear).
+        thresholds: float32 (2,) = (t_gate, t_up) or (2, K) per channel.
+    Returns:
+        (..., F) in x's dtype: ``silu(W_g (x*m_g)) * (W_u (x*m_u))``, gate/up kept in fp32
+        until the final cast.
+    Raises:
+        ValueError as for :func:`sparse_gemv`, plus odd wt.shape[1].
+    Source: TEAL (arXiv 2408.14690) Section 4, Eq. 2-3; SwiGLU MLP (gate/up share x).
+    """
+    xf = _checks.flatten_x(x)
+    _checks.check_wt(xf, wt)
+    if wt.shape[1] % 2:
+        raise ValueError(f"wt must be (K, 2F) = [gate | up]; got odd width {wt.shape[1]}")
+    _checks.check_thresholds(thresholds, xf, 2, "thresholds")
+    _check_device(xf)
+    _ensure_ops()
+    y = torch.ops.teal.sparse_gated_gemv(xf, wt, thresholds)
+    return y.reshape(*x.shape[:-1], wt.shape[1] // 2)

@@ -1,0 +1,135 @@
+"""Host-side launchers for the Triton sparse GEMV kernels (imports Triton).
+
+Inputs are assumed validated (see :mod:`teal.kernels._checks`).  Outputs and the fp32
+split-K workspace are allocated here unless passed in (tests pass NaN-poisoned buffers).
+The per-column-tile arrival counters live in a persistent, per-device int32 buffer that
+every launch leaves all-zero (the last-arriving program resets its slot).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from . import _interp_compat
+from .configs import GemvConfig, cdiv, pick_config
+from .triton_gemv import sparse_gated_gemv_kernel, sparse_gemv_seg_kernel
+
+_interp_compat.apply()
+
+_COUNTERS: dict = {}
+_SMS: dict = {}
+_MIN_COUNTERS = 1 << 16
+_HUGE = 1 << 30
+_I32_LIMIT = 2**31 - 1
+
+
+def _num_sms(device: torch.device) -> int:
+    key = str(device)
+    if key not in _SMS:
+        if device.type == "cuda":
+            _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            _SMS[key] = 4  # interpreter: a few programs along K is enough to exercise split-K
+    return _SMS[key]
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """Persistent zeroed int32 arrival counters (>= n slots) for ``device``."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _seg_tiles(sizes: Sequence[int], bn: int) -> list[int]:
+    return [cdiv(n, bn) for n in sizes]
+
+
+def _common(K: int, stride_wk: int, thresholds: torch.Tensor):
+    """thresholds is (S,) or (S, K): per-channel flag, channel stride, int64-index flag."""
+    per_channel = thresholds.dim() == 2
+    stride_tk = thresholds.stride(1) if per_channel else 0
+    big = K * stride_wk > _I32_LIMIT
+    return per_channel, stride_tk, big
+
+
+def launch_segments(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    thresholds: torch.Tensor,
+    sizes: Sequence[int],
+    config: Optional[GemvConfig] = None,
+    out: Optional[torch.Tensor] = None,
+    workspace: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x: (K,); wt: (K, N_total) row-major; thresholds: (S,) or (S, K) fp32; sizes: S ints."""
+    K, N = wt.shape
+    S = len(sizes)
+    assert 1 <= S <= 4 and sum(sizes) == N
+    cfg, split, kps = pick_config("seg", K, N, lambda bn: sum(_seg_tiles(sizes, bn)), _num_sms(x.device), config)
+    bn, bk = cfg.block_n, cfg.block_k
+    tiles = _seg_tiles(sizes, bn)
+    n_tiles = sum(tiles)
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    c = starts[1:] + [N] * (4 - S)                   # c1..c4
+    tfirst = [sum(tiles[:i]) for i in range(1, S)] + [_HUGE] * (4 - S)  # tile1..tile3
+    tfirst = tfirst[:3]
+    if out is None:
+        out = torch.empty(N, dtype=x.dtype, device=x.device)
+    if split > 1 and workspace is None:
+        workspace = torch.empty((split, N), dtype=torch.float32, device=x.device)
+    part = workspace if split > 1 else out
+    cnt = counters(x.device, n_tiles) if split > 1 else out
+    per_channel, stride_tk, big = _common(K, wt.stride(0), thresholds)
+    stride_ts = thresholds.stride(0)
+    even_n = all(n % bn == 0 for n in sizes)
+    sparse_gemv_seg_kernel[(n_tiles, split)](
+        x, wt, thresholds, part, cnt, out,
+        K, wt.stride(0), stride_ts, stride_tk, kps, split, N,
+        c[0], c[1], c[2], c[3],
+        tfirst[0], tfirst[1], tfirst[2],
+        NUM_SEG=S, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
+        EVEN_N=even_n, PIPE=cfg.pipe, ACC2D=cfg.acc2d, BIG=big,
+        BLOCK_K=bk, BLOCK_N=bn, RCHUNK=8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def launch_gated(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    thresholds: torch.Tensor,
+    config: Optional[GemvConfig] = None,
+    out: Optional[torch.Tensor] = None,
+    workspace: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x: (K,); wt: (K, 2F) row-major (gate | up); thresholds (2,) or (2, K) fp32."""
+    K, N2 = wt.shape
+    F = N2 // 2
+    cfg, split, kps = pick_config("gated", K, F, lambda bn: cdiv(F, bn), _num_sms(x.device), config)
+    bn, bk = cfg.block_n, cfg.block_k
+    n_tiles = cdiv(F, bn)
+    if out is None:
+        out = torch.empty(F, dtype=x.dtype, device=x.device)
+    if split > 1 and workspace is None:
+        workspace = torch.empty((split, 2 * F), dtype=torch.float32, device=x.device)
+    part = workspace if split > 1 else out
+    cnt = counters(x.device, n_tiles) if split > 1 else out
+    per_channel, stride_tk, big = _common(K, wt.stride(0), thresholds)
+    sparse_gated_gemv_kernel[(n_tiles, split)](
+        x, wt, thresholds, part, cnt, out,
+        K, wt.stride(0), thresholds.stride(0), stride_tk, kps, split, F,
+        PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
+        EVEN_N=(F % bn == 0), PIPE=cfg.pipe, ACC2D=cfg.acc2d, BIG=big,
+        BLOCK_K=bk, BLOCK_N=bn, RCHUNK=8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,273 @@
+"""Tests for the fused sparse GEMV kernels (teal/kernels).
+
+CPU (CI): kernels run through Triton's interpreter on small odd shapes; this module sets
+TRITON_INTERPRET=1 before anything imports our Triton kernels (Triton reads the variable
+when a kernel is *decorated*, i.e. when teal.kernels.triton_gemv is first imported, which
+teal.kernels does lazily).  CUDA: the same tests plus real Llama shapes.
+
+Error bounds (||y - ref|| <= rtol ||ref|| + atol sqrt(n), ref in float64): the kernel
+accumulates in fp32 (relative error ~ K * 2^-24, negligible) and rounds once to the output
+dtype, unit roundoff 2^-9 ~ 2e-3 for bf16 and 2^-12 ~ 2.4e-4 for fp16.  rtol = 1e-2 (bf16)
+and 2e-3 (fp16) leave ~5-8x headroom; atol = 1e-6 covers fp16 subnormal outputs.
+Every test draws a fresh seed (printed in the failure message).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+# Triton must not have been imported before TRITON_INTERPRET=1 is set: triton.language's own
+# @jit helpers (used by tl.sum, tl.sigmoid, ...) are decorated at Triton import time.
+_LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not _CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import teal.kernels as tk  # noqa: E402
+from teal.kernels import reference as R  # noqa: E402
+
+DEV = torch.device("cuda" if _CUDA else "cpu")
+
+if not tk.kernels_available(DEV):
+    pytest.skip("Triton kernels not available on this device (interpreter off?)", allow_module_level=True)
+
+if not _CUDA and _LATE:
+    pytest.skip(
+        "triton was imported (by another test module) before TRITON_INTERPRET=1 could be set; "
+        "set it in tests/conftest.py when CUDA is unavailable",
+        allow_module_level=True,
+    )
+
+from teal.kernels import launch  # noqa: E402
+from teal.kernels.configs import GemvConfig  # noqa: E402
+
+RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.bfloat16, torch.float16]
+DT_IDS = ["bf16", "fp16"]
+
+SMALL = [(96, 80), (1000, 3), (7, 1), (130, 300)]
+REAL = [(4096, 4096), (4096, 1024), (14336, 4096), (4096, 14336)] if _CUDA else []
+SEGS_SMALL = [(96, (30, 17, 33)), (61, (5, 1, 7, 3)), (40, (9,))]
+SEGS_REAL = [(4096, (4096, 1024, 1024)), (4096, (4096, 4096, 4096))] if _CUDA else []
+GATED_SMALL = [(96, 37), (33, 1), (200, 64)]
+GATED_REAL = [(4096, 14336), (4096, 11008)] if _CUDA else []
+
+
+def _seed() -> int:
+    s = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(s)
+    return s
+
+
+def _thresholds(x: torch.Tensor, mode: str, rows: int | None) -> torch.Tensor:
+    """rows None: () or (K,); else (rows,) or (rows, K)."""
+    ax = x.float().abs()
+    K = x.numel()
+    n = 1 if rows is None else rows
+    if mode == "zero":
+        t = torch.zeros(n)
+    elif mode == "inf":
+        t = torch.full((n,), float("inf"))
+    elif mode == "q50":
+        t = torch.quantile(ax.cpu(), torch.rand(n) * 0.4 + 0.3)  # ~30-70% sparsity per row
+    elif mode == "channel":
+        q = torch.quantile(ax.cpu(), 0.5)
+        t = torch.rand(n, K) * 2 * q
+    else:
+        raise AssertionError(mode)
+    t = t.to(torch.float32).to(x.device)
+    if rows is None:
+        t = t[0]
+    return t
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, dtype, seed: int, what: str) -> None:
+    assert y.dtype == dtype, what
+    assert not torch.isnan(y).any(), f"{what}: NaN in output (unwritten?) seed={seed}"
+    err = (y.double() - ref).norm().item()
+    bound = RTOL[dtype] * ref.norm().item() + 1e-6 * ref.numel() ** 0.5
+    assert err <= bound, f"{what}: ||y-ref||={err:.3g} > {bound:.3g} (||ref||={ref.norm().item():.3g}) seed={seed}"
+
+
+def _x(K, dtype):
+    return torch.randn(K, dtype=dtype, device=DEV)
+
+
+def _w(K, N, dtype):
+    return (torch.randn(K, N, device=DEV) / K**0.5).to(dtype)
+
+
+MODES = ["zero", "inf", "q50", "channel"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("K,N", SMALL + REAL)
+def test_sparse_gemv(K, N, mode, dtype):
+    seed = _seed()
+    x, wt = _x(K, dtype), _w(K, N, dtype)
+    t = _thresholds(x, mode, None)
+    y = tk.sparse_gemv(x, wt, t)
+    assert y.shape == (N,)
+    if mode == "inf":
+        assert (y == 0).all(), f"seed={seed}"
+        return
+    ref = R.sparse_gemv_ref(x, wt, t)
+    _close(y, ref, dtype, seed, f"sparse_gemv K={K} N={N} {mode}")
+    if mode == "zero":  # dense except exact zeros == dense product
+        dense = x.double() @ wt.double()
+        _close(y, dense, dtype, seed, "t=0 vs dense")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("K,sizes", SEGS_SMALL + SEGS_REAL)
+def test_sparse_gemv_segments(K, sizes, mode, dtype):
+    seed = _seed()
+    N = sum(sizes)
+    x, wt = _x(K, dtype), _w(K, N, dtype)
+    t = _thresholds(x, mode, len(sizes))
+    bounds = tuple(int(b) for b in torch.tensor(sizes).cumsum(0))
+    y = tk.sparse_gemv_segments(x, wt, t, bounds)
+    assert y.shape == (N,)
+    if mode == "inf":
+        assert (y == 0).all(), f"seed={seed}"
+        return
+    ref = R.sparse_gemv_segments_ref(x, wt, t, bounds)
+    _close(y, ref, dtype, seed, f"segments K={K} sizes={sizes} {mode}")
+    # each segment on its own equals the single-projection op on the column-slice copy
+    a = 0
+    for s, n in enumerate(sizes):
+        ys = tk.sparse_gemv(x, wt[:, a : a + n].contiguous(), t[s])
+        _close(ys, ref[a : a + n], dtype, seed, f"segment {s}")
+        a += n
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("K,F", GATED_SMALL + GATED_REAL)
+def test_sparse_gated_gemv(K, F, mode, dtype):
+    seed = _seed()
+    x, wt = _x(K, dtype), _w(K, 2 * F, dtype)
+    t = _thresholds(x, mode, 2)
+    y = tk.sparse_gated_gemv(x, wt, t)
+    assert y.shape == (F,)
+    if mode == "inf":
+        assert (y == 0).all(), f"seed={seed}"
+        return
+    ref = R.sparse_gated_gemv_ref(x, wt, t)
+    _close(y, ref, dtype, seed, f"gated K={K} F={F} {mode}")
+
+
+def test_batch_dims_and_masks():
+    seed = _seed()
+    K, N = 50, 24
+    x, wt = _x(K, torch.bfloat16), _w(K, N, torch.bfloat16)
+    t = _thresholds(x, "q50", None)
+    y = tk.sparse_gemv(x.view(1, 1, K), wt, t)
+    assert y.shape == (1, 1, N)
+    _close(y.reshape(N), R.sparse_gemv_ref(x, wt, t), torch.bfloat16, seed, "batch dims")
+    yg = tk.sparse_gated_gemv(x.view(1, K), _w(K, 8, torch.bfloat16), _thresholds(x, "q50", 2))
+    assert yg.shape == (1, 4)
+    # inf in masked-out channels must not leak (0 * inf)
+    x2 = x.clone()
+    x2[3] = float("inf")
+    y2 = tk.sparse_gemv(x2, wt, torch.tensor(float("inf"), device=DEV))
+    assert (y2 == 0).all(), f"seed={seed}"
+
+
+# launch-level: every block config / pipelining / split-K path, NaN-poisoned buffers
+_VARIANTS = [
+    GemvConfig(block_n=16, block_k=16, split=1, pipe=0, acc2d=False),
+    GemvConfig(block_n=32, block_k=16, split=3, pipe=1, acc2d=True),
+    GemvConfig(block_n=64, block_k=32, split=2, pipe=2, acc2d=True),
+    GemvConfig(block_n=16, block_k=16, split=0, pipe=2, acc2d=False, waves=64),
+]
+
+
+@pytest.mark.parametrize("cfg", _VARIANTS, ids=lambda c: f"bn{c.block_n}bk{c.block_k}s{c.split}p{c.pipe}a{int(c.acc2d)}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_variants_poisoned(cfg, dtype):
+    seed = _seed()
+    K, sizes = 77, (19, 40, 6)
+    N = sum(sizes)
+    x, wt = _x(K, dtype), _w(K, N, dtype)
+    t = _thresholds(x, "channel", 3)
+    out = torch.full((N,), float("nan"), dtype=dtype, device=DEV)
+    ws = torch.full((64, N), float("nan"), dtype=torch.float32, device=DEV)
+    launch.launch_segments(x, wt, t, sizes, config=cfg, out=out, workspace=ws)
+    _close(out, R.sparse_gemv_segments_ref(x, wt, t, (19, 59, 65)), dtype, seed, f"segments {cfg}")
+    F = 21
+    wg = _w(K, 2 * F, dtype)
+    tg = _thresholds(x, "q50", 2)
+    outg = torch.full((F,), float("nan"), dtype=dtype, device=DEV)
+    wsg = torch.full((64, 2 * F), float("nan"), dtype=torch.float32, device=DEV)
+    launch.launch_gated(x, wg, tg, config=cfg, out=outg, workspace=wsg)
+    _close(outg, R.sparse_gated_gemv_ref(x, wg, tg), dtype, seed, f"gated {cfg}")
+    # arrival counters are left all-zero for the next launch
+    assert int(launch.counters(DEV, 1).abs().sum()) == 0
+    # deterministic: same inputs, bitwise same output
+    out2 = launch.launch_segments(x, wt, t, sizes, config=cfg)
+    assert torch.equal(out, out2), f"non-deterministic seed={seed}"
+
+
+def test_errors():
+    K, N = 16, 8
+    x = _x(K, torch.bfloat16)
+    wt = _w(K, N, torch.bfloat16)
+    t = torch.tensor(0.1, device=DEV)
+    cases = [
+        (lambda: tk.sparse_gemv(x.float(), wt, t), "dtype"),
+        (lambda: tk.sparse_gemv(x, wt.half(), t), "dtype"),
+        (lambda: tk.sparse_gemv(x.view(1, K).expand(2, K), wt, t), "batch"),
+        (lambda: tk.sparse_gemv(x, _w(N, K, torch.bfloat16).t(), t), "contiguous"),
+        (lambda: tk.sparse_gemv(x, _w(K + 1, N, torch.bfloat16), t), "K mismatch"),
+        (lambda: tk.sparse_gemv(x, wt, t.double()), "float32"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(K + 1, device=DEV)), "shape"),
+        (lambda: tk.sparse_gemv(x, wt.reshape(-1), t), "2-D"),
+        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(3, device=DEV), (4, 4, 8)), "increasing"),
+        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (4, 4)), "increasing"),
+        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (3, 5)), "looks like sizes"),
+        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (4, 7)), "last end offset"),
+        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(3, device=DEV), (4, 8)), "shape"),
+        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(5, device=DEV), (1, 2, 4, 6, 8)), "1 to 4"),
+        (lambda: tk.sparse_gated_gemv(x, _w(K, 7, torch.bfloat16), torch.zeros(2, device=DEV)), "odd"),
+        (lambda: tk.sparse_gated_gemv(x, wt, torch.zeros(3, device=DEV)), "shape"),
+    ]
+    if _CUDA:
+        cases.append((lambda: tk.sparse_gemv(x, wt.cpu(), t), "device"))
+        cases.append((lambda: tk.sparse_gemv(x, wt, t.cpu()), "x is on"))
+    for fn, word in cases:
+        with pytest.raises(ValueError, match=word):
+            fn()
+
+
+def test_import_without_triton_is_lazy():
+    """teal.kernels must import without pulling in Triton (checked in a subprocess)."""
+    import subprocess
+
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'triton' or name.startswith('triton.'):\n"
+        "        raise ImportError('no triton')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "import torch, teal.kernels as tk\n"
+        "assert not tk.kernels_available('cpu')\n"
+        "assert 'triton' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
