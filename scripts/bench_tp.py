@@ -33,7 +33,7 @@ tp.set_safe_nccl_env()  # before torch/NCCL initialise anything
 import torch  # noqa: E402
 
 from model import ModelArgs, Transformer  # noqa: E402
-from teal.sparse_linear import configure, to_kernel_layout  # noqa: E402
+from teal.sparse_linear import configure, fuse_shared_inputs, to_kernel_layout  # noqa: E402
 from teal.thresholds import INPUT_OF, INPUTS, Calibration, apply_uniform_sparsity  # noqa: E402
 
 TINY = dict(block_size=512, vocab_size=512, n_layer=2, n_head=8, n_local_heads=4, dim=128,
@@ -162,6 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor",
                    help="e.g. aot_eager to check tracing quickly on CPU")
     p.add_argument("--no-shard-output", action="store_true", help="replicate the lm_head")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="do not fuse q/k/v and gate/up (teal.fuse_shared_inputs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = p.parse_args(argv)
@@ -190,6 +192,8 @@ def main(argv=None) -> dict:
     model = build_model(cfg, device, dtype, args.seed)
     if ws > 1:
         tp.apply_tp(model, shard_output=not args.no_shard_output)
+    if not args.no_fuse:  # as generate.py: one kernel pass for q/k/v and for gate/up
+        fuse_shared_inputs(model)
     sync(device)
     build_s = time.perf_counter() - t0
     proj_bytes, other_bytes = weight_bytes(model)
@@ -211,7 +215,7 @@ def main(argv=None) -> dict:
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or "cpu", torch=torch.__version__, compile=use_compile,
         compile_mode=args.compile_mode if use_compile else None,
-        kernels=kernel_status(device), sharded_output=bool(getattr(model, "tp_info", None)
+        kernels=kernel_status(device), fused=not args.no_fuse, sharded_output=bool(getattr(model, "tp_info", None)
                                                             and model.tp_info.sharded_output),
         prompt_len=args.prompt_len, tokens=args.tokens, runs=args.runs,
         proj_bytes_per_rank=proj_bytes, other_bytes_per_rank=other_bytes, results=[])
