@@ -96,9 +96,5 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
             if buf.is_meta:
                 mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
-    for m in model.modules():  # thresholds/counters stay fp32/fp64 whatever the weight dtype
-        if hasattr(m, "counts"):
-            m.counts = m.counts.double()
-            m.threshold = m.threshold.float()
     to_kernel_layout(model)
     return model, ckpt.get("meta", {})

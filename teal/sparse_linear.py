@@ -61,6 +61,17 @@ class SparseLinear(nn.Module):
         self.track = False
         self._group: Optional[_FusedGroup] = None
 
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` must not cast the fp32 threshold / fp64 counters, and moving the weight
+        # detaches it from a fused buffer (re-fuse with fuse_shared_inputs afterwards).
+        super()._apply(fn, recurse)
+        if self.threshold.dtype != torch.float32:
+            self.threshold = self.threshold.float()
+        if self.counts.dtype != torch.float64:
+            self.counts = self.counts.double()
+        self._group = None
+        return self
+
     def extra_repr(self) -> str:
         t = self.threshold
         th = f"{t.item():.4g}" if t.dim() == 0 else f"per-channel({t.numel()})"
@@ -136,9 +147,14 @@ class _FusedGroup:
                 and all(a is b for a, b in zip(members, self.members)))
 
 
+# Tests set this to run the Triton kernels on CPU through Triton's interpreter
+# (TRITON_INTERPRET=1), so the model-level kernel dispatch is covered without a GPU.
+KERNELS_ON_CPU = False
+
+
 def _kernel_ok(x: Tensor, lin: SparseLinear) -> bool:
     """True when the fused Triton decode kernels apply: CUDA, fp16/bf16, one token, batch 1."""
-    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+    if not (x.is_cuda or KERNELS_ON_CPU) or x.dtype not in (torch.float16, torch.bfloat16):
         return False
     if x.numel() != x.shape[-1] or x.dtype != lin.weight.dtype:
         return False
