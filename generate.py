@@ -331,7 +331,8 @@ def main(argv=None) -> None:
     med = sorted(s[0] for s in stats)[len(stats) // 2]
     out("\n" + "-" * 60)
     out(f"Decode: {med:.2f} tokens/s (median of {len(stats)}), "
-        f"{gbytes * med:.2f} GB/s achieved on {gbytes:.3f} GB read per token")
+        f"{gbytes * med:.2f} GB/s achieved on {gbytes:.3f} GB read per token"
+        + (" (per rank)" if rank is not None else ""))
     out(f"Peak memory: {mem}")
     if eff:
         parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)
