@@ -1,0 +1,444 @@
+"""Converters: GGUF -> ours, HF -> ours, GGUF -> HF export; checkpoint errors; download/prepare.
+
+References are independent of the code under test where it matters: Q4_1/Q8_0 blocks are
+decoded here from the GGUF bytes, RoPE rotate-half is written here, and tiny Hugging Face
+models are built and run by `transformers` itself.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_smollm2 import bytes_to_unicode, smollm2, smollm2_hf  # noqa: F401 (fixtures)
+from model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis
+from scripts.convert_gguf_checkpoint import GGUFError, convert_gguf
+from scripts.convert_hf_checkpoint import (HFConversionError, convert_hf, hf_to_interleaved,
+                                           interleaved_to_hf)
+from scripts.export_hf_from_gguf import export_hf
+from teal.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from teal.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = False, seed: int = 0) -> dict:
+    """A tiny llama GGUF (2 blocks, dim 16, 4 heads / 2 KV heads) with a byte-level vocab.
+
+    Returns the GGUF-named float32 arrays written (q/k as stored, i.e. interleaved order).
+    """
+    import gguf
+    rng = np.random.default_rng(seed)
+    b2u = bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [b2u[b] for b in range(256)] \
+        + ["Ġt", "he", "Ġthe"]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    merges = ["Ġ t", "h e", "Ġt he"]
+    V, D, F, L, H, KV = len(tokens), 16, 24, 2, 4, 2
+    hd = D // H
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(L)
+    w.add_context_length(64)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}{% endfor %}")
+
+    def rand(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.3
+
+    arrays = {"token_embd.weight": rand(V, D), "output_norm.weight": 1 + rand(D)}
+    if not tied:
+        arrays["output.weight"] = rand(V, D)
+    for i in range(L):
+        p = f"blk.{i}."
+        arrays.update({p + "attn_norm.weight": 1 + rand(D), p + "ffn_norm.weight": 1 + rand(D),
+                       p + "attn_q.weight": rand(H * hd, D), p + "attn_k.weight": rand(KV * hd, D),
+                       p + "attn_v.weight": rand(KV * hd, D), p + "attn_output.weight": rand(D, D),
+                       p + "ffn_gate.weight": rand(F, D), p + "ffn_up.weight": rand(F, D),
+                       p + "ffn_down.weight": rand(D, F)})
+    for name, a in arrays.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return arrays
+
+
+def run_cli(script: str, *args, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), r.stderr
+    for n in needles:
+        assert n in last, last
+
+
+def rotate_half_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Hugging Face's RoPE (rotate-half pairs (i, i + d/2)) for x (T, H, d), written from its
+    definition."""
+    d = x.shape[-1]
+    inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = positions[:, None].double() * inv[None]          # (T, d/2)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None].float()
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None].float()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (real)
+
+def test_smollm2_config(smollm2):
+    cfg = load_checkpoint(smollm2.checkpoint)["config"]
+    assert cfg == ModelArgs.from_name("SmolLM2-135M-Instruct").to_dict()
+    assert (cfg["n_layer"], cfg["dim"], cfg["n_head"], cfg["n_local_heads"], cfg["head_dim"],
+            cfg["intermediate_size"], cfg["vocab_size"]) == (30, 576, 9, 3, 64, 1536, 49152)
+    assert cfg["rope_base"] == 100000.0 and cfg["norm_eps"] == 1e-5 and cfg["tie_embeddings"]
+
+
+def test_smollm2_state_dict(smollm2):
+    ckpt = load_checkpoint(smollm2.checkpoint)
+    sd = ckpt["state_dict"]
+    with torch.device("meta"):
+        want = Transformer(ModelArgs.from_dict(ckpt["config"])).state_dict()
+    assert set(sd) == set(want)
+    for k, v in want.items():
+        assert sd[k].shape == v.shape and sd[k].dtype == torch.float32, k
+    assert torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])  # tied
+    assert ckpt["meta"]["tokenizer"] == {"file": "tokenizer.json", "backend": "hf", "bos_id": 1,
+                                         "eos_id": 2, "eos_ids": [2], "add_bos": False,
+                                         "chat_template": "chatml"}
+
+
+def _raw_tensors(gguf_path: Path, *names: str):
+    import gguf
+    r = gguf.GGUFReader(gguf_path)
+    by_name = {t.name: t for t in r.tensors}
+    return [(by_name[n].tensor_type.name, np.asarray(by_name[n].data)) for n in names]
+
+
+def test_dequantization_matches_block_formats(smollm2):
+    """Decode Q4_1 (q_proj, stored permuted as-is) and Q8_0 (embedding) blocks by hand."""
+    sd = load_checkpoint(smollm2.checkpoint)["state_dict"]
+    (qtype, raw), (etype, eraw) = _raw_tensors(smollm2.gguf, "blk.0.attn_q.weight",
+                                               "token_embd.weight")
+    assert qtype == "Q4_1"
+    blocks = raw.reshape(raw.shape[0], -1, 20)          # (rows, blocks, 2+2+16 bytes)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)  # (rows, blocks, 32)
+    want = (d * q + m).reshape(raw.shape[0], -1)
+    torch.testing.assert_close(sd["layers.0.attention.q_proj.weight"], torch.from_numpy(want),
+                               rtol=0, atol=1e-6)
+
+    assert etype == "Q8_0"
+    blocks = eraw[:2048].reshape(2048, -1, 34)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).astype(np.float32)
+    want = (d * q).reshape(2048, -1)
+    torch.testing.assert_close(sd["tok_embeddings.weight"][:2048], torch.from_numpy(want),
+                               rtol=0, atol=1e-6)
+
+
+def test_hf_roundtrip_gives_same_state_dict(smollm2, smollm2_hf, tmp_path):
+    """GGUF -> HF export -> convert_hf equals GGUF -> ours: every key, bit for bit."""
+    out = convert_hf(smollm2_hf, tmp_path / "from_hf", progress=False)
+    a = load_checkpoint(smollm2.checkpoint)
+    b = load_checkpoint(out)
+    assert a["config"] == b["config"]
+    assert set(a["state_dict"]) == set(b["state_dict"])
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert a["meta"]["tokenizer"] == b["meta"]["tokenizer"]
+    assert (tmp_path / "from_hf" / "tokenizer.json").read_bytes() == \
+        (smollm2.folder / "tokenizer.json").read_bytes()
+
+
+def test_hf_export_config(smollm2_hf):
+    cfg = json.loads((smollm2_hf / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is True
+    assert cfg["num_key_value_heads"] == 3 and cfg["rope_theta"] == 100000.0
+    assert "chatml" in "".join(["chatml" if "<|im_start|>" in json.loads(
+        (smollm2_hf / "tokenizer_config.json").read_text())["chat_template"] else ""])
+
+
+# ----------------------------------------------------------------------------- RoPE permutation
+
+def test_permutation_is_a_per_head_inverse_pair():
+    w = torch.randn(3 * 8, 5)
+    assert torch.equal(hf_to_interleaved(interleaved_to_hf(w, 3), 3), w)
+    assert not torch.equal(interleaved_to_hf(w, 3), w)
+    # head 0 of the HF layout holds the even rows of head 0 first, then its odd rows
+    assert torch.equal(interleaved_to_hf(w, 3)[:4], w[0:8:2])
+
+
+def test_permutation_makes_rope_conventions_agree():
+    """Scores q.k with HF weights + rotate-half RoPE equal ours with interleaved RoPE."""
+    torch.manual_seed(0)
+    T, D, H, KV, hd, base = 7, 32, 4, 2, 16, 500.0
+    x = torch.randn(T, D)
+    wq_hf, wk_hf = torch.randn(H * hd, D), torch.randn(KV * hd, D)
+    pos = torch.arange(T)
+    q_hf = rotate_half_rope((x @ wq_hf.T).view(T, H, hd), pos, base)
+    k_hf = rotate_half_rope((x @ wk_hf.T).view(T, KV, hd), pos, base)
+    fc = precompute_freqs_cis(T, hd, base)
+    q = apply_rotary_emb((x @ hf_to_interleaved(wq_hf, H).T).view(1, T, H, hd), fc)[0]
+    k = apply_rotary_emb((x @ hf_to_interleaved(wk_hf, KV).T).view(1, T, KV, hd), fc)[0]
+    k_hf, k = k_hf.repeat_interleave(H // KV, 1), k.repeat_interleave(H // KV, 1)
+    s_hf = torch.einsum("thd,shd->hts", q_hf, k_hf)
+    s = torch.einsum("thd,shd->hts", q, k)
+    torch.testing.assert_close(s, s_hf, rtol=1e-4, atol=1e-4)
+    s_wrong = torch.einsum("thd,shd->hts", apply_rotary_emb((x @ wq_hf.T).view(1, T, H, hd),
+                                                            fc)[0], k)
+    assert not torch.allclose(s_wrong, s_hf, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- tiny GGUF
+
+def test_tiny_gguf_untied(tmp_path):
+    arrays = write_tiny_gguf(tmp_path / "tiny.Q8_0.gguf")
+    path = convert_gguf(tmp_path / "tiny.Q8_0.gguf", tmp_path / "out", progress=False)
+    ckpt = load_checkpoint(path)
+    assert ckpt["meta"]["name"] == "tiny"
+    cfg, sd = ckpt["config"], ckpt["state_dict"]
+    assert cfg["tie_embeddings"] is False and cfg["n_local_heads"] == 2 and cfg["head_dim"] == 4
+    assert torch.equal(sd["output.weight"], torch.from_numpy(arrays["output.weight"]))
+    assert torch.equal(sd["layers.1.attention.k_proj.weight"],
+                       torch.from_numpy(arrays["blk.1.attn_k.weight"]))  # kept as stored
+    assert torch.equal(sd["layers.0.feed_forward.down_proj.weight"],
+                       torch.from_numpy(arrays["blk.0.ffn_down.weight"]))
+    tok = load_tokenizer(path.parent, ckpt["meta"])
+    assert tok.encode("<|im_start|>the") == [1, 3 + ord("t"), 260]  # "h e" merged; no "Ġ"
+    assert tok.encode(" the") == [261]                      # "Ġt" + "he"
+    assert tok.decode(tok.encode("héllo 42\n")) == "héllo 42\n"
+
+
+def test_tiny_gguf_matches_transformers_untied(tmp_path):
+    """Untied head + GQA at tiny scale: our model on the GGUF == transformers on the export."""
+    from transformers import LlamaForCausalLM
+    write_tiny_gguf(tmp_path / "tiny.gguf", seed=3)
+    ours, _ = load_model(convert_gguf(tmp_path / "tiny.gguf", tmp_path / "ours", progress=False))
+    hf = LlamaForCausalLM.from_pretrained(str(export_hf(tmp_path / "tiny.gguf", tmp_path / "hf",
+                                                        progress=False)),
+                                          dtype=torch.float32).eval()
+    ids = torch.randint(0, 262, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_cli_dtype(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", tied=True)
+    r = run_cli("convert_gguf_checkpoint.py", tmp_path / "m.gguf", "--out-dir", tmp_path / "o",
+                "--dtype", "bfloat16", "--name", "my-model", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint(tmp_path / "o" / "model.pth")
+    assert ckpt["meta"]["name"] == "my-model" and ckpt["config"]["tie_embeddings"]
+    assert {t.dtype for t in ckpt["state_dict"].values()} == {torch.bfloat16}
+
+
+def test_interrupted_gguf_conversion_leaves_no_output(tmp_path, monkeypatch):
+    import teal.checkpoint as tc
+    write_tiny_gguf(tmp_path / "m.gguf")
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **kw):
+        real_save({"format": "partial"}, f)  # something is on disk when the "crash" comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc.torch, "save", dying_save)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(tmp_path / "m.gguf", out, progress=False)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unsupported_gguf_architecture(tmp_path):
+    write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported"):
+        convert_gguf(tmp_path / "gpt2.gguf", tmp_path / "out", progress=False)
+    r = run_cli("convert_gguf_checkpoint.py", tmp_path / "gpt2.gguf", "--out-dir", tmp_path / "o")
+    assert_one_line_error(r, "gpt2", "not supported")
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_gguf(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"definitely not a gguf file" * 10)
+    assert_one_line_error(run_cli("convert_gguf_checkpoint.py", tmp_path / "x.gguf"),
+                          "not a readable GGUF")
+    assert_one_line_error(run_cli("convert_gguf_checkpoint.py", tmp_path / "missing.gguf"),
+                          "not found")
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(block_size=32, vocab_size=50, n_layer=1, n_head=2, dim=16,
+                              intermediate_size=32))
+    save_checkpoint(path, m.config.to_dict(), m.state_dict(), {"name": "t"})
+    return path
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = _tiny_checkpoint(tmp_path / "model.pth")
+    load_checkpoint(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+
+def test_missing_default_checkpoint_says_run_prepare(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"scripts/prepare\.py"):
+        load_checkpoint("checkpoints/SmolLM2-135M-Instruct/model.pth")
+
+
+# ----------------------------------------------------------------------------- HF folders
+
+def _tiny_hf_model(folder: Path, tokenizer_src: Path, rope_scaling=None, tie=False, seed=0,
+                   **save_kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                      rope_scaling=rope_scaling, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norms, so a swapped norm would show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(folder), **save_kw)
+    (folder / "tokenizer.json").write_bytes(tokenizer_src.read_bytes())
+    return model
+
+
+@pytest.mark.parametrize("variant", ["llama31_sharded", "tied"])
+def test_hf_conversion_matches_transformers(tmp_path, smollm2, variant):
+    """Tiny random Llama folders saved by transformers: Llama-3.1 rope scaling with sharded
+    safetensors, and tied embeddings; our logits equal transformers'."""
+    rope = None
+    save_kw = {}
+    want_scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=64)
+    if variant == "llama31_sharded":
+        rope = dict(want_scaling, rope_type="llama3")  # (transformers edits the dict it gets)
+        save_kw = dict(max_shard_size="20KB")
+    # the folder name says Llama-2-7b: the architecture must come from config.json anyway
+    folder = tmp_path / "Llama-2-7b"
+    hf = _tiny_hf_model(folder, smollm2.folder / "tokenizer.json", rope_scaling=rope,
+                        tie=variant == "tied", **save_kw)
+    if variant == "llama31_sharded":
+        assert (folder / "model.safetensors.index.json").is_file()
+    path = convert_hf(folder, tmp_path / "out", progress=False)
+    ckpt = load_checkpoint(path)
+    assert ckpt["meta"]["name"] == "Llama-2-7b"
+    assert ckpt["config"]["dim"] == 32 and ckpt["config"]["n_local_heads"] == 2
+    assert ckpt["config"]["tie_embeddings"] == (variant == "tied")
+    if rope:
+        assert ckpt["config"]["rope_scaling"] == want_scaling
+    model, _ = load_model(path)
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_bin_fallback_and_dtype(tmp_path, smollm2):
+    folder = tmp_path / "hfbin"
+    hf = _tiny_hf_model(folder, smollm2.folder / "tokenizer.json")
+    (folder / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    path = convert_hf(folder, tmp_path / "out", dtype=torch.bfloat16, progress=False)
+    sd = load_checkpoint(path)["state_dict"]
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    torch.testing.assert_close(sd["layers.1.feed_forward.up_proj.weight"],
+                               hf.model.layers[1].mlp.up_proj.weight.bfloat16())
+
+
+def test_hf_bad_inputs(tmp_path, smollm2):
+    folder = tmp_path / "bad"
+    _tiny_hf_model(folder, smollm2.folder / "tokenizer.json")
+    st = folder / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HFConversionError, match="corrupt or truncated"):
+        convert_hf(folder, tmp_path / "o1", progress=False)
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder, "--out-dir", tmp_path / "o1"),
+                          "corrupt or truncated")
+    assert not (tmp_path / "o1" / "model.pth").exists()
+    assert not (tmp_path / "o1" / "tokenizer.json").exists()
+
+    st.unlink()
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "no model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "model_type 'gpt2'")
+    (folder / "config.json").unlink()
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "config.json not found")
+
+
+# ----------------------------------------------------------------------------- download, prepare
+
+def test_download_errors_are_explained(monkeypatch, tmp_path):
+    from huggingface_hub import HfApi, errors
+    from scripts.download import DownloadError, download
+
+    class ConnectError(Exception):  # the HTTP client's class; its name is what is checked
+        pass
+
+    def unreachable(*a, **kw):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "list_repo_files", unreachable)
+    with pytest.raises(DownloadError, match="cannot reach the Hugging Face Hub"):
+        download("meta-llama/Meta-Llama-3-8B", tmp_path)
+
+    def gated(*a, **kw):
+        # built without __init__: its signature needs the HTTP client's response object
+        e = errors.GatedRepoError.__new__(errors.GatedRepoError)
+        Exception.__init__(e, "403 Client Error: gated repo")
+        raise e
+
+    monkeypatch.setattr(HfApi, "list_repo_files", gated)
+    with pytest.raises(DownloadError, match="HF_TOKEN.*huggingface-cli login"):
+        download("meta-llama/Meta-Llama-3-8B", tmp_path)
+    assert not (tmp_path / "meta-llama").exists()
+
+
+def test_prepare_is_idempotent_and_explains_missing_text(smollm2, tmp_path):
+    from scripts import prepare
+    mtime = smollm2.checkpoint.stat().st_mtime_ns
+    assert prepare.ensure_checkpoint(progress=False) == smollm2.checkpoint
+    assert prepare.ensure_gguf() == smollm2.gguf
+    assert smollm2.checkpoint.stat().st_mtime_ns == mtime
+    with pytest.raises(prepare.PrepareError, match="--calib-text"):
+        prepare.find_calib_text(tmp_path / "nope.txt")
+    assert_one_line_error(run_cli("prepare.py", "--calib-text", tmp_path / "nope.txt"),
+                          "--calib-text")
