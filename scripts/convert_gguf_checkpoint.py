@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
+import gguf
 import numpy as np
 import torch
 
@@ -65,16 +66,16 @@ class GGUFError(ValueError):
 
 # ----------------------------------------------------------------------------- metadata
 
-def open_gguf(path) -> "gguf.GGUFReader":  # noqa: F821
+def open_gguf(path) -> gguf.GGUFReader:
     """Open a GGUF file (memory-mapped). Raises GGUFError for a missing or unreadable file."""
-    import gguf
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"GGUF file {path} not found")
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises many kinds on a bad file
-        raise GGUFError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+        raise GGUFError(f"{path} is not a readable GGUF file "
+                        f"({e.__class__.__name__}: {e})") from None
 
 
 def read_metadata(reader) -> dict:
@@ -88,7 +89,7 @@ def read_metadata(reader) -> dict:
 
 
 def _round_f32(x: float) -> float:
-    """A float32 metadata value as the short decimal it was written from (9.99999975e-06 -> 1e-05)."""
+    """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
     return float(f"{float(x):.7g}")
 
 
@@ -160,7 +161,6 @@ def our_tensor_name(gguf_name: str) -> str:
 
 def dequantize_tensor(t) -> np.ndarray:
     """A GGUF tensor as a float32 numpy array in nn.Linear/(rows, cols) order."""
-    import gguf
     shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))  # ggml lists ne0 first
     try:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)

@@ -306,7 +306,8 @@ def tokenizer_files_and_meta(folder: Path, cfg: dict) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- main
 
 def default_name_and_dir(folder: Path) -> tuple[str, Path]:
-    """`<x>/hf` (the layout of scripts/download.py) -> (x's name, <x>); else (name, checkpoints/name)."""
+    """(name, output folder): `<x>/hf` (scripts/download.py's layout) -> (x's name, <x>);
+    any other folder -> (its name, checkpoints/<name>)."""
     folder = Path(folder).resolve()
     if folder.name == "hf":
         return folder.parent.name, folder.parent
