@@ -47,7 +47,7 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
     """Read a checkpoint dict; raises CheckpointError with the fix in the message."""
     path = Path(path)
     if not path.exists():
-        hint = PREPARE_HINT if path.resolve() == DEFAULT_CHECKPOINT.resolve() else \
+        hint = PREPARE_HINT if path.parts[-2:] == DEFAULT_CHECKPOINT.parts[-2:] else \
             "convert one with scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py"
         raise CheckpointError(f"checkpoint {path} not found; {hint}")
     try:
