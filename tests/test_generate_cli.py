@@ -1,0 +1,85 @@
+"""generate.py end to end on a tiny random model, and its one-line errors for bad input."""
+import shutil
+
+import pytest
+import torch
+
+import generate
+from fixtures_smollm2 import smollm2  # noqa: F401  (session fixture: real tokenizer.json)
+from model import ModelArgs, Transformer
+from teal.checkpoint import save_checkpoint
+from teal.thresholds import Calibration
+
+TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
+            vocab_size=49152, block_size=64, tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(smollm2, tmp_path_factory):
+    """A random tiny model with SmolLM2's tokenizer, and thresholds calibrated on noise."""
+    d = tmp_path_factory.mktemp("tiny")
+    args = ModelArgs(**TINY)
+    m = Transformer(args)
+    save_checkpoint(d / "model.pth", args.to_dict(), m.state_dict(),
+                    {"name": "tiny", "tokenizer": {"file": "tokenizer.json", "eos_id": 2,
+                                                   "eos_ids": [2], "chat_template": "chatml"}})
+    shutil.copy(smollm2.folder / "tokenizer.json", d / "tokenizer.json")
+    calib = Calibration.empty(args.to_dict(), args.n_layer)
+    for layer in range(args.n_layer):
+        for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
+            calib.update(layer, name, torch.randn(4096))
+    calib.save(d / "thresholds.safetensors")
+    return d
+
+
+def _run(*argv):
+    generate.main(["--device", "cpu", "--dtype", "float32", *map(str, argv)])
+
+
+def test_generates_and_reports(tiny_ckpt, capsys):
+    _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5,
+         "--max_new_tokens", 6, "--temperature", 0, "--prompt", "Hello world")
+    out = capsys.readouterr().out
+    assert out.startswith("Hello world") and "tokens/s" in out and "GB/s" in out
+    assert "Effective sparsity" in out and "gate" in out
+
+
+@pytest.mark.parametrize("sparsity", ["1.0", "-0.1", "1.5"])
+def test_sparsity_out_of_range(tiny_ckpt, sparsity):
+    with pytest.raises(SystemExit, match=r"--sparsity must be in \[0, 1\)"):
+        _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", sparsity)
+
+
+def test_missing_default_checkpoint_says_prepare(tmp_path):
+    with pytest.raises(SystemExit, match="scripts/prepare.py"):
+        _run("--checkpoint_path", tmp_path / "checkpoints/SmolLM2-135M-Instruct/model.pth")
+
+
+def test_corrupt_checkpoint(tiny_ckpt, tmp_path):
+    bad = tmp_path / "model.pth"
+    data = (tiny_ckpt / "model.pth").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="corrupt or truncated"):
+        _run("--checkpoint_path", bad)
+
+
+def test_prompt_longer_than_context(tiny_ckpt):
+    with pytest.raises(SystemExit, match="exceeds the context length 64"):
+        _run("--checkpoint_path", tiny_ckpt / "model.pth", "--prompt", "word " * 60,
+             "--max_new_tokens", 10)
+
+
+def test_thresholds_of_another_model(tiny_ckpt, tmp_path):
+    other = dict(TINY, n_layer=3)
+    calib = Calibration.empty(other, 3)
+    calib.update(0, "attn_in", torch.randn(100))
+    calib.save(tmp_path / "t.safetensors")
+    with pytest.raises(SystemExit, match="made for another model"):
+        _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5,
+             "--thresholds", tmp_path / "t.safetensors")
+
+
+def test_missing_thresholds_names_calibrate(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="calibrate.py"):
+        _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5,
+             "--thresholds", tmp_path / "none.safetensors")
