@@ -7,8 +7,14 @@ call streams its weights from HBM.  GB/s is computed on bytes actually read: act
 * N * 2 B (+ x + y), i.e. what an ideal sparse kernel must read.
 
     python scripts/bench_gemv.py [--quick] [--json out.json] [--sweep] [--compile-check]
+    python scripts/bench_gemv.py --compare --table-out table.json --json out.json
 
 --sweep: time a grid of block configs per shape (50% sparsity) and print/apply the best.
+--compare: round 1 (masked slab loop) vs candidate "compact" configs (kept-row lists) at the
+  key Llama-3-8B shapes, 0/50/90% sparsity, each candidate first checked against the float64
+  reference; the best per shape (score t0 + 2 t50 + t90) is applied to the table for the
+  benchmark that follows (which then also times round 1: column r1_us) and written to
+  --table-out (load it with TEAL_GEMV_TABLE=path for end-to-end runs).
 """
 
 from __future__ import annotations
@@ -51,6 +57,30 @@ SHAPES = [
     ("llama2-7b", "down", "seg", 11008, (4096,)),
 ]
 SPARSITIES = [0.0, 0.25, 0.40, 0.50, 0.65, 0.80, 0.90]
+DEV = "cuda"  # (a CPU dry run of the script logic sets "cpu" with the Triton interpreter)
+
+
+def _cc(bn, bk, nw, ks):
+    from teal.kernels.configs import GemvConfig
+
+    return GemvConfig(algo="compact", block_n=bn, block_k=bk, num_warps=nw, ksplit=ks, rchunk=0, acc2d=True)
+
+
+# compare: (block_n, block_k, num_warps, ksplit) candidates per key shape (H200 run 3 grid,
+# notes/kernels.md round 2).  CTAs/SM from offline sm_90 register counts.
+CANDIDATES = {
+    "gate_up": [(128, 16, 4, 1024), (128, 16, 4, 512), (64, 32, 4, 1024), (256, 16, 8, 1024),
+                (128, 32, 8, 1024), (256, 16, 8, 512)],
+    "down": [(256, 16, 4, 512), (256, 16, 4, 1024), (512, 16, 8, 512), (512, 16, 8, 256),
+             (128, 32, 4, 1024), (256, 32, 8, 1024), (128, 16, 4, 512)],
+    "qkv": [(256, 16, 4, 256), (256, 16, 4, 512), (128, 32, 4, 512), (512, 16, 8, 256),
+            (128, 16, 4, 1024), (128, 16, 4, 256), (256, 32, 8, 512)],
+    "o": [(256, 16, 4, 256), (256, 16, 4, 128), (128, 32, 4, 512), (128, 32, 4, 256),
+          (512, 16, 8, 128), (256, 32, 8, 256), (128, 16, 4, 256), (128, 16, 4, 128)],
+}
+# un-swept shapes that take a swept shape's winner (same K-family), re-derived for their grid
+ANALOG = {("llama2-7b", "gate_up"): "gate_up", ("llama2-7b", "down"): "down",
+          ("llama2-7b", "qkv"): "qkv", ("llama3-8b", "up"): "qkv"}
 
 
 def n_out(kind, arg):
@@ -63,23 +93,31 @@ class Bench:
         self.N = n_out(kind, arg)
         wbytes = K * self.N * 2
         self.ncopy = max(min_copies, math.ceil(4 * l2_bytes / wbytes))
-        base = (torch.randn(K, self.N, device="cuda") / K**0.5).to(dtype)
+        base = (torch.randn(K, self.N, device=DEV) / K**0.5).to(dtype)
         self.wt = [base.clone() for _ in range(self.ncopy)]
         self.wd = [w.t().contiguous() for w in self.wt[: max(2, math.ceil(4 * l2_bytes / wbytes))]]
         del base
-        self.x = torch.randn(K, device="cuda").to(dtype)
+        self.x = torch.randn(K, device=DEV).to(dtype)
 
     def thresholds(self, s):
         ax = self.x.float().abs()
         t = torch.quantile(ax.cpu(), s).item() if s > 0 else 0.0
         nseg = len(self.arg) if self.kind == "seg" else 2
-        tt = torch.full((nseg,), t, dtype=torch.float32, device="cuda")
+        tt = torch.full((nseg,), t, dtype=torch.float32, device=DEV)
         act = int((ax > t).sum())
         return tt, act
 
     def active_bytes(self, act):
         out = self.arg if self.kind == "gated" else self.N
         return act * self.N * 2 + self.K * 2 + out * 2
+
+    def ref(self, tt):
+        from teal.kernels import reference as R
+
+        if self.kind == "seg":
+            bounds = [int(b) for b in torch.tensor(self.arg).cumsum(0)]
+            return R.sparse_gemv_segments_ref(self.x, self.wt[0], tt, bounds)
+        return R.sparse_gated_gemv_ref(self.x, self.wt[0], tt)
 
     def fns(self, tt, cfg=None):
         from teal.kernels import launch
@@ -269,6 +307,123 @@ def run_sweep(args, l2, dtype, results):
         print("applied sweep table:", {k: v for k, v in best.items()})
 
 
+def _num_sms():
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
+
+
+def _key(kind, K, arg):
+    return (kind, K, sum(arg) if kind == "seg" else arg)
+
+
+def compare_candidates():
+    """Key shapes and their (label, config) candidates: round 1 first."""
+    from teal.kernels import configs as C
+
+    shapes = [s for s in SHAPES if s[0] == "llama3-8b" and s[1] in CANDIDATES]
+    cand = {}
+    for (model, name, kind, K, arg) in shapes:
+        cand[name] = [("r1", C.round1_config(*_key(kind, K, arg)))] + \
+            [(f"c{bn}x{bk}w{nw}k{ks}", _cc(bn, bk, nw, ks)) for (bn, bk, nw, ks) in CANDIDATES[name]]
+    return shapes, cand
+
+
+def precompile_compare(args, shapes=None, cand=None):
+    if shapes is None:
+        shapes, cand = compare_candidates()
+    jobs = []
+    for (model, name, kind, K, arg) in shapes:
+        cf = [c for _, c in cand[name]]
+        for i in range(0, len(cf), 2):
+            jobs.append((kind, K, arg, cf[i : i + 2], args.dtype))
+    # round-1 configs of the other shapes (the benchmark's r1 column)
+    from teal.kernels import configs as C
+
+    for (model, name, kind, K, arg) in SHAPES:
+        if name not in cand:
+            jobs.append((kind, K, arg, [C.round1_config(*_key(kind, K, arg))], args.dtype))
+    precompile(jobs, args.procs)
+
+
+def run_compare(args, l2, dtype, results, copy_bw):
+    """Round 1 vs compact candidates at the key shapes; apply + return the winners."""
+    from dataclasses import asdict, replace
+
+    from teal.kernels import configs as C
+
+    shapes, cand = compare_candidates()
+    if args.procs > 0:
+        precompile_compare(args, shapes, cand)
+    sps = [0.0, 0.5, 0.9]
+    rows, winners = [], {}
+    for (model, name, kind, K, arg) in shapes:
+        b = Bench(kind, K, arg, dtype, l2)
+        dense = time_graph(b.dense_fns())
+        ths = {s: b.thresholds(s) for s in sps}
+        ok = []
+        for label, cfg in cand[name]:
+            good = True
+            for s in (0.0, 0.5):
+                tt, _ = ths[s]
+                y1 = b.fns(tt, cfg)[0]()
+                y2 = b.fns(tt, cfg)[0]()
+                ref = b.ref(tt)
+                err = ((y1.double() - ref).norm() / ref.norm()).item()
+                if not (err < 1e-2) or not torch.equal(y1, y2):
+                    print(f"CHECK FAILED {name} {label} s={s}: rel err {err:.3g}, deterministic {torch.equal(y1, y2)}")
+                    good = False
+            if good:
+                ok.append((label, cfg))
+        res = {}
+        for label, cfg in ok:
+            res[label] = {s: time_graph(b.fns(ths[s][0], cfg)) for s in sps}
+        score = {lab: r[0.0] + 2 * r[0.5] + r[0.9] for lab, r in res.items()}
+        best = min(score, key=score.get)
+        bcfg = dict(ok)[best]
+        winners[_key(kind, K, arg)] = (bcfg, name)
+        for label, _ in ok:
+            for s in sps:
+                tt, act = ths[s]
+                us = res[label][s]
+                gbs = b.active_bytes(act) / us / 1e3
+                rows.append(dict(model=model, name=name, label=label, target_sparsity=s, sparsity=1 - act / K, us=us,
+                                 cublas_us=dense, speedup=dense / us, gbs=gbs, frac_copy_bw=gbs / copy_bw,
+                                 best=label == best, config=asdict(dict(ok)[label])))
+        print(f"COMPARE {name:8s} cuBLAS {dense:7.2f} us | " + " | ".join(
+            f"{lab}: {res[lab][0.0]:.2f}/{res[lab][0.5]:.2f}/{res[lab][0.9]:.2f}" for lab in res) + f" || best {best}", flush=True)
+        b.free()
+        del b
+        torch.cuda.empty_cache()
+    results["compare"] = rows
+    # apply: winners, and their analogs (grid re-derived from the winner's programs per SM)
+    table = {}
+    for key, (cfg, name) in winners.items():
+        table[key] = cfg
+    for (model, name, kind, K, arg) in SHAPES:
+        src = ANALOG.get((model, name))
+        if src is None:
+            continue
+        skey = next(k for k, (c, n) in winners.items() if n == src)
+        scfg = winners[skey][0]
+        if scfg.algo != "compact":
+            continue
+        sarg = next(s[4] for s in shapes if s[1] == src)
+        stiles = C.cdiv(sarg, scfg.block_n) if skey[0] == "gated" else sum(C.cdiv(n, scfg.block_n) for n in sarg)
+        programs = stiles * C.cdiv(skey[1], scfg.ksplit)
+        waves = programs / _num_sms()
+        table[_key(kind, K, arg)] = replace(scfg, ksplit=0, waves=round(waves, 2))
+    C._TABLE.update(table)
+    results["table"] = C.table_to_json(table)
+    if args.table_out:
+        with open(args.table_out, "w") as f:
+            json.dump(C.table_to_json(table), f, indent=1)
+    print("\nmodel      proj     config                    sp%      us   cuBLAS xcuBLAS   GB/s  %copy")
+    for r in rows:
+        if r["label"] == "r1" or r["best"]:
+            print(f"{r['model']:10s} {r['name']:8s} {r['label'] + ('*' if r['best'] else ''):24s} {100 * r['sparsity']:5.1f} "
+                  f"{r['us']:7.2f} {r['cublas_us']:7.2f} {r['speedup']:7.3f} {r['gbs']:6.0f} {100 * r['frac_copy_bw']:5.1f}%")
+    return table
+
+
 def run_bench(args, l2, dtype, results, copy_bw):
     shapes = SHAPES
     sps = SPARSITIES
@@ -279,22 +434,29 @@ def run_bench(args, l2, dtype, results, copy_bw):
         b = Bench(kind, K, arg, dtype, l2)
         dense = time_graph(b.dense_fns())
         dense_bytes = K * b.N * 2 + K * 2 + b.N * 2
+        from teal.kernels import configs as C
+
+        key = _key(kind, K, arg)
+        r1cfg = C.round1_config(*key)
+        cur = C._TABLE.get(key)
         for s in sps:
             tt, act = b.thresholds(s)
             us = time_graph(b.fns(tt))
+            r1_us = time_graph(b.fns(tt, r1cfg)) if args.baseline and cur is not None and cur != r1cfg else None
             gbs = b.active_bytes(act) / us / 1e3
             r = dict(model=model, name=name, kind=kind, K=K, N=b.N, target_sparsity=s, sparsity=1 - act / K,
                      us=us, cublas_us=dense, speedup=dense / us, gbs=gbs, cublas_gbs=dense_bytes / dense / 1e3,
-                     frac_copy_bw=gbs / copy_bw)
+                     frac_copy_bw=gbs / copy_bw, r1_us=r1_us, algo=(cur.algo if cur is not None else "mask"))
             rows.append(r)
         b.free()
         del b
         torch.cuda.empty_cache()
     results["bench"] = rows
-    print(f"\n{'model':10s} {'proj':8s} {'K':>6s} {'N':>6s} {'sp%':>5s} {'us':>8s} {'cuBLAS':>8s} {'xcuBLAS':>7s} "
+    print(f"\n{'model':10s} {'proj':8s} {'K':>6s} {'N':>6s} {'sp%':>5s} {'us':>8s} {'r1 us':>8s} {'cuBLAS':>8s} {'xcuBLAS':>7s} "
           f"{'GB/s':>6s} {'%copy':>6s}")
     for r in rows:
-        print(f"{r['model']:10s} {r['name']:8s} {r['K']:6d} {r['N']:6d} {100 * r['sparsity']:5.1f} {r['us']:8.2f} "
+        r1 = f"{r['r1_us']:8.2f}" if r.get("r1_us") else f"{'-':>8s}"
+        print(f"{r['model']:10s} {r['name']:8s} {r['K']:6d} {r['N']:6d} {100 * r['sparsity']:5.1f} {r['us']:8.2f} {r1} "
               f"{r['cublas_us']:8.2f} {r['speedup']:7.3f} {r['gbs']:6.0f} {100 * r['frac_copy_bw']:5.1f}%")
 
 
@@ -345,11 +507,18 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="block-config sweep at 50%% sparsity")
     ap.add_argument("--apply-sweep", action="store_true", help="use sweep winners for the benchmark table")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="round 1 vs compact candidates at key shapes; apply winners")
+    ap.add_argument("--table-out", default=None, help="--compare: write the winners' table here (JSON)")
+    ap.add_argument("--precompile-only", action="store_true", help="compile the --compare candidates, then exit")
+    ap.add_argument("--baseline", action="store_true", help="bench: also time the round-1 config (r1_us)")
     ap.add_argument("--compile-check", action="store_true")
     ap.add_argument("--procs", type=int, default=12, help="processes for parallel Triton precompile (sweep)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("CUDA required")
+    if args.precompile_only:  # fill Triton's on-disk cache (parallel), no timing
+        precompile_compare(args)
+        return
     import triton
 
     dtype = getattr(torch, args.dtype)
@@ -362,6 +531,8 @@ def main():
                    copy_gbs=bw, sweep=[])
     if args.sweep:
         run_sweep(args, l2, dtype, results)
+    if args.compare:
+        run_compare(args, l2, dtype, results, bw)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

@@ -46,6 +46,8 @@ if not _CUDA and _LATE:
     )
 
 from teal.kernels import launch  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
 from teal.kernels.configs import GemvConfig  # noqa: E402
 
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -189,10 +191,27 @@ _VARIANTS = [
     GemvConfig(block_n=32, block_k=16, split=3, pipe=1, acc2d=True),
     GemvConfig(block_n=64, block_k=32, split=2, pipe=2, acc2d=True),
     GemvConfig(block_n=16, block_k=16, split=0, pipe=2, acc2d=False, waves=64),
+    # compact (kept-row lists): K = 77 = 32 + 32 + 13 (odd tail range), all-at-once tail
+    GemvConfig(algo="compact", block_n=16, block_k=16, ksplit=32, rchunk=0),
+    # 5 ranges of 16, 1-D accumulator, tail summed 2 partial rows per step
+    GemvConfig(algo="compact", block_n=32, block_k=8, ksplit=16, acc2d=False, rchunk=2),
+    # one range (no split-K), a chunk wider than the range
+    GemvConfig(algo="compact", block_n=64, block_k=16, ksplit=128, rchunk=0),
 ]
 
 
-@pytest.mark.parametrize("cfg", _VARIANTS, ids=lambda c: f"bn{c.block_n}bk{c.block_k}s{c.split}p{c.pipe}a{int(c.acc2d)}")
+def _cfg_id(c):
+    if c.algo == "compact":
+        return f"cmp-bn{c.block_n}bk{c.block_k}ks{c.ksplit}a{int(c.acc2d)}r{c.rchunk}"
+    return f"bn{c.block_n}bk{c.block_k}s{c.split}p{c.pipe}a{int(c.acc2d)}"
+
+
+def _poisoned_scratch():
+    """Kept-list scratch full of NaN bit patterns (huge indices): must never be read unwritten."""
+    return torch.full((4096,), 0x7FC00000, dtype=torch.int32, device=DEV)
+
+
+@pytest.mark.parametrize("cfg", _VARIANTS, ids=_cfg_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_variants_poisoned(cfg, dtype):
     seed = _seed()
@@ -202,20 +221,122 @@ def test_variants_poisoned(cfg, dtype):
     t = _thresholds(x, "channel", 3)
     out = torch.full((N,), float("nan"), dtype=dtype, device=DEV)
     ws = torch.full((64, N), float("nan"), dtype=torch.float32, device=DEV)
-    launch.launch_segments(x, wt, t, sizes, config=cfg, out=out, workspace=ws)
+    launch.launch_segments(x, wt, t, sizes, config=cfg, out=out, workspace=ws, scratch=_poisoned_scratch())
     _close(out, R.sparse_gemv_segments_ref(x, wt, t, (19, 59, 65)), dtype, seed, f"segments {cfg}")
     F = 21
     wg = _w(K, 2 * F, dtype)
     tg = _thresholds(x, "q50", 2)
     outg = torch.full((F,), float("nan"), dtype=dtype, device=DEV)
     wsg = torch.full((64, 2 * F), float("nan"), dtype=torch.float32, device=DEV)
-    launch.launch_gated(x, wg, tg, config=cfg, out=outg, workspace=wsg)
+    launch.launch_gated(x, wg, tg, config=cfg, out=outg, workspace=wsg, scratch=_poisoned_scratch())
     _close(outg, R.sparse_gated_gemv_ref(x, wg, tg), dtype, seed, f"gated {cfg}")
     # arrival counters are left all-zero for the next launch
     assert int(launch.counters(DEV, 1).abs().sum()) == 0
     # deterministic: same inputs, bitwise same output
     out2 = launch.launch_segments(x, wt, t, sizes, config=cfg)
     assert torch.equal(out, out2), f"non-deterministic seed={seed}"
+
+
+_CMP = GemvConfig(algo="compact", block_n=16, block_k=8, ksplit=32, rchunk=0)
+
+
+def _edge_x(K, dtype):
+    """x with |x| in (0.5, 1.5): a threshold of 0 keeps everything, 2 keeps nothing."""
+    sgn = torch.where(torch.rand(K) < 0.5, -1.0, 1.0)
+    return (sgn * (0.5 + torch.rand(K))).to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_compact_edge_cases(dtype):
+    """Per K range of the compact kernels: empty list, identity (all kept: no list written),
+    exact zeros at t = 0 (list of all but the zeros), exactly 2 full chunks, ragged last range;
+    ranges of one launch mixing these; gate and up with different cases."""
+    seed = _seed()
+    K, sizes = 100, (24, 17)  # ranges of 32: [0,32) [32,64) [64,96) [96,100)
+    N = sum(sizes)
+    x = _edge_x(K, dtype)
+    x[70:75] = 0.0                                    # exact zeros: dropped even at t = 0
+    wt = _w(K, N, dtype)
+    tz = torch.zeros(2, K, device=DEV)
+    t = tz.clone()
+    t[:, 0:32] = 2.0                                   # range 0: no row kept
+    t[0, 32:64] = 0.0                                  # range 1, seg 0: all kept (identity)
+    t[1, 32:64] = torch.where(torch.arange(32, device=DEV) % 2 == 0, 0.0, 2.0)  # 16 = 2 chunks of 8
+    t[:, 96:100] = torch.tensor([0.0, 2.0, 0.0, 2.0], device=DEV)  # ragged last range
+    cases = {"mixed": t, "all": tz, "none": torch.full((2, K), 2.0, device=DEV), "scalar0": torch.zeros(2, device=DEV)}
+    bounds = (24, 41)
+    for name, tt in cases.items():
+        out = torch.full((N,), float("nan"), dtype=dtype, device=DEV)
+        launch.launch_segments(x, wt, tt, sizes, config=_CMP, out=out, scratch=_poisoned_scratch())
+        if name == "none":
+            assert (out == 0).all(), f"seed={seed}"
+        else:
+            _close(out, R.sparse_gemv_segments_ref(x, wt, tt, bounds), dtype, seed, f"compact seg {name}")
+        wg = _w(K, 2 * 21, dtype)
+        tg = tt if tt.dim() == 1 else tt.flip(0).contiguous()  # gate/up swap the per-range cases
+        outg = torch.full((21,), float("nan"), dtype=dtype, device=DEV)
+        launch.launch_gated(x, wg, tg, config=_CMP, out=outg, scratch=_poisoned_scratch())
+        if name == "none":
+            assert (outg == 0).all(), f"seed={seed}"
+        else:
+            _close(outg, R.sparse_gated_gemv_ref(x, wg, tg), dtype, seed, f"compact gated {name}")
+    assert int(launch.counters(DEV, 1).abs().sum()) == 0
+
+
+def test_compact_and_round1_deterministic():
+    """Both algorithms agree with the reference and are bitwise reproducible (their fp32
+    summation orders differ, so they need not be bitwise equal to each other)."""
+    seed = _seed()
+    K, N = 64, 48
+    x, wt = _x(K, torch.float16), _w(K, N, torch.float16)
+    t = _thresholds(x, "q50", None).reshape(1)
+    ref = R.sparse_gemv_ref(x, wt, t[0])
+    for cfg in (_CMP, GemvConfig(block_n=16, block_k=8, split=2)):
+        y1 = launch.launch_segments(x, wt, t, [N], config=cfg)
+        y2 = launch.launch_segments(x, wt, t, [N], config=cfg)
+        assert torch.equal(y1, y2), f"seed={seed}"
+        _close(y1, ref, torch.float16, seed, f"{cfg.algo}")
+
+
+def test_compact_split_rules():
+    from teal.kernels import configs as C
+
+    cmp = GemvConfig(algo="compact", block_n=128, block_k=16)
+    # explicit ksplit: ranges of 512, last one ragged
+    assert C._split_for(14336, 16, replace(cmp, ksplit=512), 132) == (28, 512)
+    assert C._split_for(1000, 4, replace(cmp, ksplit=512), 132) == (2, 512)
+    # derived from waves: 4 * 132 / 112 tiles ~ 5 ranges -> 4096 / 5 -> 1024 (power of 2)
+    assert C._split_for(4096, 112, replace(cmp, waves=4), 132) == (4, 1024)
+    # never wider than the problem (next power of 2 of K), never narrower than a chunk
+    assert C._split_for(77, 1, replace(cmp, ksplit=4096), 4) == (1, 128)
+    assert C._split_for(77, 1000, replace(cmp, block_k=64, ksplit=16), 4) == (2, 64)
+    assert C.rchunk_for(replace(cmp, rchunk=0), 28) == 32
+    assert C.rchunk_for(replace(cmp, rchunk=0, block_n=512), 28) == 16
+    assert C.rchunk_for(replace(cmp, rchunk=8), 28) == 8
+    assert C.next_pow2(1) == 1 and C.next_pow2(5) == 8 and C.next_pow2(8) == 8
+
+
+def test_table_json_roundtrip_and_env_hook(tmp_path):
+    import json
+    import subprocess
+
+    from teal.kernels import configs as C
+
+    tab = {("seg", 4096, 4096): GemvConfig(algo="compact", block_n=256, block_k=16, ksplit=256, rchunk=0)}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(C.table_to_json(tab)))
+    assert C.load_table(str(path)) == tab
+    code = (
+        "import teal.kernels.configs as C\n"
+        "c = C._TABLE[('seg', 4096, 4096)]\n"
+        "assert c.algo == 'compact' and c.ksplit == 256, c\n"
+        "assert C.round1_config('seg', 4096, 4096).algo == 'mask'\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TEAL_GEMV_TABLE=str(path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_errors():

@@ -8,10 +8,14 @@ Pure Python: importable without Triton.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+import os
+from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
 
-__all__ = ["GemvConfig", "pick_config", "cdiv"]
+__all__ = ["GemvConfig", "pick_config", "cdiv", "next_pow2", "rchunk_for"]
+
+_KSPLIT_MAX = 4096  # compact: x vector per program (registers in the prologue)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -28,6 +32,9 @@ class GemvConfig:
     acc2d: bool = True      # 2-D fp32 accumulator, reduced once at the end
     pipe: int = 1           # 0 plain, 1 prefetch next mask, 2 also next weight tile
     waves: float = 4.0      # target programs per SM when split == 0
+    algo: str = "mask"      # "mask": masked slab loop (round 1); "compact": kept-row lists
+    ksplit: int = 0         # compact: channels per program (power of 2; 0: from waves)
+    rchunk: int = 8         # split-K partial rows summed per step by the last program (0: auto)
 
 
 # Overrides, keyed by (kind, K, N) where kind in {"seg", "gated"} and N is N_total (seg) or
@@ -36,7 +43,7 @@ _SEG = GemvConfig(block_n=512, block_k=16, num_warps=4, acc2d=True, pipe=1, wave
 _GATED = GemvConfig(block_n=128, block_k=32, num_warps=4, acc2d=True, pipe=2, waves=4)
 
 # H200 sweep, run 1 (bf16, 50% sparsity, CUDA graphs, rotating weights): notes/kernels.md
-_TABLE: dict = {
+_TABLE_R1: dict = {
     ("seg", 4096, 1024): GemvConfig(block_n=512, block_k=64, num_warps=4, acc2d=False, pipe=1, waves=3),
     ("seg", 4096, 4096): replace(_SEG, waves=2),
     ("seg", 4096, 6144): replace(_SEG, waves=3),
@@ -48,11 +55,28 @@ _TABLE: dict = {
     ("gated", 4096, 11008): _GATED,
 }
 
+_TABLE: dict = dict(_TABLE_R1)
+
 _DEFAULT = GemvConfig()
 
 
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _split_for(K: int, n_tiles: int, cfg: GemvConfig, num_sms: int) -> tuple[int, int]:
-    """Return (split, k_per_split) with k_per_split a multiple of block_k and no empty split."""
+    """Return (split, k_per_split) with k_per_split a multiple of block_k and no empty split.
+
+    algo "compact": k_per_split is the power of two KSPLIT (the x vector a program loads).
+    """
+    if cfg.algo == "compact":
+        if cfg.ksplit > 0:
+            ks = cfg.ksplit
+        else:
+            split = cfg.split if cfg.split > 0 else max(1, round(cfg.waves * num_sms / max(1, n_tiles)))
+            ks = next_pow2(cdiv(K, max(1, split)))
+        ks = max(16, cfg.block_k, min(ks, _KSPLIT_MAX, next_pow2(K)))
+        return cdiv(K, ks), ks
     slabs = cdiv(K, cfg.block_k)
     if cfg.split > 0:
         split = cfg.split
@@ -83,7 +107,37 @@ def pick_config(
     return cfg, split, kps
 
 
+def round1_config(kind: str, K: int, n_cols: int) -> GemvConfig:
+    """The round-1 (masked slab loop) config of a shape: for before/after benchmarks."""
+    return _TABLE_R1.get((kind, K, n_cols)) or (_GATED if kind == "gated" else _SEG)
+
+
+def table_to_json(table: dict) -> list:
+    return [dict(kind=k[0], K=k[1], n=k[2], config=asdict(v)) for k, v in sorted(table.items())]
+
+
+def load_table(path: str) -> dict:
+    """Read table entries written by table_to_json (e.g. by scripts/bench_gemv.py --compare)."""
+    with open(path) as f:
+        rows = json.load(f)
+    return {(r["kind"], int(r["K"]), int(r["n"])): GemvConfig(**r["config"]) for r in rows}
+
+
 def _generic(kind: str, K: int, n_cols: int) -> GemvConfig:
     """Shapes not in the table: the sweep winners' family (wide 1 KB rows for plain
     projections; 256 B gate + 256 B up rows with a register double buffer for gate/up)."""
     return _GATED if kind == "gated" else _SEG
+
+
+def rchunk_for(cfg: GemvConfig, split: int) -> int:
+    """Partial rows per step of the split-K tail: cfg.rchunk, or (0) all of them at once up
+    to ~8K fp32 values per step (a single L2 round trip for the usual splits)."""
+    if cfg.rchunk > 0:
+        return cfg.rchunk
+    return max(1, min(next_pow2(split), max(1, 8192 // cfg.block_n)))
+
+
+# Tuning hook: TEAL_GEMV_TABLE=path.json (table_to_json format) overrides table entries, so a
+# freshly tuned table can be benchmarked end to end before it is written into _TABLE.
+if os.environ.get("TEAL_GEMV_TABLE"):
+    _TABLE.update(load_table(os.environ["TEAL_GEMV_TABLE"]))

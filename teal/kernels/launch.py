@@ -14,8 +14,13 @@ import torch
 import triton
 
 from . import _interp_compat
-from .configs import GemvConfig, cdiv, pick_config
-from .triton_gemv import sparse_gated_gemv_kernel, sparse_gemv_seg_kernel
+from .configs import GemvConfig, cdiv, pick_config, rchunk_for
+from .triton_gemv import (
+    sparse_gated_cmp_kernel,
+    sparse_gated_gemv_kernel,
+    sparse_gemv_cmp_kernel,
+    sparse_gemv_seg_kernel,
+)
 
 _interp_compat.apply()
 
@@ -58,6 +63,16 @@ def _common(K: int, stride_wk: int, thresholds: torch.Tensor):
     return per_channel, stride_tk, big
 
 
+def _scratch(x: torch.Tensor, lists: int, split: int, ks: int, scratch: Optional[torch.Tensor]):
+    """Kept-row lists of the compact kernels: (int32 indices, fp32 x values), each
+    lists * split * ks entries, carved from one int32 buffer (allocated unless passed in)."""
+    n = lists * split * ks
+    if scratch is None:
+        scratch = torch.empty(2 * n, dtype=torch.int32, device=x.device)
+    assert scratch.dtype == torch.int32 and scratch.numel() >= 2 * n
+    return scratch[:n], scratch[n : 2 * n].view(torch.float32)
+
+
 def launch_segments(
     x: torch.Tensor,
     wt: torch.Tensor,
@@ -66,6 +81,7 @@ def launch_segments(
     config: Optional[GemvConfig] = None,
     out: Optional[torch.Tensor] = None,
     workspace: Optional[torch.Tensor] = None,
+    scratch: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x: (K,); wt: (K, N_total) row-major; thresholds: (S,) or (S, K) fp32; sizes: S ints."""
     K, N = wt.shape
@@ -90,6 +106,19 @@ def launch_segments(
     per_channel, stride_tk, big = _common(K, wt.stride(0), thresholds)
     stride_ts = thresholds.stride(0)
     even_n = all(n % bn == 0 for n in sizes)
+    if cfg.algo == "compact":
+        sidx, sx = _scratch(x, S, split, kps, scratch)
+        sparse_gemv_cmp_kernel[(n_tiles, split)](
+            x, wt, thresholds, part, cnt, out, sidx, sx,
+            K, wt.stride(0), stride_ts, stride_tk, split, N,
+            c[0], c[1], c[2], c[3],
+            tfirst[0], tfirst[1], tfirst[2],
+            NUM_SEG=S, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
+            EVEN_N=even_n, ACC2D=cfg.acc2d, BIG=big,
+            KSPLIT=kps, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
     sparse_gemv_seg_kernel[(n_tiles, split)](
         x, wt, thresholds, part, cnt, out,
         K, wt.stride(0), stride_ts, stride_tk, kps, split, N,
@@ -97,7 +126,7 @@ def launch_segments(
         tfirst[0], tfirst[1], tfirst[2],
         NUM_SEG=S, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
         EVEN_N=even_n, PIPE=cfg.pipe, ACC2D=cfg.acc2d, BIG=big,
-        BLOCK_K=bk, BLOCK_N=bn, RCHUNK=8,
+        BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -110,6 +139,7 @@ def launch_gated(
     config: Optional[GemvConfig] = None,
     out: Optional[torch.Tensor] = None,
     workspace: Optional[torch.Tensor] = None,
+    scratch: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x: (K,); wt: (K, 2F) row-major (gate | up); thresholds (2,) or (2, K) fp32."""
     K, N2 = wt.shape
@@ -124,12 +154,23 @@ def launch_gated(
     part = workspace if split > 1 else out
     cnt = counters(x.device, n_tiles) if split > 1 else out
     per_channel, stride_tk, big = _common(K, wt.stride(0), thresholds)
+    if cfg.algo == "compact":
+        sidx, sx = _scratch(x, 2, split, kps, scratch)
+        sparse_gated_cmp_kernel[(n_tiles, split)](
+            x, wt, thresholds, part, cnt, out, sidx, sx,
+            K, wt.stride(0), thresholds.stride(0), stride_tk, split, F,
+            PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
+            EVEN_N=(F % bn == 0), ACC2D=cfg.acc2d, BIG=big,
+            KSPLIT=kps, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
     sparse_gated_gemv_kernel[(n_tiles, split)](
         x, wt, thresholds, part, cnt, out,
         K, wt.stride(0), thresholds.stride(0), stride_tk, kps, split, F,
         PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
         EVEN_N=(F % bn == 0), PIPE=cfg.pipe, ACC2D=cfg.acc2d, BIG=big,
-        BLOCK_K=bk, BLOCK_N=bn, RCHUNK=8,
+        BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -232,3 +232,220 @@ def sparse_gated_gemv_kernel(
             out = g * tl.sigmoid(g) * u
             tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+# ----------------------------------------------------------------------------------------
+# Round 2: row compaction ("compact" algorithm).
+#
+# The masked-slab loop above walks every BLOCK_K slab of a program's K range whether its
+# rows are kept or not: its trip count and its chain of dependent memory round trips do not
+# shrink with sparsity, and at 50-90% sparsity each trip carries few bytes (latency-bound).
+# Here a program first loads x for its WHOLE K range (KSPLIT channels, one vector load),
+# computes the keep mask and, unless every channel is kept, writes the kept channels'
+# (relative index, x value) in increasing k order to a scratch list (exclusive cumsum of the
+# mask = slot).  It then loops over ceil(n_kept / BLOCK_K) FULL chunks of gathered rows (each
+# row still a contiguous BLOCK_N segment, 16-byte loads), with the next chunk's rows and the
+# chunk after that's indices already in flight (register double buffer).  Trip count and
+# bytes are proportional to the kept rows.
+#
+# The scratch list of a (segment, K range) is shared by all column tiles of that range: they
+# all compute and write identical values (same x, same thresholds), so a program that reads
+# the list after its own stores + CTA barrier sees its own values or identical ones.  Reads
+# go to L2 (.cg), never to a possibly stale L1 line.  Order of accumulation is fixed (k
+# ascending within a program, fixed-order split-K sum): deterministic.
+#
+# Status (H200, notes/kernels.md round 2): faster than the masked loop only at ~90% sparsity,
+# slower at 0-50%; opt-in through GemvConfig(algo="compact"), not in the default table.
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep_list(xk, kin, t_ptr, t_off, kk, stride_tk, n_valid, ak, sidx_ptr, sx_ptr, PER_CHANNEL: tl.constexpr):
+    """Keep mask of one K range; writes the kept (relative k, x) list unless all are kept.
+
+    Returns (n_kept, dense) where dense == (n_kept == n_valid), i.e. the list is the
+    identity and was not written.
+    """
+    if PER_CHANNEL:
+        tk = tl.load(t_ptr + t_off + kk * stride_tk, mask=kin, other=float("inf"))
+    else:
+        tk = tl.load(t_ptr + t_off)
+    keep = (tl.abs(xk) > tk) & kin
+    ki = keep.to(tl.int32)
+    n_kept = tl.sum(ki, axis=0)
+    dense = n_kept == n_valid
+    if n_kept != n_valid:  # (uniform branch) no list, no scan when every channel is kept
+        slot = tl.cumsum(ki, axis=0) - 1
+        tl.store(sidx_ptr + slot, ak, mask=keep)
+        tl.store(sx_ptr + slot, xk, mask=keep)
+    return n_kept, dense
+
+
+@triton.jit
+def _chunk(x_ptr, k_lo, sidx_ptr, sx_ptr, c, n_kept, dense, ar):
+    """(relative row index, x value) of kept-list entries c + ar (0 beyond n_kept)."""
+    r = c + ar
+    inb = r < n_kept
+    if dense:
+        idx = r
+        xv = tl.load(x_ptr + k_lo + r, mask=inb, other=0.0).to(tl.float32)
+    else:
+        idx = tl.load(sidx_ptr + r, mask=inb, other=0, cache_modifier=".cg")
+        xv = tl.load(sx_ptr + r, mask=inb, other=0.0, cache_modifier=".cg")
+    return idx, xv
+
+
+@triton.jit
+def _load_rows(w_ptr, k_lo, idx, inb, cols, nmask, stride_wk, EVEN_N: tl.constexpr, BIG: tl.constexpr):
+    """Gathered weight rows wt[k_lo + idx, cols]; rows with inb == False issue no transaction."""
+    if BIG:
+        rows = (k_lo + idx).to(tl.int64) * stride_wk
+    else:
+        rows = (k_lo + idx) * stride_wk
+    ptrs = w_ptr + rows[:, None] + cols[None, :]
+    if EVEN_N:
+        m = inb[:, None]
+    else:
+        m = inb[:, None] & nmask[None, :]
+    return tl.load(ptrs, mask=m, other=0.0)
+
+
+@triton.jit
+def sparse_gemv_cmp_kernel(
+    x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr, sidx_ptr, sx_ptr,
+    K, stride_wk, stride_ts, stride_tk, split, N_TOTAL,
+    c1, c2, c3, c4,
+    tile1, tile2, tile3,
+    NUM_SEG: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, ACC2D: tl.constexpr, BIG: tl.constexpr,
+    KSPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+):
+    """Compacted version of sparse_gemv_seg_kernel (same math, same outputs)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    seg = (pid_n >= tile1).to(tl.int32) + (pid_n >= tile2).to(tl.int32) + (pid_n >= tile3).to(tl.int32)
+    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, c1, tl.where(seg == 2, c2, c3)))
+    seg_end = tl.where(seg == 0, c1, tl.where(seg == 1, c2, tl.where(seg == 2, c3, c4)))
+    t_first = tl.where(seg == 0, 0, tl.where(seg == 1, tile1, tl.where(seg == 2, tile2, tile3)))
+    n0 = seg_start + (pid_n - t_first) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    nmask = cols < seg_end
+
+    # pass 1: mask of the whole K range, kept-row list
+    k_lo = pid_k * KSPLIT
+    ak = tl.arange(0, KSPLIT)
+    kk = k_lo + ak
+    kin = kk < K
+    xk = tl.load(x_ptr + kk, mask=kin, other=0.0).to(tl.float32)
+    n_valid = tl.minimum(K - k_lo, KSPLIT)
+    sbase = (seg * split + pid_k) * KSPLIT
+    n_kept, dense = _keep_list(xk, kin, t_ptr, seg * stride_ts, kk, stride_tk, n_valid, ak,
+                               sidx_ptr + sbase, sx_ptr + sbase, PER_CHANNEL)
+    tl.debug_barrier()
+
+    # pass 2: full chunks of kept rows, the next chunk's rows and the indices of the one after
+    # it in flight (register double buffer; see notes/kernels.md, round 2, for why a rolled
+    # double buffer still waits once per trip, and what the ping-pong variant measured)
+    ar = tl.arange(0, BLOCK_K)
+    if ACC2D:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sI = sidx_ptr + sbase
+    sX = sx_ptr + sbase
+    i0, x0 = _chunk(x_ptr, k_lo, sI, sX, 0, n_kept, dense, ar)
+    i1, x1 = _chunk(x_ptr, k_lo, sI, sX, BLOCK_K, n_kept, dense, ar)
+    w0 = _load_rows(w_ptr, k_lo, i0, ar < n_kept, cols, nmask, stride_wk, EVEN_N, BIG)
+    for c in range(0, n_kept, BLOCK_K):
+        w1 = _load_rows(w_ptr, k_lo, i1, (c + BLOCK_K + ar) < n_kept, cols, nmask, stride_wk, EVEN_N, BIG)
+        i2, x2 = _chunk(x_ptr, k_lo, sI, sX, c + 2 * BLOCK_K, n_kept, dense, ar)
+        acc = _accum(acc, w0, x0, ACC2D)
+        w0, x0, i1, x1 = w1, x1, i2, x2
+    accv = _fold(acc, ACC2D)
+
+    if not HAS_SPLIT:
+        tl.store(y_ptr + cols, accv.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(part_ptr + pid_k * N_TOTAL + cols, accv, mask=nmask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            tot = _reduce_partials(part_ptr, N_TOTAL, cols, nmask, split, BLOCK_N, RCHUNK)
+            tl.store(y_ptr + cols, tot.to(y_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def sparse_gated_cmp_kernel(
+    x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr, sidx_ptr, sx_ptr,
+    K, stride_wk, stride_ts, stride_tk, split, F,
+    PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, ACC2D: tl.constexpr, BIG: tl.constexpr,
+    KSPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+):
+    """Compacted version of sparse_gated_gemv_kernel: one kept list for gate, one for up."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < F
+    cols_u = F + cols
+
+    k_lo = pid_k * KSPLIT
+    ak = tl.arange(0, KSPLIT)
+    kk = k_lo + ak
+    kin = kk < K
+    xk = tl.load(x_ptr + kk, mask=kin, other=0.0).to(tl.float32)
+    n_valid = tl.minimum(K - k_lo, KSPLIT)
+    sg = pid_k * KSPLIT
+    su = (split + pid_k) * KSPLIT
+    n_g, dense_g = _keep_list(xk, kin, t_ptr, 0, kk, stride_tk, n_valid, ak,
+                              sidx_ptr + sg, sx_ptr + sg, PER_CHANNEL)
+    n_u, dense_u = _keep_list(xk, kin, t_ptr, stride_ts, kk, stride_tk, n_valid, ak,
+                              sidx_ptr + su, sx_ptr + su, PER_CHANNEL)
+    tl.debug_barrier()
+
+    # pass 2: as in sparse_gemv_cmp_kernel, gate and up rows side by side
+    ar = tl.arange(0, BLOCK_K)
+    if ACC2D:
+        acc_g = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    gI = sidx_ptr + sg
+    gX = sx_ptr + sg
+    uI = sidx_ptr + su
+    uX = sx_ptr + su
+    g0, xg0 = _chunk(x_ptr, k_lo, gI, gX, 0, n_g, dense_g, ar)
+    u0, xu0 = _chunk(x_ptr, k_lo, uI, uX, 0, n_u, dense_u, ar)
+    g1, xg1 = _chunk(x_ptr, k_lo, gI, gX, BLOCK_K, n_g, dense_g, ar)
+    u1, xu1 = _chunk(x_ptr, k_lo, uI, uX, BLOCK_K, n_u, dense_u, ar)
+    wg0 = _load_rows(w_ptr, k_lo, g0, ar < n_g, cols, nmask, stride_wk, EVEN_N, BIG)
+    wu0 = _load_rows(w_ptr, k_lo, u0, ar < n_u, cols_u, nmask, stride_wk, EVEN_N, BIG)
+    n_max = tl.maximum(n_g, n_u)
+    for c in range(0, n_max, BLOCK_K):
+        wg1 = _load_rows(w_ptr, k_lo, g1, (c + BLOCK_K + ar) < n_g, cols, nmask, stride_wk, EVEN_N, BIG)
+        wu1 = _load_rows(w_ptr, k_lo, u1, (c + BLOCK_K + ar) < n_u, cols_u, nmask, stride_wk, EVEN_N, BIG)
+        g2, xg2 = _chunk(x_ptr, k_lo, gI, gX, c + 2 * BLOCK_K, n_g, dense_g, ar)
+        u2, xu2 = _chunk(x_ptr, k_lo, uI, uX, c + 2 * BLOCK_K, n_u, dense_u, ar)
+        acc_g = _accum(acc_g, wg0, xg0, ACC2D)
+        acc_u = _accum(acc_u, wu0, xu0, ACC2D)
+        wg0, xg0, g1, xg1 = wg1, xg1, g2, xg2
+        wu0, xu0, u1, xu1 = wu1, xu1, u2, xu2
+    g = _fold(acc_g, ACC2D)
+    u = _fold(acc_u, ACC2D)
+
+    if not HAS_SPLIT:
+        out = g * tl.sigmoid(g) * u
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(part_ptr + pid_k * (2 * F) + cols, g, mask=nmask)
+        tl.store(part_ptr + pid_k * (2 * F) + F + cols, u, mask=nmask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            g = _reduce_partials(part_ptr, 2 * F, cols, nmask, split, BLOCK_N, RCHUNK)
+            u = _reduce_partials(part_ptr, 2 * F, F + cols, nmask, split, BLOCK_N, RCHUNK)
+            out = g * tl.sigmoid(g) * u
+            tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
