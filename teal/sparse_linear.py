@@ -106,7 +106,8 @@ class SparseLinear(nn.Module):
         self.counts.zero_()
 
     def _sparsify(self, x: Tensor) -> Tensor:
-        keep = x.abs() > self.threshold
+        # Compare in fp32 like the kernels: a 0-d fp32 threshold would not promote a bf16 x.
+        keep = x.float().abs() > self.threshold
         if self.track:
             self.counts[0] += (~keep).sum()
             self.counts[1] += keep.numel()
