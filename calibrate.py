@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calibration tokens whose block outputs the greedy search compares")
     p.add_argument("--greedy-seq-len", dest="greedy_seq_len", type=int, default=512,
                    help="window length of the greedy search's token windows")
-    p.add_argument("--greedy-positions", dest="greedy_positions", type=int, default=64,
+    p.add_argument("--greedy-positions", dest="greedy_positions", type=int, default=32,
                    help="positions per window at which block outputs are compared")
     p.add_argument("--greedy-step", dest="greedy_step", type=float, default=0.01,
                    help="block sparsity (parameter-weighted) added per greedy step")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+DEFAULT_CALIB_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-valid-tokenized.txt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -46,8 +48,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model-level target sparsities in [0, 1); 0 = dense")
     p.add_argument("--allocation", nargs="+", choices=ALLOCATIONS, default=["uniform"])
     p.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["magnitude"])
+    p.add_argument("--calibration", nargs="+", choices=["dense", "sequential"],
+                   default=["dense"],
+                   help="dense: thresholds from the dense model's histograms (TEAL); sequential: "
+                        "re-derived in forward order on the sparsified model's own activations "
+                        "over --calib_tokens of --calib_text (teal.allocation.calibrate_sequentially)")
+    p.add_argument("--calib_text", type=Path, default=DEFAULT_CALIB_TEXT,
+                   help="calibration text for --calibration sequential (never the evaluation text)")
+    p.add_argument("--calib_tokens", type=int, default=8192,
+                   help="calibration tokens for --calibration sequential")
     p.add_argument("--max_tokens", type=int, default=32768, help="tokens to score")
+    p.add_argument("--start_token", type=int, default=0,
+                   help="skip this many tokens first (a multiple of seq_len keeps the windows of "
+                        "a full run, so split runs can be merged from their nll_sum/predicted)")
     p.add_argument("--seq_len", type=int, default=2048, help="window length")
+    p.add_argument("--report_tokens", type=int, nargs="*", default=[],
+                   help="also report perplexity and sparsity of these prefixes (token counts "
+                        "that are multiples of seq_len) from the same run")
     p.add_argument("--thresholds", type=Path, default=None,
                    help="calibration file (default: thresholds.safetensors next to the checkpoint)")
     p.add_argument("--greedy", type=Path, default=None,
@@ -64,67 +81,102 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def configurations(args) -> list[tuple[float, str, str]]:
-    """(sparsity, allocation, scoring) rows; sparsity 0 (dense) appears once, first."""
-    rows = [(0.0, "dense", "-")] if 0.0 in args.sparsity else []
-    for s, a, sc in itertools.product(sorted(set(args.sparsity) - {0.0}), args.allocation,
-                                      args.scoring):
-        rows.append((s, a, sc))
+def configurations(args) -> list[tuple[float, str, str, str]]:
+    """(sparsity, allocation, scoring, calibration) rows; sparsity 0 (dense) appears once,
+    first."""
+    rows = [(0.0, "dense", "-", "-")] if 0.0 in args.sparsity else []
+    rows += [(s, a, sc, c) for c, s, a, sc in itertools.product(
+        args.calibration, sorted(set(args.sparsity) - {0.0}), args.allocation, args.scoring)]
     return rows
 
 
 def run(args) -> list[dict]:
     import teal
-    from teal.allocation import apply_config
+    from teal.allocation import apply_config, calibrate_sequentially
     from teal.calibration import load_token_ids
     from teal.checkpoint import load_model
-    from teal.evaluation import (effective_sparsity, format_sparsity, parameter_weighted_sparsity,
-                                 perplexity)
+    from teal.evaluation import perplexity
     from teal.thresholds import Calibration
 
     rows = configurations(args)
     model, meta = load_model(args.checkpoint_path, device=args.device, dtype=DTYPES[args.dtype])
     model.eval()
     calib = greedy = None
-    if any(s > 0 for s, _, _ in rows):
+    if any(row[0] > 0 for row in rows):
         calib = Calibration.load(args.thresholds, model.config.to_dict())
         if "greedy" in args.allocation:
             from teal.greedy import GreedyAllocation
             greedy = GreedyAllocation.load(args.greedy)
             greedy.check_model(model.config.to_dict())
-    ids = load_token_ids(args.text, args.checkpoint_path, meta)
+    ids = load_token_ids(args.text, args.checkpoint_path, meta)[args.start_token:]
     n = min(ids.numel(), args.max_tokens)
     if n < 2:
         raise ValueError(f"{args.text} has fewer than 2 tokens")
     seq_len = min(args.seq_len, model.config.block_size)
-    print(f"{args.text}: {n} tokens, {-(-n // seq_len)} windows of {seq_len}, {args.dtype} "
-          f"on {args.device}", flush=True)
+    print(f"{args.text}: tokens {args.start_token}..{args.start_token + n}, {-(-n // seq_len)} "
+          f"windows of {seq_len}, {args.dtype} on {args.device}", flush=True)
+    calib_ids = None
+    if "sequential" in args.calibration and any(row[0] > 0 for row in rows):
+        calib_ids = load_token_ids(args.calib_text, args.checkpoint_path, meta)
     results = []
-    for s, alloc, scoring in rows:
+    for s, alloc, scoring, calibration in rows:
         if s == 0.0:
             teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
         else:
-            apply_config(model, calib, s, allocation=alloc, scoring=scoring, greedy=greedy)
+            applied = apply_config(model, calib, s, allocation=alloc, scoring=scoring,
+                                   greedy=greedy)
+            if calibration == "sequential":
+                calibrate_sequentially(model, calib, calib_ids, applied, scoring,
+                                       seq_len=seq_len, n_tokens=args.calib_tokens)
             teal.configure(model, sparsify_prefill=True, track=True)
-        ppl = perplexity(model, ids, seq_len, max_tokens=n, progress=not args.quiet,
-                         desc=f"{alloc} {scoring} {s:.2f}")
-        row = dict(sparsity=s, allocation=alloc, scoring=scoring, perplexity=ppl, tokens=n)
-        line = f"{alloc:>8} {scoring:>9} target {s:.2f}: perplexity {ppl:.3f}"
-        if s > 0:
-            eff = effective_sparsity(model)
-            row.update(effective=eff, model_sparsity=parameter_weighted_sparsity(model))
-            line += (f" | measured model-level (param-weighted) {row['model_sparsity']:.3f}"
-                     f" | per type: {format_sparsity(eff)}")
-        print(line, flush=True)
+        row = dict(sparsity=s, allocation=alloc, scoring=scoring, calibration=calibration,
+                   start_token=args.start_token, tokens=n, prefixes=[])
+
+        def on_window(done, nll, count, row=row, sparse=s > 0):
+            row.update(nll_sum=nll, predicted=count)
+            if done in args.report_tokens and done < n:
+                prefix = dict(tokens=done, perplexity=math.exp(nll / count), nll_sum=nll,
+                              predicted=count)
+                row["prefixes"].append(_measure(model, sparse, prefix))
+        row["perplexity"] = perplexity(model, ids, seq_len, max_tokens=n,
+                                       progress=not args.quiet, on_window=on_window,
+                                       desc=f"{alloc} {scoring} {calibration} {s:.2f}")
+        _measure(model, s > 0, row)
+        for rec in row["prefixes"] + [row]:
+            print(_format_row(row, rec), flush=True)
         results.append(row)
+        if args.output is not None:  # after every row: a long run keeps what it measured
+            _write_json(args, seq_len, results)
     teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
-    if args.output is not None:
-        tmp = args.output.with_name(args.output.name + ".tmp")
-        tmp.write_text(json.dumps(dict(checkpoint=str(args.checkpoint_path), text=str(args.text),
-                                       seq_len=seq_len, dtype=args.dtype, results=results),
-                                  indent=1))
-        os.replace(tmp, args.output)
     return results
+
+
+def _measure(model, sparse: bool, rec: dict) -> dict:
+    """Add the measured effective sparsity (per type, parameter-weighted) to `rec`."""
+    from teal.evaluation import effective_sparsity, parameter_weighted_sparsity
+    if sparse:
+        rec.update(effective=effective_sparsity(model),
+                   model_sparsity=parameter_weighted_sparsity(model))
+    return rec
+
+
+def _format_row(row: dict, rec: dict) -> str:
+    from teal.evaluation import format_sparsity
+    line = (f"{row['allocation']:>8} {row['scoring']:>9} {row['calibration']:>10} "
+            f"target {row['sparsity']:.2f} "
+            f"[{rec['tokens']} tokens]: perplexity {rec['perplexity']:.3f}")
+    if "effective" in rec:
+        line += (f" | measured model-level (param-weighted) {rec['model_sparsity']:.3f}"
+                 f" | per type: {format_sparsity(rec['effective'])}")
+    return line
+
+
+def _write_json(args, seq_len: int, results: list) -> None:
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    tmp.write_text(json.dumps(dict(checkpoint=str(args.checkpoint_path), text=str(args.text),
+                                   thresholds=str(args.thresholds), seq_len=seq_len,
+                                   dtype=args.dtype, results=results), indent=1))
+    os.replace(tmp, args.output)
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,8 @@ from teal.thresholds import PROJECTIONS
 
 @torch.no_grad()
 def perplexity(model, token_ids: Tensor, seq_len: int = 2048, *, max_tokens: Optional[int] = None,
-               device=None, progress: bool = True, desc: str = "perplexity") -> float:
+               device=None, progress: bool = True, desc: str = "perplexity",
+               on_window=None) -> float:
     """exp(mean NLL) of `token_ids` (1-D) over non-overlapping windows of `seq_len` tokens.
 
     Args:
@@ -38,6 +39,8 @@ def perplexity(model, token_ids: Tensor, seq_len: int = 2048, *, max_tokens: Opt
             least 2 tokens is scored too.
         device: where to run (default: the model's device).
         progress: show a tqdm bar.
+        on_window: optional callback(tokens_done, nll_sum, predicted) after each window
+            (e.g. to report the perplexity of a prefix of the text from the same run).
 
     Raises:
         ValueError: fewer than 2 tokens to score, or seq_len beyond the model's context.
@@ -50,12 +53,15 @@ def perplexity(model, token_ids: Tensor, seq_len: int = 2048, *, max_tokens: Opt
     windows = token_windows(token_ids, seq_len, max_tokens, min_len=2)
     if not windows:
         raise ValueError("need at least 2 tokens to compute perplexity")
-    nll, count = 0.0, 0
+    nll, count, done = 0.0, 0, 0
     for w in tqdm(windows, desc=desc, unit="win", disable=not progress, leave=False):
         w = w.to(device)
         logits = model(w[None])[0, :-1]  # (T-1, vocab) fp32
         nll += F.cross_entropy(logits.float(), w[1:], reduction="sum").item()
         count += w.numel() - 1
+        done += w.numel()
+        if on_window is not None:
+            on_window(done, nll, count)
     return math.exp(nll / count)
 
 

@@ -170,3 +170,22 @@ def test_calibrate_cli_interrupt_leaves_nothing(tmp_path, monkeypatch, capsys):
     _, ckpt, _, rc = _calibrate_cli(tmp_path, 300)
     assert rc == 130 and calls["n"] == 2
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["model.pth", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("scoring", ["magnitude", "weight"])
+def test_sequential_calibration_hits_target_in_sparse_model(calibrated, scoring):
+    """After calibrate_sequentially, the sparsified model zeroes the target fraction of every
+    projection's input on the calibration windows (dense calibration drifts downstream)."""
+    from teal.allocation import calibrate_sequentially
+    model, ids, calib = calibrated
+    s = 0.6
+    applied = apply_config(model, calib, s, scoring=scoring)
+    ths = calibrate_sequentially(model, calib, ids, applied, scoring, seq_len=SEQ, n_tokens=256)
+    assert len(ths) == 2 * 7
+    teal.configure(model, sparsify_prefill=True, track=True)
+    with torch.no_grad():
+        model(ids[:256].view(-1, SEQ))
+    eff = effective_sparsity(model, per_layer=True)
+    teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
+    for key, v in eff.items():
+        assert abs(v - s) <= 0.01, (key, v)

@@ -13,6 +13,7 @@ from teal.allocation import apply_config
 from teal.calibration import collect_histograms
 from teal.evaluation import effective_sparsity, parameter_weighted_sparsity, perplexity
 
+from fixtures_smollm2 import smollm2  # noqa: F401  (pytest fixture)
 from tiny_models import random_tokens, tiny_model, write_checkpoint, write_text
 
 SEQ = 32
@@ -140,3 +141,30 @@ def test_perplexity_cli_missing_thresholds(tmp_path, capsys):
                               "--sparsity", "0.5", "--quiet"])
     assert rc == 1
     assert "calibrate.py" in capsys.readouterr().err
+
+
+def test_smollm2_dense_and_sparse_perplexity(smollm2):
+    """The real default model on a short slice of WikiText-2 raw test (calibrated on the
+    validation text): sane dense perplexity, moderate increase at 50%, sparsity on target."""
+    from pathlib import Path
+
+    from teal.calibration import load_token_ids
+    from teal.checkpoint import load_model
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    model, meta = load_model(smollm2.checkpoint)
+    test_ids = load_token_ids(data / "wikitext-2-raw-test.txt", smollm2.checkpoint, meta)
+    valid_ids = load_token_ids(data / "wikitext-2-valid-tokenized.txt", smollm2.checkpoint, meta)
+    assert test_ids.numel() > 250_000  # the whole file, tokenized once
+    ids = test_ids[:384]
+    dense = perplexity(model, ids, 384, progress=False)
+    assert 8 < dense < 60
+    calib = collect_histograms(model, valid_ids, 512, max_tokens=512, weighted=False,
+                               progress=False)
+    apply_config(model, calib, 0.5)
+    teal.configure(model, sparsify_prefill=True, track=True)
+    sparse = perplexity(model, ids, 384, progress=False)
+    eff = effective_sparsity(model)
+    teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
+    assert dense < sparse < 1.6 * dense
+    assert all(abs(v - 0.5) < 0.06 for v in eff.values()), eff
