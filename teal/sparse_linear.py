@@ -211,7 +211,16 @@ def to_kernel_layout(model: nn.Module) -> nn.Module:
             m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(),
                                     requires_grad=m.weight.requires_grad)
             m._group = None
+    _prepare_kernels(model)
     return model
+
+
+def _prepare_kernels(model: nn.Module) -> None:
+    devices = {m.weight.device for m in model.modules() if isinstance(m, SparseLinear)}
+    for d in devices:
+        if d.type == "cuda":
+            from teal import kernels
+            kernels.prepare(d)
 
 
 @torch.no_grad()
@@ -240,6 +249,7 @@ def fuse_shared_inputs(model: nn.Module) -> nn.Module:
             m.threshold = ths[i]
             m._group = group
             start += n
+    _prepare_kernels(model)
     return model
 
 

@@ -29,6 +29,7 @@ from . import _checks
 from .reference import sparse_gated_gemv_ref, sparse_gemv_ref, sparse_gemv_segments_ref
 
 __all__ = [
+    "prepare",
     "kernels_available",
     "sparse_gemv",
     "sparse_gemv_segments",
@@ -65,6 +66,20 @@ def kernels_available(device) -> bool:
     if device.type == "cpu":
         return os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
     return False
+
+
+def prepare(device) -> None:
+    """Allocate the kernels' persistent buffers (split-K arrival counters) on `device` now.
+
+    Call before `torch.compile(mode="reduce-overhead")` captures a step: a buffer first
+    allocated during CUDA-graph warm-up would live in the graph's private memory pool, which
+    the graph trees reject. Model set-up (`teal.to_kernel_layout`, `teal.fuse_shared_inputs`)
+    calls this for CUDA weights. A no-op where the kernels are unavailable.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and kernels_available(device):
+        from .launch import counters
+        counters(device, 1)
 
 
 def _ensure_ops() -> None:
