@@ -337,6 +337,9 @@ def main(argv=None) -> None:
     if eff:
         parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)
         out(f"Effective sparsity (generated tokens): {parts}")
+    if rank is not None:
+        from tp import destroy
+        destroy()
 
 
 if __name__ == "__main__":
