@@ -20,21 +20,27 @@ from pathlib import Path
 from teal.thresholds import PROJECTIONS
 
 
+def method(r: dict) -> tuple:
+    """(allocation, scoring, calibration) of a result row ("dense" calibration if absent)."""
+    return r["allocation"], r["scoring"], r.get("calibration", "dense" if r["sparsity"] else "-")
+
+
 def merge_results(results: list[dict]) -> list[dict]:
     """Combine rows of the same (sparsity, allocation, scoring) measured on consecutive token
     ranges (`perplexity.py --start_token`): perplexity from the summed NLL and predicted-token
     counts, measured sparsities averaged weighted by tokens."""
     groups: dict = {}
     for r in results:
-        groups.setdefault((r["sparsity"], r["allocation"], r["scoring"]), []).append(r)
+        groups.setdefault((r["sparsity"], *method(r)), []).append(r)
     merged = []
-    for (s, alloc, sc), rows in groups.items():
+    for (s, alloc, sc, cal), rows in groups.items():
         rows = sorted(rows, key=lambda r: r.get("start_token", 0))
         if len(rows) == 1:
             merged.append(rows[0])
             continue
         tokens = sum(r["tokens"] for r in rows)
-        out = dict(sparsity=s, allocation=alloc, scoring=sc, start_token=rows[0]["start_token"],
+        out = dict(sparsity=s, allocation=alloc, scoring=sc, calibration=cal,
+                   start_token=rows[0]["start_token"],
                    tokens=tokens, nll_sum=sum(r["nll_sum"] for r in rows),
                    predicted=sum(r["predicted"] for r in rows))
         out["perplexity"] = math.exp(out["nll_sum"] / out["predicted"])
@@ -50,20 +56,19 @@ def markdown_table(results: list[dict]) -> str:
     """Perplexity table: one row per method, one column per target sparsity."""
     dense = next((r for r in results if r["sparsity"] == 0.0), None)
     targets = sorted({r["sparsity"] for r in results if r["sparsity"] > 0})
-    methods = sorted({(r["allocation"], r["scoring"]) for r in results if r["sparsity"] > 0},
-                     key=lambda m: (m[1], m[0]))
+    methods = sorted({method(r) for r in results if r["sparsity"] > 0},
+                     key=lambda m: (m[2] != "dense", m[1], m[0]))
     head = "| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |"
     lines = [head, "|" + "---|" * (len(targets) + 1)]
     if dense is not None:
         lines.append("| dense | " + " | ".join(f"{dense['perplexity']:.3f}" for _ in targets) + " |")
-    for alloc, sc in methods:
+    for m in methods:
         cells = []
         for t in targets:
-            r = next((r for r in results if (r["sparsity"], r["allocation"], r["scoring"])
-                      == (t, alloc, sc)), None)
+            r = next((r for r in results if r["sparsity"] == t and method(r) == m), None)
             cells.append("" if r is None else
                          f"{r['perplexity']:.3f} ({r['model_sparsity']:.1%})")
-        lines.append(f"| {alloc} {sc} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m[0]} {m[1]} ({m[2]} calib.) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -99,11 +104,12 @@ def plot_perplexity(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     dense = [r["perplexity"] for r in results if r["sparsity"] == 0.0]
-    methods = sorted({(r["allocation"], r["scoring"]) for r in results if r["sparsity"] > 0})
-    for alloc, sc in methods:
+    methods = sorted({method(r) for r in results if r["sparsity"] > 0})
+    for m in methods:
         pts = sorted((r["model_sparsity"], r["perplexity"]) for r in results
-                     if (r["allocation"], r["scoring"]) == (alloc, sc) and r["sparsity"] > 0)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{alloc}, {sc}")
+                     if method(r) == m and r["sparsity"] > 0)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{m[0]}, {m[1]}, {m[2]} calib.", ls="-" if m[2] == "sequential" else "--")
     if dense:
         ax.axhline(dense[0], color="k", ls=":", lw=1, label=f"dense ({dense[0]:.2f})")
     ax.set_xlabel("measured parameter-weighted sparsity")

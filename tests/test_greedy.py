@@ -163,3 +163,31 @@ def test_weight_informed_threshold_matches_explicit_score():
     torch.testing.assert_close(lin(x), ref)
     assert not torch.allclose(lin(x), F.linear(x * (x.abs() > x.abs().quantile(s)), lin.weight))
     assert isinstance(lin, SparseLinear) and lin.threshold.shape == (lin.in_features,)
+
+
+def test_calibrate_greedy_cli_and_perplexity_greedy(tmp_path):
+    """calibrate.py --greedy writes thresholds + greedy.json; --greedy-only redoes the second
+    step; perplexity.py evaluates greedy x weight with sequential calibration."""
+    import calibrate
+    import perplexity as perplexity_cli
+    from tiny_models import write_checkpoint, write_text
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model())
+    text = write_text(tmp_path / "calib.txt", 300)
+    common = ["--checkpoint_path", str(ckpt), "--text", str(text), "--seq_len", str(SEQ),
+              "--max_tokens", "256", "--device", "cpu", "--quiet", "--greedy-tokens", "64",
+              "--greedy-seq-len", str(SEQ), "--greedy-positions", "4", "--greedy-step", "0.05"]
+    assert calibrate.main(common + ["--greedy"]) == 0
+    g = GreedyAllocation.load(ckpt.parent / "greedy.json")
+    assert g.meta["tokens"] == 64 and set(g.allocations) == {"magnitude", "weight"}
+    (ckpt.parent / "greedy.json").unlink()
+    assert calibrate.main(common + ["--greedy-only", "--greedy-scoring", "weight"]) == 0
+    assert set(GreedyAllocation.load(ckpt.parent / "greedy.json").allocations) == {"weight"}
+    out = tmp_path / "res.json"
+    rc = perplexity_cli.main(["--checkpoint_path", str(ckpt), "--text", str(write_text(
+        tmp_path / "test.txt", 80, seed=9)), "--sparsity", "0.5", "--allocation", "greedy",
+        "--scoring", "weight", "--calibration", "sequential", "--calib_text", str(text),
+        "--calib_tokens", "64", "--seq_len", str(SEQ), "--quiet", "--output", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["calibration"] == "sequential" and abs(row["model_sparsity"] - 0.5) < 0.1
