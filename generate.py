@@ -27,6 +27,8 @@ from teal.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
 from teal.thresholds import PROJECTIONS, ThresholdsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CALIB_TEXT = (Path(__file__).resolve().parent.parent / "shared" / "data"
+                      / "wikitext-2-valid-tokenized.txt")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -190,8 +192,14 @@ def fail(msg: str) -> None:
 
 def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
                       thresholds: Optional[Path] = None, allocation: str = "uniform",
-                      scoring: str = "magnitude"):
+                      scoring: str = "magnitude", calibration: str = "dense",
+                      calib_text: Optional[Path] = None, calib_tokens: int = 8192):
     """Load a checkpoint and apply TEAL thresholds for `sparsity`. Returns (model, meta).
+
+    `calibration="sequential"` re-derives the thresholds on the sparsified model's own
+    activations over `calib_tokens` of `calib_text` (teal.allocation.calibrate_sequentially),
+    so the measured sparsity matches the target; "dense" uses the file's dense histograms
+    (TEAL's recipe), which overshoot downstream projections at high sparsity.
 
     Raises SystemExit with a one-line message for bad input (missing/corrupt checkpoint,
     thresholds for another model, sparsity outside [0, 1)).
@@ -212,13 +220,24 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
             from teal.thresholds import Calibration, apply_uniform_sparsity
             calib = Calibration.load(path, model.config.to_dict())
             if apply_config is not None:
-                apply_config(model, calib, sparsity, allocation=allocation, scoring=scoring,
-                             checkpoint_dir=Path(checkpoint_path).parent)
+                applied = apply_config(model, calib, sparsity, allocation=allocation,
+                                       scoring=scoring, greedy=path.parent / "greedy.json"
+                                       if allocation == "greedy" else None)
+                if calibration == "sequential" and sparsity > 0:
+                    from teal.allocation import calibrate_sequentially
+                    from teal.calibration import load_token_ids
+                    text = Path(calib_text or DEFAULT_CALIB_TEXT)
+                    if not text.exists():
+                        fail(f"calibration text {text} not found; pass --calib_text")
+                    ids = load_token_ids(text, checkpoint_path, meta)
+                    seq_len = min(2048, model.config.block_size, ids.numel())
+                    calibrate_sequentially(model, calib, ids, applied, scoring,
+                                           seq_len=seq_len, n_tokens=calib_tokens)
             else:
                 if allocation != "uniform" or scoring != "magnitude":
                     fail("--allocation/--scoring need teal.allocation, which is not installed")
                 apply_uniform_sparsity(model, calib, sparsity)
-        except (ThresholdsError, ValueError) as e:
+        except (ThresholdsError, ValueError, FileNotFoundError) as e:
             fail(str(e))
     return model, meta
 
@@ -246,6 +265,14 @@ def main(argv=None) -> None:
                     help="uniform sparsity, or TEAL's block-wise greedy per-projection allocation")
     ap.add_argument("--scoring", choices=["magnitude", "weight"], default="magnitude",
                     help="keep by |x| (TEAL) or by |x|*||W[:,i]|| (weight-informed, WINA)")
+    ap.add_argument("--calibration", choices=["dense", "sequential"], default="dense",
+                    help="thresholds from the dense model's histograms (TEAL), or re-derived on "
+                         "the sparsified model's own activations (measured sparsity = target)")
+    ap.add_argument("--calib_text", type=Path, default=None,
+                    help="calibration text for --calibration sequential "
+                         "(default: ../shared/data/wikitext-2-valid-tokenized.txt)")
+    ap.add_argument("--calib_tokens", type=int, default=8192,
+                    help="calibration tokens for --calibration sequential")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (CUDA graphs on GPU)")
     ap.add_argument("--device", default=default_device(), help="cpu or cuda")
@@ -265,7 +292,8 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     model, meta = load_sparse_model(args.checkpoint_path, device, DTYPES[args.dtype],
-                                    args.sparsity, args.thresholds, args.allocation, args.scoring)
+                                    args.sparsity, args.thresholds, args.allocation, args.scoring,
+                                    args.calibration, args.calib_text, args.calib_tokens)
     if rank is not None:
         try:
             apply_tp(model)
@@ -276,7 +304,7 @@ def main(argv=None) -> None:
     model.eval()
     out(f"Loaded {args.checkpoint_path} ({args.dtype}, {device}) in "
         f"{time.perf_counter() - t0:.2f} s; sparsity {args.sparsity:.0%} "
-        f"({args.allocation}, {args.scoring})", file=sys.stderr)
+        f"({args.allocation}, {args.scoring}, {args.calibration} calibration)", file=sys.stderr)
 
     from teal.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(Path(args.checkpoint_path).parent, meta)
@@ -337,6 +365,12 @@ def main(argv=None) -> None:
     if eff:
         parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)
         out(f"Effective sparsity (generated tokens): {parts}")
+        sizes = {}
+        for _, proj, lin in model.sparse_linears():
+            sizes[proj] = sizes.get(proj, 0) + lin.weight.numel()
+        total = sum(sizes.values())
+        pw = sum(eff.get(p, 0.0) * n for p, n in sizes.items()) / total
+        out(f"Parameter-weighted model-level sparsity: {pw:.1%} (target {args.sparsity:.0%})")
     if rank is not None:
         from tp import destroy
         destroy()
