@@ -171,8 +171,10 @@ def measure_effective_sparsity(model, ids: Tensor, prompt_len: int, aggregate=No
                 c += lin.counts.cpu()
         return counts
 
-    try:
-        full = run(ids)
+    if ids.numel() - 1 <= prompt_len:
+        return {}  # no decode step ran (only the prefill's token)
+    try:  # decode steps consumed positions prompt_len .. len-2 (the last token is never fed)
+        full = run(ids[:-1])
         pre = run(ids[:prompt_len])
     finally:
         teal.configure(model, sparsify_prefill=False, track=False)
@@ -242,6 +244,53 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
     return model, meta
 
 
+def _interactive_prompts():
+    """Prompts read from stdin until an empty line or end of input."""
+    while True:
+        try:
+            line = input("Prompt: ")
+        except EOFError:
+            return
+        if not line:
+            return
+        yield line
+
+
+def _load_tokenizer(checkpoint_path):
+    """The checkpoint's tokenizer, or a one-line error (missing/corrupt files)."""
+    from teal.checkpoint import CheckpointError, load_checkpoint
+    from teal.tokenizer import load_tokenizer
+    try:
+        meta = load_checkpoint(checkpoint_path).get("meta", {})
+    except CheckpointError as e:
+        fail(str(e))
+    try:
+        return load_tokenizer(Path(checkpoint_path).parent, meta)
+    except Exception as e:  # noqa: BLE001 - any tokenizer-library failure is a bad file
+        fail(f"cannot load the tokenizer next to {checkpoint_path} ({e}); "
+             f"convert the model again")
+
+
+def check_args(args) -> None:
+    """One-line errors for arguments that would otherwise fail deep inside."""
+    if args.max_new_tokens < 1:
+        fail(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        fail(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.top_k < 1:
+        fail(f"--top_k must be at least 1, got {args.top_k}")
+    if not (args.temperature >= 0.0) or args.temperature == float("inf"):
+        fail(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.calib_tokens < 1:
+        fail(f"--calib_tokens must be at least 1, got {args.calib_tokens}")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; use cpu or cuda")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device} is not supported; use cpu or cuda")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -279,6 +328,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype")
     ap.add_argument("--seed", type=int, default=1234, help="random seed")
     args = ap.parse_args(argv)
+    check_args(args)
 
     from tp import aggregate_counts, apply_tp, is_rank0, maybe_init_dist  # noqa: F401
     rank = maybe_init_dist()
@@ -291,6 +341,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
+    tokenizer = _load_tokenizer(args.checkpoint_path)
     model, meta = load_sparse_model(args.checkpoint_path, device, DTYPES[args.dtype],
                                     args.sparsity, args.thresholds, args.allocation, args.scoring,
                                     args.calibration, args.calib_text, args.calib_tokens)
@@ -306,8 +357,6 @@ def main(argv=None) -> None:
         f"{time.perf_counter() - t0:.2f} s; sparsity {args.sparsity:.0%} "
         f"({args.allocation}, {args.scoring}, {args.calibration} calibration)", file=sys.stderr)
 
-    from teal.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(Path(args.checkpoint_path).parent, meta)
     stop_ids = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id}) - {None}
 
     decode_fn = decode_one_token
@@ -319,13 +368,16 @@ def main(argv=None) -> None:
         else:
             decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
-    prompts = iter(lambda: input("Prompt: "), "") if args.interactive else \
-        [args.prompt] * args.num_samples
+    prompts = _interactive_prompts() if args.interactive else [args.prompt] * args.num_samples
     warmup = args.compile and not args.interactive
     stats = []
     for i, prompt_text in enumerate(prompts):
         text = tokenizer.apply_chat_template(prompt_text) if args.chat else prompt_text
         ids = tokenizer.encode(text)
+        if not ids:
+            if args.interactive:
+                continue
+            fail("the prompt is empty; pass --prompt TEXT")
         if len(ids) + args.max_new_tokens > model.config.block_size:
             fail(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
                  f"the context length {model.config.block_size}; shorten one of them")
@@ -338,7 +390,7 @@ def main(argv=None) -> None:
                            args.top_k, stop_ids)
         new_ids = seq[len(ids):].tolist()
         out(tokenizer.decode(new_ids) if args.chat else text + tokenizer.decode(new_ids))
-        tok_s = tm["decode_tokens"] / tm["decode_s"] if tm["decode_s"] > 0 else float("nan")
+        tok_s = tm["decode_tokens"] / tm["decode_s"] if tm["decode_tokens"] else float("nan")
         stats.append((tok_s, tm, seq, len(ids)))
         out(f"\n[sample {i + 1}] {tm['decode_tokens'] + 1} tokens, prefill {tm['prefill_s']:.3f} s,"
             f" decode {tok_s:.2f} tokens/s", file=sys.stderr)
@@ -358,9 +410,13 @@ def main(argv=None) -> None:
         mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (process RSS)"
     med = sorted(s[0] for s in stats)[len(stats) // 2]
     out("\n" + "-" * 60)
-    out(f"Decode: {med:.2f} tokens/s (median of {len(stats)}), "
-        f"{gbytes * med:.2f} GB/s achieved on {gbytes:.3f} GB read per token"
-        + (" (per rank)" if rank is not None else ""))
+    if med == med:  # not NaN: at least one decode step ran
+        out(f"Decode: {med:.2f} tokens/s (median of {len(stats)}), "
+            f"{gbytes * med:.2f} GB/s achieved on {gbytes:.3f} GB read per token"
+            + (" (per rank)" if rank is not None else ""))
+    else:
+        out("Decode: no decode step ran (the prefill made the only token); "
+            "use --max_new_tokens 2 or more")
     out(f"Peak memory: {mem}")
     if eff:
         parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)

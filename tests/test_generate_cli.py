@@ -83,3 +83,36 @@ def test_missing_thresholds_names_calibrate(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="calibrate.py"):
         _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5,
              "--thresholds", tmp_path / "none.safetensors")
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--max_new_tokens", "0", "--max_new_tokens must be at least 1"),
+    ("--max_new_tokens", "-3", "--max_new_tokens must be at least 1"),
+    ("--num_samples", "0", "--num_samples must be at least 1"),
+    ("--top_k", "0", "--top_k must be at least 1"),
+    ("--temperature", "nan", "--temperature must be a finite number"),
+    ("--device", "foo", "unknown --device"),
+    ("--prompt", "", "the prompt is empty"),
+])
+def test_bad_arguments_one_line(tiny_ckpt, flag, value, msg):
+    with pytest.raises(SystemExit, match=msg):
+        generate.main(["--checkpoint_path", str(tiny_ckpt / "model.pth"), flag, value])
+
+
+def test_missing_tokenizer(tiny_ckpt, tmp_path):
+    shutil.copy(tiny_ckpt / "model.pth", tmp_path / "model.pth")
+    with pytest.raises(SystemExit, match="tokenizer"):
+        _run("--checkpoint_path", tmp_path / "model.pth")
+
+
+def test_interactive_ends_at_eof(tiny_ckpt, monkeypatch, capsys):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    _run("--checkpoint_path", tiny_ckpt / "model.pth", "--interactive", "--max_new_tokens", 3,
+         "--temperature", 0)
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_single_new_token_reports_no_decode(tiny_ckpt, capsys):
+    _run("--checkpoint_path", tiny_ckpt / "model.pth", "--max_new_tokens", 1, "--sparsity", 0.5)
+    assert "no decode step ran" in capsys.readouterr().out
