@@ -24,10 +24,19 @@ DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-valid-tokenize
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for on/off flags (a "(default: True)" on --no-x misleads)."""
+
+    def _get_help_string(self, action):
+        if isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from teal.checkpoint import DEFAULT_CHECKPOINT
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT,
                    help="calibration text (never the evaluation text)")
@@ -40,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None,
                    help="thresholds file (default: thresholds.safetensors next to the checkpoint)")
     p.add_argument("--no-weighted", dest="weighted", action="store_false",
-                   help="skip the weight-informed (WINA) score histograms")
+                   help="skip the weight-informed (WINA) score histograms (default: they are "
+                        "collected)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true",
                    help="also run the block-wise greedy allocation (writes greedy.json)")
@@ -60,6 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="greedy allocation file (default: greedy.json next to the thresholds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    for flag, value in (("--max_tokens", args.max_tokens), ("--seq_len", args.seq_len),
+                        ("--min_tokens", args.min_tokens), ("--greedy-tokens", args.greedy_tokens),
+                        ("--greedy-seq-len", args.greedy_seq_len),
+                        ("--greedy-positions", args.greedy_positions)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if not 0.0 < args.greedy_step < 1.0:
+        p.error(f"--greedy-step must be in (0, 1), got {args.greedy_step}")
     if args.output is None:
         args.output = args.checkpoint_path.parent / "thresholds.safetensors"
     if args.greedy_output is None:
@@ -67,6 +85,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.min_tokens is None:
         args.min_tokens = min(args.seq_len, args.max_tokens)
     return args
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Cheap checks of the input/output paths, before the model is loaded (one-line errors)."""
+    from teal.calibration import check_text_file
+    from teal.paths import check_output_file
+    check_text_file(args.text)
+    if not args.greedy_only:
+        check_output_file(args.output, "--output")
+    if args.greedy or args.greedy_only:
+        check_output_file(args.greedy_output, "--greedy-output")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -105,14 +134,18 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    from teal.calibration import TextTooShortError
+    from teal.calibration import TextFileError, TextTooShortError
     from teal.checkpoint import CheckpointError
+    from teal.greedy import AllocationError
+    from teal.paths import OutputPathError
     from teal.thresholds import ThresholdsError
 
     args = parse_args(argv)
     try:
+        check_paths(args)
         run(args)
-    except (CheckpointError, ThresholdsError, TextTooShortError, FileNotFoundError) as e:
+    except (CheckpointError, ThresholdsError, TextTooShortError, TextFileError, OutputPathError,
+            AllocationError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

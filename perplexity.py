@@ -74,6 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.seq_len < 1:
+        p.error(f"--seq_len must be >= 1, got {args.seq_len}")
+    if args.max_tokens < 2:
+        p.error(f"--max_tokens must be >= 2 (perplexity needs a token to predict), "
+                f"got {args.max_tokens}")
+    if args.start_token < 0:
+        p.error(f"--start_token must be >= 0, got {args.start_token}")
+    if args.calib_tokens < 1:
+        p.error(f"--calib_tokens must be >= 1, got {args.calib_tokens}")
+    if any(t < 1 for t in args.report_tokens):
+        p.error(f"--report_tokens must be >= 1, got {args.report_tokens}")
     if args.thresholds is None:
         args.thresholds = args.checkpoint_path.parent / "thresholds.safetensors"
     if args.greedy is None:
@@ -88,6 +99,15 @@ def configurations(args) -> list[tuple[float, str, str, str]]:
     rows += [(s, a, sc, c) for c, s, a, sc in itertools.product(
         args.calibration, sorted(set(args.sparsity) - {0.0}), args.allocation, args.scoring)]
     return rows
+
+
+def check_paths(args) -> None:
+    """Cheap checks of the input/output paths, before the model is loaded (one-line errors)."""
+    from teal.calibration import check_text_file
+    from teal.paths import check_output_file
+    check_text_file(args.text)
+    if args.output is not None:
+        check_output_file(args.output, "--output")
 
 
 def run(args) -> list[dict]:
@@ -111,7 +131,9 @@ def run(args) -> list[dict]:
     ids = load_token_ids(args.text, args.checkpoint_path, meta)[args.start_token:]
     n = min(ids.numel(), args.max_tokens)
     if n < 2:
-        raise ValueError(f"{args.text} has fewer than 2 tokens")
+        raise ValueError(f"{args.text} has {ids.numel()} tokens after --start_token "
+                         f"{args.start_token}; need at least 2 (lower --start_token or use a "
+                         f"longer text)")
     seq_len = min(args.seq_len, model.config.block_size)
     print(f"{args.text}: tokens {args.start_token}..{args.start_token + n}, {-(-n // seq_len)} "
           f"windows of {seq_len}, {args.dtype} on {args.device}", flush=True)
@@ -173,10 +195,14 @@ def _format_row(row: dict, rec: dict) -> str:
 
 def _write_json(args, seq_len: int, results: list) -> None:
     tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text(json.dumps(dict(checkpoint=str(args.checkpoint_path), text=str(args.text),
-                                   thresholds=str(args.thresholds), seq_len=seq_len,
-                                   dtype=args.dtype, results=results), indent=1))
-    os.replace(tmp, args.output)
+    try:
+        tmp.write_text(json.dumps(dict(checkpoint=str(args.checkpoint_path), text=str(args.text),
+                                       thresholds=str(args.thresholds), seq_len=seq_len,
+                                       dtype=args.dtype, results=results), indent=1))
+        os.replace(tmp, args.output)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def main(argv=None) -> int:
@@ -186,9 +212,9 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
+        check_paths(args)
         run(args)
-    except (CheckpointError, ThresholdsError, TextTooShortError, FileNotFoundError,
-            ValueError) as e:
+    except (CheckpointError, ThresholdsError, TextTooShortError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

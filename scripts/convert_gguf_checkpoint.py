@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -74,6 +75,10 @@ def open_gguf(path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises many kinds on a bad file
+        if "reshape" in str(e) or isinstance(e, (EOFError, IndexError)):
+            # a tensor's data runs past the end of the file
+            raise GGUFError(f"{path} is truncated or corrupt; download it again "
+                            f"({e.__class__.__name__}: {e})") from None
         raise GGUFError(f"{path} is not a readable GGUF file "
                         f"({e.__class__.__name__}: {e})") from None
 
@@ -167,7 +172,14 @@ def dequantize_tensor(t) -> np.ndarray:
     except NotImplementedError:
         raise GGUFError(f"tensor {t.name}: quantization {t.tensor_type.name} cannot be "
                         f"dequantized by this gguf version") from None
-    return np.asarray(arr, dtype=np.float32).reshape(shape)
+    except ValueError as e:  # e.g. a reshape of a short (truncated) data block
+        raise GGUFError(f"the GGUF file is truncated or corrupt; download it again (tensor "
+                        f"{t.name}: {e})") from None
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.size != int(np.prod(shape)):
+        raise GGUFError(f"the GGUF file is truncated or corrupt; download it again (tensor "
+                        f"{t.name} has {arr.size} values, expected {shape})")
+    return arr.reshape(shape)
 
 
 def iter_state_dict(reader, dtype: torch.dtype = torch.float32,
@@ -200,6 +212,36 @@ def check_shapes(sd: dict, args: dict) -> None:
     for k, shape in want.items():
         if tuple(sd[k].shape) != shape:
             raise GGUFError(f"tensor {k} has shape {tuple(sd[k].shape)}, expected {shape}")
+    extra = [k for k in sd if k not in want]
+    if extra:
+        layers = {int(m.group(1)) for k in extra if (m := re.match(r"layers\.(\d+)\.", k))}
+        if layers:
+            raise GGUFError(f"the weights have {max(layers) + 1} layers but the config says "
+                            f"{args['n_layer']} (extra tensors such as {extra[0]!r}); the "
+                            f"GGUF is inconsistent, download it again")
+        raise GGUFError(f"GGUF has unexpected tensors {extra[:3]} for its config")
+    check_against_model(sd, args)
+
+
+def check_against_model(sd: dict, args: dict) -> None:
+    """The state dict has exactly the keys and shapes of `model.Transformer(ModelArgs(args))`
+    (built on the meta device). Raises GGUFError naming the first mismatch."""
+    from model import ModelArgs, Transformer
+    try:
+        margs = ModelArgs.from_dict(args)
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in Transformer(margs).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - ZeroDivisionError, ValueError, RuntimeError, ...
+        raise GGUFError(f"the GGUF config is invalid ({e.__class__.__name__}: {e})") from None
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    if missing or unexpected:
+        raise GGUFError(f"GGUF tensors do not match the model of its config (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise GGUFError(f"tensor {k} has shape {tuple(sd[k].shape)}, the model of its "
+                            f"config expects {shape}")
 
 
 def gguf_state_dict(reader, args: dict, dtype: torch.dtype = torch.float32,
@@ -321,6 +363,15 @@ def write_checkpoint_and_tokenizer(out_dir, config: dict, sd: dict, meta: dict,
     return ckpt_path
 
 
+def check_out_dir(out_dir, flag: str = "--out-dir") -> None:
+    """Raise GGUFError (one line) unless `out_dir` is or can be created as a writable folder."""
+    from teal.paths import OutputPathError, check_output_dir
+    try:
+        check_output_dir(out_dir, flag)
+    except OutputPathError as e:
+        raise GGUFError(str(e)) from None
+
+
 def convert_gguf(gguf_path, out_dir=None, name: Optional[str] = None,
                  dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
     """Convert a GGUF file; returns the path of the written model.pth.
@@ -336,12 +387,15 @@ def convert_gguf(gguf_path, out_dir=None, name: Optional[str] = None,
         GGUFError: unreadable file, unsupported architecture/tensor/tokenizer.
     """
     gguf_path = Path(gguf_path)
+    if out_dir is not None:
+        check_out_dir(out_dir)
     reader = open_gguf(gguf_path)
     md = read_metadata(reader)
     tensor_names = {t.name for t in reader.tensors}
     args = model_args_from_metadata(md, tensor_names)
     name = name or default_name(gguf_path)
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / name
+    check_out_dir(out_dir)
     tok_text = build_tokenizer(md).to_str()
     sd = gguf_state_dict(reader, args, dtype, progress)
     meta = {"name": name, "source": str(gguf_path.name), "source_format": "gguf",
@@ -367,8 +421,11 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     try:
         path = convert_gguf(a.gguf, a.out_dir, a.name, DTYPES[a.dtype], not a.no_progress)
-    except GGUFError as e:
+    except (GGUFError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"wrote {path} and {path.parent / 'tokenizer.json'}")
 
 

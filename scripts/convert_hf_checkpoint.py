@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-from scripts.convert_gguf_checkpoint import check_shapes, write_checkpoint_and_tokenizer
+from scripts.convert_gguf_checkpoint import (check_out_dir, check_shapes,
+                                             write_checkpoint_and_tokenizer)
 from teal.tokenizer import chat_template_kind
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -108,6 +110,13 @@ def model_args_from_config(cfg: dict) -> dict:
         )
     except KeyError as e:
         raise HFConversionError(f"config.json lacks {e.args[0]!r}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise HFConversionError(f"config.json has an invalid model size ({e}); download the "
+                                f"folder again") from None
+    if min(args["n_layer"], args["n_head"], args["dim"], args["vocab_size"],
+           args["intermediate_size"], args["n_local_heads"], args["head_dim"]) < 1:
+        raise HFConversionError("config.json has a zero or negative model size "
+                                "(num_hidden_layers, hidden_size, ...); download the folder again")
     # transformers < 5: rope_theta + rope_scaling; >= 5: rope_parameters (may hold both).
     rope = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
@@ -332,11 +341,18 @@ def convert_hf(folder, out_dir=None, name: Optional[str] = None,
     if not folder.is_dir():
         raise HFConversionError(f"{folder} is not a folder")
     cfg = _read_json(folder / "config.json")
+    if not isinstance(cfg, dict):
+        raise HFConversionError(f"{folder / 'config.json'} is not a JSON object (got "
+                                f"{type(cfg).__name__}); download the folder again")
     args = model_args_from_config(cfg)
     default_name, default_dir = default_name_and_dir(folder)
     name = name or default_name
     out_dir = Path(out_dir) if out_dir is not None else (
         default_dir if name == default_name else Path("checkpoints") / name)
+    try:
+        check_out_dir(out_dir)
+    except ValueError as e:
+        raise HFConversionError(str(e)) from None
     tok_files, tok_meta = tokenizer_files_and_meta(folder, cfg)
     sd = hf_state_dict(folder, args, dtype, progress)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
@@ -362,8 +378,11 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     try:
         path = convert_hf(a.folder, a.out_dir, a.name, DTYPES[a.dtype], not a.no_progress)
-    except HFConversionError as e:
+    except (HFConversionError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"wrote {path}")
 
 

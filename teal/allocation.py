@@ -81,7 +81,8 @@ def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "
             greedy = Path(checkpoint_dir) / "greedy.json"
         if greedy is None:
             raise AllocationError("allocation 'greedy' needs a greedy.json; create it with "
-                                  "`python calibrate.py --greedy-only`")
+                                  "`python calibrate.py --checkpoint_path <model.pth> "
+                                  "--greedy-only`")
         if not isinstance(greedy, GreedyAllocation):
             greedy = GreedyAllocation.load(greedy)
         greedy.check_model(model.config.to_dict())

@@ -36,6 +36,19 @@ class TextTooShortError(ValueError):
     """The text has fewer tokens than a run needs."""
 
 
+class TextFileError(ValueError):
+    """A text file that is missing, a directory, or not UTF-8 text."""
+
+
+def check_text_file(text_path, flag: str = "--text") -> None:
+    """Raise TextFileError (one line) unless `text_path` is an existing regular file."""
+    path = Path(text_path)
+    if not path.exists():
+        raise TextFileError(f"{flag} {path} not found; pass an existing text file")
+    if path.is_dir():
+        raise TextFileError(f"{flag} {path} is a directory; pass a text file")
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -225,8 +238,13 @@ def load_token_ids(text_path, checkpoint_path, ckpt_meta: dict) -> Tensor:
 
     `ckpt_meta` is the checkpoint's meta dict (its "tokenizer" record picks the backend)."""
     from teal.tokenizer import load_tokenizer
+    check_text_file(text_path, "text")
     tok = load_tokenizer(Path(checkpoint_path).parent, ckpt_meta)
-    text = Path(text_path).read_text(encoding="utf-8")
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TextFileError(f"text {text_path} is not UTF-8 text (undecodable byte at offset "
+                            f"{e.start}); pass a plain-text file") from None
     return torch.tensor(tok.encode(text, bos=False), dtype=torch.long)
 
 
@@ -244,5 +262,6 @@ def source_meta(text_path, n_tokens: int, **extra) -> dict:
 
 __all__: Sequence[str] = ["collect_histograms", "HistogramCollector", "block_inputs",
                           "token_windows", "column_norms", "projection", "weighted_histograms",
-                          "TextTooShortError", "load_token_ids", "source_meta", "sha256_file",
+                          "TextTooShortError", "TextFileError", "check_text_file", "load_token_ids",
+                          "source_meta", "sha256_file",
                           "rope_and_mask", "check_enough_tokens", "WEIGHTED_KEY"]

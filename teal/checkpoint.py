@@ -50,15 +50,36 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
         hint = PREPARE_HINT if path.parts[-2:] == DEFAULT_CHECKPOINT.parts[-2:] else \
             "convert one with scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py"
         raise CheckpointError(f"checkpoint {path} not found; {hint}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the model.pth file "
+                              f"inside it (e.g. {path / 'model.pth'})")
+    convert = "scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"{path} is not a teal-fast checkpoint (not a torch.save "
+                                  f"file); pass a model.pth converted with {convert}") from None
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
                               f"({e.__class__.__name__}); delete it and convert again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint; convert it with "
-                              f"scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py")
+        raise CheckpointError(f"{path} is not a teal-fast checkpoint ({FORMAT}); convert it "
+                              f"with {convert}")
+    for key, kind in (("config", dict), ("state_dict", dict)):
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"checkpoint {path} has no valid {key!r} entry; "
+                                  f"delete it and convert again with {convert}")
     return ckpt
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Does the file start like a torch.save file (zip archive or legacy pickle)?"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return head[:2] == b"PK" or head[:1] == b"\x80" or head == b""
 
 
 def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
@@ -73,9 +94,13 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
     from teal.sparse_linear import to_kernel_layout
 
     ckpt = load_checkpoint(path)
-    args = ModelArgs.from_dict(ckpt["config"])
-    with torch.device("meta"):
-        model = Transformer(args)
+    try:
+        args = ModelArgs.from_dict(ckpt["config"])
+        with torch.device("meta"):
+            model = Transformer(args)
+    except Exception as e:  # noqa: BLE001 - ZeroDivisionError, ValueError, TypeError, ...
+        raise CheckpointError(f"checkpoint {path} has an invalid config "
+                              f"({e.__class__.__name__}: {e}); convert it again") from None
     sd = ckpt["state_dict"]
     if args.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "output.weight"}

@@ -84,7 +84,8 @@ class GreedyAllocation:
             AllocationError: missing, unreadable or malformed file (the fix in the message).
         """
         path = Path(path)
-        fix = "create it with `python calibrate.py --greedy-only`"
+        fix = ("create it with "
+               "`python calibrate.py --checkpoint_path <model.pth> --greedy-only`")
         if not path.exists():
             raise AllocationError(f"greedy allocation file {path} not found; {fix}")
         try:
@@ -113,7 +114,8 @@ class GreedyAllocation:
                  if mine.get(k) != model_args.get(k)]
         if diffs:
             raise AllocationError(f"greedy allocation {path} was made for another model "
-                                  f"({'; '.join(diffs)}); re-run `calibrate.py --greedy-only` "
+                                  f"({'; '.join(diffs)}); re-run `python calibrate.py "
+                                  f"--checkpoint_path <model.pth> --greedy-only` "
                                   f"for this checkpoint")
 
     def targets(self, scoring: str) -> list[float]:
@@ -123,7 +125,9 @@ class GreedyAllocation:
         if scoring not in self.allocations:
             raise AllocationError(f"the greedy allocation file has no '{scoring}' scoring "
                                   f"(has: {', '.join(self.allocations) or 'none'}); re-run "
-                                  f"`calibrate.py --greedy-only --greedy-scoring {scoring}`")
+                                  f"`python calibrate.py --checkpoint_path <model.pth> "
+                                  f"--greedy-only "
+                                  f"--greedy-scoring {scoring}`")
         return self.allocations[scoring]
 
     def sparsities(self, scoring: str, target: float) -> list[list[float]]:

@@ -72,7 +72,8 @@ def histogram_quantile(hist: Tensor, s: float, lo: float, hi: float) -> float:
     h = hist.double().cpu()
     total = h.sum().item()
     if total <= 0:
-        raise ValueError("empty histogram")
+        raise ValueError("empty histogram (calibrated on 0 tokens?); re-run calibrate.py with "
+                         "--max_tokens >= 1")
     cdf = torch.cumsum(h, 0) / total
     i = int(torch.searchsorted(cdf, torch.tensor([s], dtype=cdf.dtype)).item())
     i = min(i, h.numel() - 1)
@@ -118,9 +119,17 @@ class Calibration:
         h += local.cpu()
 
     def threshold(self, layer: int, input_name: str, sparsity: float) -> float:
-        """Threshold giving `sparsity` on the calibration distribution of that input."""
-        return histogram_quantile(self.hist[layer, INPUTS.index(input_name)], sparsity,
-                                  self.bins["lo"], self.bins["hi"])
+        """Threshold giving `sparsity` on the calibration distribution of that input.
+
+        Raises:
+            ThresholdsError: the histogram is empty (a calibration on no tokens).
+        """
+        h = self.hist[layer, INPUTS.index(input_name)]
+        if sparsity > 0 and float(h.double().sum()) <= 0:
+            raise ThresholdsError(f"the thresholds histogram of layer {layer} {input_name} is "
+                                  f"empty (calibrated on 0 tokens?); re-run calibrate.py with "
+                                  f"--max_tokens >= 1")
+        return histogram_quantile(h, sparsity, self.bins["lo"], self.bins["hi"])
 
     def save(self, path) -> None:
         """Write atomically (temp file + rename) as safetensors with JSON metadata."""
@@ -131,6 +140,7 @@ class Calibration:
         tmp = path.with_name(path.name + ".tmp")
         try:
             save_file(tensors, str(tmp), metadata={"teal": json.dumps(self.meta)})
+            _chmod_default(tmp)  # safetensors writes 0600; use the umask default like open()
             os.replace(tmp, path)
         finally:
             if tmp.exists():
@@ -161,8 +171,9 @@ class Calibration:
                                   f"re-run calibrate.py")
         hist = tensors.pop("hist")
         calib = cls(hist, meta, tensors)
-        if model_args is not None:
+        if model_args is not None:  # "made for another model" is the more useful message
             calib.check_model(model_args, path)
+        _check_histograms(hist, meta, path)
         return calib
 
     def check_model(self, model_args: dict, path="thresholds") -> None:
@@ -176,6 +187,44 @@ class Calibration:
         if diffs:
             raise ThresholdsError(f"thresholds file {path} was made for another model "
                                   f"({'; '.join(diffs)}); re-run calibrate.py for this checkpoint")
+
+
+def _chmod_default(path) -> None:
+    """Give `path` the mode a plain open() would (0o666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _check_histograms(hist: Tensor, meta: dict, path) -> None:
+    """Raise ThresholdsError unless `hist` is (n_layer, 4, bins.n), finite, non-negative and
+    every histogram has counts, and `meta["bins"]` is a valid {lo, hi, n}."""
+    fix = "delete it and re-run calibrate.py"
+    bins = meta.get("bins")
+    try:
+        lo, hi, n = float(bins["lo"]), float(bins["hi"]), int(bins["n"])
+        ok = 0 < lo < hi and n >= 1 and math.isfinite(hi)
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ThresholdsError(f"thresholds file {path} has no valid `bins` metadata "
+                              f"({bins!r}); {fix}")
+    n_layer = meta.get("n_layer")
+    want = (n_layer, len(INPUTS), n)
+    if tuple(hist.shape) != want:
+        raise ThresholdsError(f"thresholds file {path} has histograms of shape "
+                              f"{tuple(hist.shape)}, expected {want} (n_layer, inputs, bins); "
+                              f"{fix}")
+    h = hist.double()
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+        raise ThresholdsError(f"thresholds file {path} has negative or non-finite histogram "
+                              f"counts; {fix}")
+    empty = (h.sum(-1) <= 0).nonzero().tolist()
+    if empty:
+        layer, i = empty[0]
+        raise ThresholdsError(f"thresholds file {path} has an empty histogram (layer {layer} "
+                              f"{INPUTS[i]}, {len(empty)} empty in all; calibrated on 0 tokens?);"
+                              f" re-run calibrate.py with --max_tokens >= 1")
 
 
 def apply_uniform_sparsity(model, calib: Calibration, sparsity: float) -> dict:

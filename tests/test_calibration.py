@@ -172,6 +172,76 @@ def test_calibrate_cli_interrupt_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["model.pth", "tokenizer.json"]
 
 
+@pytest.mark.parametrize("flag,value", [("--max_tokens", "0"), ("--max_tokens", "-5"),
+                                        ("--seq_len", "0")])
+def test_calibrate_cli_rejects_nonpositive_counts(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        _calibrate_cli(tmp_path, 300, flag, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt" / "thresholds.safetensors").exists()
+
+
+def test_calibrate_cli_bad_paths(tmp_path, capsys, monkeypatch):
+    import teal.checkpoint
+    loads = []
+    monkeypatch.setattr(teal.checkpoint, "load_model",
+                        lambda *a, **kw: loads.append(1) or (_ for _ in ()).throw(AssertionError))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    for out, needle in ((tmp_path / "missing" / "t.safetensors", "does not exist"),
+                        (tmp_path / "afile" / "t.safetensors", "is a file"),
+                        (tmp_path / "adir", "is a directory")):
+        _, _, _, rc = _calibrate_cli(tmp_path, 300, "--output", str(out))
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and needle in err, err
+    assert loads == []  # failed before loading the model
+    monkeypatch.undo()
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc" * 10)
+    for text, needle in ((tmp_path / "adir", "is a directory"), (tmp_path / "bin.txt", "UTF-8")):
+        _, _, _, rc = _calibrate_cli(tmp_path, 300, "--text", str(text))
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_calibrate_help_and_greedy_hint():
+    import subprocess
+    import sys
+    from pathlib import Path
+    from teal.greedy import AllocationError, GreedyAllocation
+    root = Path(calibrate.__file__).parent
+    out = subprocess.run([sys.executable, str(root / "calibrate.py"), "--help"],
+                         capture_output=True, text=True, cwd=root).stdout
+    assert "(default: True)" not in out and "(default: False)" not in out
+    with pytest.raises(AllocationError, match=r"--checkpoint_path <model\.pth> --greedy-only"):
+        GreedyAllocation.load(root / "no-such-greedy.json")
+
+
+def test_thresholds_file_validated_and_mode(tmp_path, calibrated):
+    import os
+    _, _, calib = calibrated
+    good = tmp_path / "t.safetensors"
+    calib.save(good)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (good.stat().st_mode & 0o777) == 0o666 & ~umask
+    bad_cases = {
+        "empty": Calibration(torch.zeros_like(calib.hist), dict(calib.meta)),
+        "negative": Calibration(-calib.hist, dict(calib.meta)),
+        "shape": Calibration(calib.hist[:, :, :100].clone(), dict(calib.meta)),
+        "nobins": Calibration(calib.hist, {k: v for k, v in calib.meta.items() if k != "bins"}),
+    }
+    for name, c in bad_cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        c.save(path)
+        with pytest.raises(ThresholdsError, match=r"re-run calibrate\.py") as e:
+            Calibration.load(path)
+        assert str(path) in str(e.value), name
+    with pytest.raises(ValueError, match="empty histogram.*calibrate.py"):
+        teal.thresholds.histogram_quantile(torch.zeros(10), 0.5, 1e-7, 1e5)
+
+
 @pytest.mark.parametrize("scoring", ["magnitude", "weight"])
 def test_sequential_calibration_hits_target_in_sparse_model(calibrated, scoring):
     """After calibrate_sequentially, the sparsified model zeroes the target fraction of every

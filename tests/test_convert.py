@@ -442,3 +442,67 @@ def test_prepare_is_idempotent_and_explains_missing_text(smollm2, tmp_path):
         prepare.find_calib_text(tmp_path / "nope.txt")
     assert_one_line_error(run_cli("prepare.py", "--calib-text", tmp_path / "nope.txt"),
                           "--calib-text")
+
+
+# ----------------------------------------------------------------------------- more bad input
+
+def test_gguf_bad_out_dir(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf")
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        r = run_cli("convert_gguf_checkpoint.py", tmp_path / "m.gguf", "--out-dir", out,
+                    "--no-progress")
+        assert_one_line_error(r, "is a file, not a folder")
+
+
+def test_gguf_truncated_tensor_data(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf")
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[: len(data) - 600])
+    r = run_cli("convert_gguf_checkpoint.py", tmp_path / "t.gguf", "--out-dir", tmp_path / "o",
+                "--no-progress")
+    assert_one_line_error(r)
+    assert "truncated or corrupt; download it again" in r.stderr
+    assert not (tmp_path / "o" / "model.pth").exists()
+
+
+def test_gguf_cli_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    import scripts.convert_gguf_checkpoint as cg
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cg, "convert_gguf", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cg.main([str(tmp_path / "m.gguf")])
+    assert e.value.code == 130 and "interrupted; nothing written" in capsys.readouterr().err
+
+
+def test_hf_weights_disagree_with_config(tmp_path, smollm2):
+    folder = tmp_path / "hf29"
+    _tiny_hf_model(folder, smollm2.folder / "tokenizer.json")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    r = run_cli("convert_hf_checkpoint.py", folder, "--out-dir", tmp_path / "o", "--no-progress")
+    assert_one_line_error(r, "2 layers", "config says 1")
+    assert not (tmp_path / "o" / "model.pth").exists()
+    (folder / "config.json").write_text("[1, 2]")
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "not a JSON object")
+    (folder / "config.json").write_text(json.dumps(dict(cfg, num_attention_heads=0)))
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "config.json")
+
+
+def test_checkpoint_wrong_kinds_of_file(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory; pass the model.pth"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {}}')
+    with pytest.raises(CheckpointError, match="not a teal-fast checkpoint"):
+        load_checkpoint(tmp_path / "tokenizer.json")
+    torch.save({"format": "teal-fast/1", "config": {}}, tmp_path / "nosd.pth")
+    with pytest.raises(CheckpointError, match="state_dict"):
+        load_checkpoint(tmp_path / "nosd.pth")
+    path = _tiny_checkpoint(tmp_path / "model.pth")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["n_head"] = 0
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="invalid config"):
+        load_model(path)

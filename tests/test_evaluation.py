@@ -143,6 +143,27 @@ def test_perplexity_cli_missing_thresholds(tmp_path, capsys):
     assert "calibrate.py" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--seq_len", "0"), ("--max_tokens", "1"),
+                                        ("--start_token", "-3")])
+def test_perplexity_cli_rejects_bad_counts(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        perplexity_cli.parse_args([flag, value])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_perplexity_cli_output_is_a_directory(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model())
+    text = write_text(tmp_path / "t.txt", 50)
+    out = tmp_path / "resdir"
+    out.mkdir()
+    rc = perplexity_cli.main(["--checkpoint_path", str(ckpt), "--text", str(text), "--seq_len",
+                              str(SEQ), "--quiet", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "is a directory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "resdir", "t.txt"]
+
+
 def test_smollm2_dense_and_sparse_perplexity(smollm2):
     """The real default model on a short slice of WikiText-2 raw test (calibrated on the
     validation text): sane dense perplexity, moderate increase at 50%, sparsity on target."""
