@@ -29,7 +29,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
-_BLOCK_NAMES = {
+# HF name -> our name (per block, and model-level); export_hf_from_gguf.py inverts them.
+HF_BLOCK_NAMES = {
     "input_layernorm.weight": "attention_norm.weight",
     "self_attn.q_proj.weight": "attention.q_proj.weight",
     "self_attn.k_proj.weight": "attention.k_proj.weight",
@@ -40,7 +41,7 @@ _BLOCK_NAMES = {
     "mlp.up_proj.weight": "feed_forward.up_proj.weight",
     "mlp.down_proj.weight": "feed_forward.down_proj.weight",
 }
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight",
+HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight",
                  "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
 
 
@@ -193,13 +194,13 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def our_name(hf_name: str) -> Optional[str]:
     """Our key of an HF tensor name; None for tensors to drop (rotary inv_freq buffers)."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
+    if hf_name in HF_GLOBAL_NAMES:
+        return HF_GLOBAL_NAMES[hf_name]
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
     parts = hf_name.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _BLOCK_NAMES:
-        return f"layers.{parts[2]}.{_BLOCK_NAMES[parts[3]]}"
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_BLOCK_NAMES:
+        return f"layers.{parts[2]}.{HF_BLOCK_NAMES[parts[3]]}"
     raise HFConversionError(f"unexpected tensor {hf_name!r} (not a plain Llama model?)")
 
 

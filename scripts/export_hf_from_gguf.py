@@ -20,21 +20,11 @@ from scripts.convert_gguf_checkpoint import (DTYPES, GGUFError, atomic_write_byt
                                              build_tokenizer, gguf_state_dict,
                                              model_args_from_metadata, open_gguf, read_metadata,
                                              tokenizer_meta)
-from scripts.convert_hf_checkpoint import interleaved_to_hf
+from scripts.convert_hf_checkpoint import HF_BLOCK_NAMES, HF_GLOBAL_NAMES, interleaved_to_hf
 
-_BLOCK_NAMES = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.q_proj.weight": "self_attn.q_proj.weight",
-    "attention.k_proj.weight": "self_attn.k_proj.weight",
-    "attention.v_proj.weight": "self_attn.v_proj.weight",
-    "attention.o_proj.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.gate_proj.weight": "mlp.gate_proj.weight",
-    "feed_forward.up_proj.weight": "mlp.up_proj.weight",
-    "feed_forward.down_proj.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
-                 "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+# our name -> HF name: the inverse of the HF converter's tables
+_BLOCK_NAMES = {ours: hf for hf, ours in HF_BLOCK_NAMES.items()}
+_GLOBAL_NAMES = {ours: hf for hf, ours in HF_GLOBAL_NAMES.items()}
 
 
 def to_hf_state_dict(sd: dict, args: dict) -> dict:
