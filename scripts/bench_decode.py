@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import teal
-from generate import (bytes_per_decode_step, decode_one_token, generate,
+from generate import (bytes_per_decode_step, decode_n_tokens, decode_one_token, generate,
                       measure_effective_sparsity)
 from model import ModelArgs, Transformer
 from teal.thresholds import INPUT_OF, PROJECTIONS, Calibration, apply_uniform_sparsity
@@ -88,6 +88,45 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int) -> list[fl
     return out
 
 
+def _kernel_group(name: str) -> str:
+    n = name.lower()
+    if "sparse_g" in n:
+        return "TEAL sparse GEMV"
+    if any(k in n for k in ("gemv", "gemm", "xmma", "cutlass", "cublas", "splitk")):
+        return "cuBLAS GEMV/GEMM"
+    return "other (norm, RoPE, KV cache, attention, residual, sampling)"
+
+
+@torch.no_grad()
+def profile_decode(model, decode_fn, prompt, steps: int = 16) -> dict:
+    """Per-token GPU time by kernel (torch.profiler over `steps` compiled decode steps).
+
+    Kernels replayed from CUDA graphs are reported by CUPTI like eager ones.  Returns
+    {"groups": {group: us/token}, "kernels": [(name, us/token, launches/token), ...]}.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    seq, _ = generate(model, prompt, 2, decode_fn, temperature=0.0)  # caches stay allocated
+    cur = seq[-1].view(1, 1).clone()
+    pos = torch.tensor([seq.numel() - 1], device=prompt.device, dtype=torch.int)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode_n_tokens(model, cur, pos, steps, decode_fn, 0.0, None)
+        torch.cuda.synchronize()
+    kernels, groups = [], {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = getattr(e, "cuda_time_total", 0.0)
+        if not us or e.key.startswith(("cudaGraph", "cuda")):
+            continue
+        kernels.append((e.key[:90], us / steps, e.count / steps))
+        g = _kernel_group(e.key)
+        groups[g] = groups.get(g, 0.0) + us / steps
+    kernels.sort(key=lambda r: -r[1])
+    return dict(groups=groups, kernels=kernels[:30], steps=steps)
+
+
 def bench_model(name, args, device, dtype, progress) -> list[dict]:
     model = random_model(name, device, dtype, args.n_layer)
     calib = calibrate_random(model, args.calib_tokens, device)
@@ -111,9 +150,20 @@ def bench_model(name, args, device, dtype, progress) -> list[dict]:
             seq, _ = generate(model, prompt, args.new_tokens, decode_one_token, temperature=0.0)
             eff = measure_effective_sparsity(model, seq, prompt.numel())
         gb = bytes_per_decode_step(model, eff) / 1e9
+        prof = None
+        if args.profile is not None and (label == "dense" or s in args.profile):
+            try:
+                prof = profile_decode(model, compiled, prompt)
+            except Exception as e:  # a profiler problem must not lose the timings
+                progress.write(f"profile {name} {label} failed: {e!r}"[:300])
+                prof = dict(groups={}, kernels=[], error=repr(e)[:300])
+            progress.write(f"profile {name} {label}: " + ", ".join(
+                f"{g} {us:.0f} us" for g, us in prof["groups"].items()))
+            for k, us, n in prof["kernels"][:12]:
+                progress.write(f"    {us:8.1f} us/token  {n:5.1f}/token  {k}")
         rows.append(dict(model=name, config=label, target=s, tokens_per_s=med,
                          runs=tps, gb_per_token=gb, gb_per_s=gb * med,
-                         effective_sparsity=eff))
+                         effective_sparsity=eff, profile=prof))
         progress.update(1)
         progress.write(f"{name:18s} {label:>6s}  {med:8.1f} tok/s  {gb * med:7.0f} GB/s")
     del model
@@ -150,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", nargs="*", type=float, default=None,
+                    help="also profile the dense step and these sparsities (kernel time per token)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
 

@@ -10,7 +10,8 @@ call streams its weights from HBM.  GB/s is computed on bytes actually read: act
     python scripts/bench_gemv.py --compare --table-out table.json --json out.json
 
 --sweep: time a grid of block configs per shape (50% sparsity) and print/apply the best.
---compare: round 1 (masked slab loop) vs candidate "compact" configs (kept-row lists) at the
+--compare: round 1 (masked slab loop) vs candidate "dot" configs (round 3: tensor-core tiles with
+  pipelined masked loads) at the
   key Llama-3-8B shapes, 0/50/90% sparsity, each candidate first checked against the float64
   reference; the best per shape (score t0 + 2 t50 + t90) is applied to the table for the
   benchmark that follows (which then also times round 1: column r1_us) and written to
@@ -58,23 +59,23 @@ SPARSITIES = [0.0, 0.25, 0.40, 0.50, 0.65, 0.80, 0.90]
 DEV = "cuda"  # (a CPU dry run of the script logic sets "cpu" with the Triton interpreter)
 
 
-def _cc(bn, bk, nw, ks):
+def _dc(bn, bk, nw, st, waves):
     from teal.kernels.configs import GemvConfig
 
-    return GemvConfig(algo="compact", block_n=bn, block_k=bk, num_warps=nw, ksplit=ks, rchunk=0, acc2d=True)
+    return GemvConfig(algo="dot", block_n=bn, block_k=bk, num_warps=nw, num_stages=st, waves=waves, rchunk=0)
 
 
-# compare: (block_n, block_k, num_warps, ksplit) candidates per key shape (H200 run 3 grid,
-# notes/kernels.md round 2).  CTAs/SM from offline sm_90 register counts.
+# compare: "dot" (round 3) candidates (block_n, block_k, num_warps, num_stages, waves) per key
+# shape.  Round 2's compact candidates are in notes/kernels.md (measured, not adopted).
 CANDIDATES = {
-    "gate_up": [(128, 16, 4, 1024), (128, 16, 4, 512), (64, 32, 4, 1024), (256, 16, 8, 1024),
-                (128, 32, 8, 1024), (256, 16, 8, 512)],
-    "down": [(256, 16, 4, 512), (256, 16, 4, 1024), (512, 16, 8, 512), (512, 16, 8, 256),
-             (128, 32, 4, 1024), (256, 32, 8, 1024), (128, 16, 4, 512)],
-    "qkv": [(256, 16, 4, 256), (256, 16, 4, 512), (128, 32, 4, 512), (512, 16, 8, 256),
-            (128, 16, 4, 1024), (128, 16, 4, 256), (256, 32, 8, 512)],
-    "o": [(256, 16, 4, 256), (256, 16, 4, 128), (128, 32, 4, 512), (128, 32, 4, 256),
-          (512, 16, 8, 128), (256, 32, 8, 256), (128, 16, 4, 256), (128, 16, 4, 128)],
+    "gate_up": [(64, 64, 4, 4, 2), (128, 64, 4, 3, 2), (128, 64, 8, 4, 2), (64, 128, 4, 3, 2),
+                (128, 32, 4, 6, 2), (64, 64, 4, 5, 1), (128, 64, 4, 3, 1), (64, 64, 4, 3, 4)],
+    "down": [(128, 64, 4, 4, 2), (64, 64, 4, 4, 2), (128, 128, 4, 3, 2), (256, 64, 8, 3, 2),
+             (128, 64, 4, 4, 1), (128, 32, 4, 6, 2), (64, 128, 4, 4, 2), (128, 64, 4, 4, 4)],
+    "qkv": [(128, 64, 4, 4, 2), (64, 64, 4, 4, 2), (128, 128, 4, 3, 2), (256, 64, 8, 3, 2),
+            (128, 64, 4, 4, 4), (64, 64, 4, 4, 4), (128, 32, 4, 6, 2), (64, 128, 4, 3, 2)],
+    "o": [(128, 64, 4, 4, 2), (64, 64, 4, 4, 2), (128, 128, 4, 3, 2), (64, 64, 4, 4, 4),
+          (128, 64, 4, 4, 4), (32, 64, 4, 4, 2), (64, 128, 4, 3, 4), (128, 32, 4, 6, 2)],
 }
 # un-swept shapes that take a swept shape's winner (same K-family), re-derived for their grid
 ANALOG = {("llama2-7b", "gate_up"): "gate_up", ("llama2-7b", "down"): "down",
@@ -321,7 +322,7 @@ def compare_candidates():
     cand = {}
     for (model, name, kind, K, arg) in shapes:
         cand[name] = [("r1", C.round1_config(*_key(kind, K, arg)))] + \
-            [(f"c{bn}x{bk}w{nw}k{ks}", _cc(bn, bk, nw, ks)) for (bn, bk, nw, ks) in CANDIDATES[name]]
+            [(f"d{bn}x{bk}w{nw}s{st}v{wv}", _dc(bn, bk, nw, st, wv)) for (bn, bk, nw, st, wv) in CANDIDATES[name]]
     return shapes, cand
 
 
@@ -402,6 +403,9 @@ def run_compare(args, l2, dtype, results, copy_bw):
             continue
         skey = next(k for k, (c, n) in winners.items() if n == src)
         scfg = winners[skey][0]
+        if scfg.algo == "dot":  # grid follows from waves: the config applies as is
+            table[_key(kind, K, arg)] = scfg
+            continue
         if scfg.algo != "compact":
             continue
         sarg = next(s[4] for s in shapes if s[1] == src)
@@ -505,7 +509,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="block-config sweep at 50%% sparsity")
     ap.add_argument("--apply-sweep", action="store_true", help="use sweep winners for the benchmark table")
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--compare", action="store_true", help="round 1 vs compact candidates at key shapes; apply winners")
+    ap.add_argument("--compare", action="store_true", help="round 1 vs dot candidates at key shapes; apply winners")
     ap.add_argument("--table-out", default=None, help="--compare: write the winners' table here (JSON)")
     ap.add_argument("--precompile-only", action="store_true", help="compile the --compare candidates, then exit")
     ap.add_argument("--baseline", action="store_true", help="bench: also time the round-1 config (r1_us)")

@@ -166,11 +166,18 @@ def _kernel_ok(x: Tensor, lin: SparseLinear) -> bool:
 def project(x: Tensor, *linears: SparseLinear) -> tuple[Tensor, ...]:
     """Apply several projections that share the input x (..., K); returns their outputs.
 
-    Uses one fused kernel pass (one threshold per projection) when the projections were fused
-    by `fuse_shared_inputs` and the call is a CUDA decode step; otherwise calls each module.
+    When the projections were fused by `fuse_shared_inputs`: one dense GEMM over the fused
+    buffer when none of them sparsifies x (sparsity off, dense prefill), one fused sparse
+    kernel pass (one threshold per projection) at a CUDA decode step; otherwise calls each
+    module.
     """
     lin0 = linears[0]
     group = lin0._group
+    if (group is not None and group.usable(linears) and not lin0.track
+            and not any(m._is_sparse_for(x) for m in linears)):
+        # dense (sparsity off, or dense prefill): one GEMM/GEMV over the fused buffer
+        y = F.linear(x, group.wt.t())
+        return tuple(y.split(group.sizes, dim=-1))
     if (group is not None and group.usable(linears) and lin0._is_sparse_for(x)
             and all(m.sparse for m in linears) and _kernel_ok(x, lin0) and not lin0.track):
         from teal import kernels

@@ -197,10 +197,17 @@ _VARIANTS = [
     GemvConfig(algo="compact", block_n=32, block_k=8, ksplit=16, acc2d=False, rchunk=2),
     # one range (no split-K), a chunk wider than the range
     GemvConfig(algo="compact", block_n=64, block_k=16, ksplit=128, rchunk=0),
+    # dot (tensor-core tiles, pipelined masked loads): split-K with an odd tail range, a
+    # single range wider than K, and a chunked tail sum
+    GemvConfig(algo="dot", block_n=16, block_k=16, split=3, num_stages=3, rchunk=0),
+    GemvConfig(algo="dot", block_n=32, block_k=32, split=1, num_stages=2),
+    GemvConfig(algo="dot", block_n=16, block_k=16, split=5, num_stages=4, rchunk=2),
 ]
 
 
 def _cfg_id(c):
+    if c.algo == "dot":
+        return f"dot-bn{c.block_n}bk{c.block_k}s{c.split}st{c.num_stages}r{c.rchunk}"
     if c.algo == "compact":
         return f"cmp-bn{c.block_n}bk{c.block_k}ks{c.ksplit}a{int(c.acc2d)}r{c.rchunk}"
     return f"bn{c.block_n}bk{c.block_k}s{c.split}p{c.pipe}a{int(c.acc2d)}"

@@ -32,7 +32,8 @@ class GemvConfig:
     acc2d: bool = True      # 2-D fp32 accumulator, reduced once at the end
     pipe: int = 1           # 0 plain, 1 prefetch next mask, 2 also next weight tile
     waves: float = 4.0      # target programs per SM when split == 0
-    algo: str = "mask"      # "mask": masked slab loop (round 1); "compact": kept-row lists
+    algo: str = "mask"      # "mask": masked slab loop (round 1); "compact": kept-row lists;
+                            # "dot": tensor-core tiles with pipelined masked loads (round 3)
     ksplit: int = 0         # compact: channels per program (power of 2; 0: from waves)
     rchunk: int = 8         # split-K partial rows summed per step by the last program (0: auto)
 

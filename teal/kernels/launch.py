@@ -8,6 +8,7 @@ every launch leaves all-zero (the last-arriving program resets its slot).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -17,8 +18,10 @@ from . import _interp_compat
 from .configs import GemvConfig, cdiv, pick_config, rchunk_for
 from .triton_gemv import (
     sparse_gated_cmp_kernel,
+    sparse_gated_dot_kernel,
     sparse_gated_gemv_kernel,
     sparse_gemv_cmp_kernel,
+    sparse_gemv_dot_kernel,
     sparse_gemv_seg_kernel,
 )
 
@@ -29,6 +32,8 @@ _SMS: dict = {}
 _MIN_COUNTERS = 1 << 16
 _HUGE = 1 << 30
 _I32_LIMIT = 2**31 - 1
+_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DOT_M = 16  # rows of the "dot" algorithm's A operand (smallest MMA tile; x in row 0)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -119,6 +124,18 @@ def launch_segments(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
+    if cfg.algo == "dot":
+        sparse_gemv_dot_kernel[(n_tiles, split)](
+            x, wt, thresholds, part, cnt, out,
+            K, wt.stride(0), stride_ts, stride_tk, kps, split, N,
+            c[0], c[1], c[2], c[3],
+            tfirst[0], tfirst[1], tfirst[2],
+            NUM_SEG=S, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
+            EVEN_N=even_n, BIG=big,
+            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
     sparse_gemv_seg_kernel[(n_tiles, split)](
         x, wt, thresholds, part, cnt, out,
         K, wt.stride(0), stride_ts, stride_tk, kps, split, N,
@@ -162,6 +179,16 @@ def launch_gated(
             PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
             EVEN_N=(F % bn == 0), ACC2D=cfg.acc2d, BIG=big,
             KSPLIT=kps, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+    if cfg.algo == "dot":
+        sparse_gated_dot_kernel[(n_tiles, split)](
+            x, wt, thresholds, part, cnt, out,
+            K, wt.stride(0), thresholds.stride(0), stride_tk, kps, split, F,
+            PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
+            EVEN_N=(F % bn == 0), BIG=big,
+            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out

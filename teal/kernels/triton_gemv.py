@@ -449,3 +449,133 @@ def sparse_gated_cmp_kernel(
             out = g * tl.sigmoid(g) * u
             tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+# ----------------------------------------------------------------------------------------
+# Round 3: tensor-core formulation ("dot" algorithm), software-pipelined loads.
+#
+# Why: the masked slab loop of round 1 is latency-bound.  Triton pipelines (cp.async ring
+# buffers in shared memory, num_stages deep) only loads that feed ``tl.dot``; plain loads
+# consumed by elementwise math wait one memory round trip per trip.  So the GEMV is written
+# as a [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] product whose A operand holds the masked x in
+# row 0 and zeros elsewhere (BLOCK_M = 16, the smallest MMA tile; the extra rows cost
+# tensor-core cycles, not bytes).  The weight tile is loaded with the row mask ``keep``:
+# a masked-out row is a zero-filled async copy (no DRAM read), so bytes still follow the
+# active rows while num_stages tiles stay in flight per program.
+#
+# Numerics: bf16/fp16 x bf16/fp16 products are exact in fp32 and accumulate in fp32 (as in
+# round 1; only the summation order differs); rows 1..BLOCK_M-1 of the accumulator are exact
+# zeros, so summing them in is exact.  Deterministic (fixed order, same split-K tail).
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_step(acc, x_ptr, w_ptr, t_ptr, t_off, offs_k, k_end, cols, nmask, rm, stride_wk, stride_tk,
+              PER_CHANNEL: tl.constexpr, EVEN_N: tl.constexpr, BIG: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] += A(masked x in row 0) @ wt[offs_k, cols] (masked rows not read).
+
+    DOT_F32 (CPU interpreter only, whose bf16 dot is broken): the same exact products in fp32.
+    """
+    kin = offs_k < k_end
+    xr = tl.load(x_ptr + offs_k, mask=kin, other=0.0)
+    if PER_CHANNEL:
+        tk = tl.load(t_ptr + t_off + offs_k * stride_tk, mask=kin, other=float("inf"))
+    else:
+        tk = tl.load(t_ptr + t_off)
+    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin
+    w = _load_w(w_ptr, offs_k, cols, nmask, stride_wk, keep, EVEN_N, BIG)
+    a = tl.where((rm[:, None] == 0) & keep[None, :], xr[None, :], 0.0).to(w.dtype)
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, w, acc)
+
+
+@triton.jit
+def sparse_gemv_dot_kernel(
+    x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr,
+    K, stride_wk, stride_ts, stride_tk, k_per_split, split, N_TOTAL,
+    c1, c2, c3, c4,
+    tile1, tile2, tile3,
+    NUM_SEG: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, BIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Tensor-core version of sparse_gemv_seg_kernel (same math, same outputs)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    seg = (pid_n >= tile1).to(tl.int32) + (pid_n >= tile2).to(tl.int32) + (pid_n >= tile3).to(tl.int32)
+    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, c1, tl.where(seg == 2, c2, c3)))
+    seg_end = tl.where(seg == 0, c1, tl.where(seg == 1, c2, tl.where(seg == 2, c3, c4)))
+    t_first = tl.where(seg == 0, 0, tl.where(seg == 1, tile1, tl.where(seg == 2, tile2, tile3)))
+    n0 = seg_start + (pid_n - t_first) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    nmask = cols < seg_end
+    t_off = seg * stride_ts
+
+    k_lo = pid_k * k_per_split
+    k_end = tl.minimum(K, k_lo + k_per_split)
+    ar = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        acc = _dot_step(acc, x_ptr, w_ptr, t_ptr, t_off, k0 + ar, k_end, cols, nmask, rm, stride_wk,
+                        stride_tk, PER_CHANNEL, EVEN_N, BIG, DOT_F32)
+    accv = tl.sum(acc, axis=0)
+
+    if not HAS_SPLIT:
+        tl.store(y_ptr + cols, accv.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(part_ptr + pid_k * N_TOTAL + cols, accv, mask=nmask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            tot = _reduce_partials(part_ptr, N_TOTAL, cols, nmask, split, BLOCK_N, RCHUNK)
+            tl.store(y_ptr + cols, tot.to(y_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def sparse_gated_dot_kernel(
+    x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr,
+    K, stride_wk, stride_ts, stride_tk, k_per_split, split, F,
+    PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, BIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Tensor-core version of sparse_gated_gemv_kernel: silu(gate) * up epilogue."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < F
+    cols_u = F + cols
+
+    k_lo = pid_k * k_per_split
+    k_end = tl.minimum(K, k_lo + k_per_split)
+    ar = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        acc_g = _dot_step(acc_g, x_ptr, w_ptr, t_ptr, 0, k0 + ar, k_end, cols, nmask, rm, stride_wk,
+                          stride_tk, PER_CHANNEL, EVEN_N, BIG, DOT_F32)
+        acc_u = _dot_step(acc_u, x_ptr, w_ptr, t_ptr, stride_ts, k0 + ar, k_end, cols_u, nmask, rm,
+                          stride_wk, stride_tk, PER_CHANNEL, EVEN_N, BIG, DOT_F32)
+    g = tl.sum(acc_g, axis=0)
+    u = tl.sum(acc_u, axis=0)
+
+    if not HAS_SPLIT:
+        out = g * tl.sigmoid(g) * u
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(part_ptr + pid_k * (2 * F) + cols, g, mask=nmask)
+        tl.store(part_ptr + pid_k * (2 * F) + F + cols, u, mask=nmask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            g = _reduce_partials(part_ptr, 2 * F, cols, nmask, split, BLOCK_N, RCHUNK)
+            u = _reduce_partials(part_ptr, 2 * F, F + cols, nmask, split, BLOCK_N, RCHUNK)
+            out = g * tl.sigmoid(g) * u
+            tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
