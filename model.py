@@ -188,12 +188,34 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        rep = self.n_head // self.n_local_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        if seqlen == 1 and self.kv_cache is not None:
+            y = decode_attention(q, k, v, mask)
+        else:
+            rep = self.n_head // self.n_local_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
         y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.n_head * self.head_dim)
         return self.o_proj(y)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Single-query GQA attention without repeating the KV heads.
+
+    q: (B, n_head, 1, D); k, v: (B, n_kv_head, S, D) (the KV cache, S = cache length);
+    mask: bool, broadcastable to (B, 1, 1, S), True where a position may be attended.
+    Returns (B, n_head, 1, D) in q's dtype. The n_head / n_kv_head query heads of a group
+    are stacked as rows of one (rep, D) x (D, S) product, so each cache entry is read once
+    (softmax(q k^T / sqrt(D)) v with scores in the input dtype, softmax in fp32, like the
+    eager Hugging Face Llama attention).
+    """
+    B, nh, T, D = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(B, kvh, (nh // kvh) * T, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (D ** -0.5)  # (B, kvh, rep, S)
+    scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, nh, T, D)
 
 
 class FeedForward(nn.Module):

@@ -92,7 +92,7 @@ def _kernel_group(name: str) -> str:
     n = name.lower()
     if "sparse_g" in n:
         return "TEAL sparse GEMV"
-    if any(k in n for k in ("gemv", "gemm", "xmma", "cutlass", "cublas", "splitk")):
+    if any(k in n for k in ("gemv", "gemm", "xmma", "cutlass", "cublas", "splitk", "nvjet")):
         return "cuBLAS GEMV/GEMM"
     return "other (norm, RoPE, KV cache, attention, residual, sampling)"
 

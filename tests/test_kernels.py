@@ -202,12 +202,13 @@ _VARIANTS = [
     GemvConfig(algo="dot", block_n=16, block_k=16, split=3, num_stages=3, rchunk=0),
     GemvConfig(algo="dot", block_n=32, block_k=32, split=1, num_stages=2),
     GemvConfig(algo="dot", block_n=16, block_k=16, split=5, num_stages=4, rchunk=2),
+    GemvConfig(algo="dot", block_n=16, block_k=32, split=2, num_stages=3, warm=0),
 ]
 
 
 def _cfg_id(c):
     if c.algo == "dot":
-        return f"dot-bn{c.block_n}bk{c.block_k}s{c.split}st{c.num_stages}r{c.rchunk}"
+        return f"dot-bn{c.block_n}bk{c.block_k}s{c.split}st{c.num_stages}r{c.rchunk}w{c.warm}"
     if c.algo == "compact":
         return f"cmp-bn{c.block_n}bk{c.block_k}ks{c.ksplit}a{int(c.acc2d)}r{c.rchunk}"
     return f"bn{c.block_n}bk{c.block_k}s{c.split}p{c.pipe}a{int(c.acc2d)}"
@@ -245,6 +246,9 @@ def test_variants_poisoned(cfg, dtype):
 
 
 _CMP = GemvConfig(algo="compact", block_n=16, block_k=8, ksplit=32, rchunk=0)
+# dot with K ranges of 32 (the same per-range cases: range 0 all dropped -> early exit),
+# prologue read 16 channels at a time (2 trips per range)
+_DOT = GemvConfig(algo="dot", block_n=16, block_k=16, split=4, num_stages=3, rchunk=0, warm=16)
 
 
 def _edge_x(K, dtype):
@@ -253,8 +257,9 @@ def _edge_x(K, dtype):
     return (sgn * (0.5 + torch.rand(K))).to(dtype).to(DEV)
 
 
+@pytest.mark.parametrize("cfg", [_CMP, _DOT], ids=["compact", "dot"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_compact_edge_cases(dtype):
+def test_compact_edge_cases(dtype, cfg):
     """Per K range of the compact kernels: empty list, identity (all kept: no list written),
     exact zeros at t = 0 (list of all but the zeros), exactly 2 full chunks, ragged last range;
     ranges of one launch mixing these; gate and up with different cases."""
@@ -274,7 +279,7 @@ def test_compact_edge_cases(dtype):
     bounds = (24, 41)
     for name, tt in cases.items():
         out = torch.full((N,), float("nan"), dtype=dtype, device=DEV)
-        launch.launch_segments(x, wt, tt, sizes, config=_CMP, out=out, scratch=_poisoned_scratch())
+        launch.launch_segments(x, wt, tt, sizes, config=cfg, out=out, scratch=_poisoned_scratch())
         if name == "none":
             assert (out == 0).all(), f"seed={seed}"
         else:
@@ -282,7 +287,7 @@ def test_compact_edge_cases(dtype):
         wg = _w(K, 2 * 21, dtype)
         tg = tt if tt.dim() == 1 else tt.flip(0).contiguous()  # gate/up swap the per-range cases
         outg = torch.full((21,), float("nan"), dtype=dtype, device=DEV)
-        launch.launch_gated(x, wg, tg, config=_CMP, out=outg, scratch=_poisoned_scratch())
+        launch.launch_gated(x, wg, tg, config=cfg, out=outg, scratch=_poisoned_scratch())
         if name == "none":
             assert (outg == 0).all(), f"seed={seed}"
         else:

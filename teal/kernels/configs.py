@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
 
-__all__ = ["GemvConfig", "pick_config", "cdiv", "next_pow2", "rchunk_for"]
+__all__ = ["GemvConfig", "pick_config", "cdiv", "next_pow2", "rchunk_for", "warm_for"]
 
 _KSPLIT_MAX = 4096  # compact: x vector per program (registers in the prologue)
 
@@ -36,6 +36,7 @@ class GemvConfig:
                             # "dot": tensor-core tiles with pipelined masked loads (round 3)
     ksplit: int = 0         # compact: channels per program (power of 2; 0: from waves)
     rchunk: int = 8         # split-K partial rows summed per step by the last program (0: auto)
+    warm: int = 2048        # dot: prologue reads the K range's x into L1 this many at a time (0: off)
 
 
 # Overrides, keyed by (kind, K, N) where kind in {"seg", "gated"} and N is N_total (seg) or
@@ -128,6 +129,13 @@ def _generic(kind: str, K: int, n_cols: int) -> GemvConfig:
     """Shapes not in the table: the sweep winners' family (wide 1 KB rows for plain
     projections; 256 B gate + 256 B up rows with a register double buffer for gate/up)."""
     return _GATED if kind == "gated" else _SEG
+
+
+def warm_for(cfg: GemvConfig, k_per_split: int) -> int:
+    """dot: WARM constexpr (power of 2, <= cfg.warm, no wider than the K range); 0 = off."""
+    if cfg.warm <= 0:
+        return 0
+    return max(16, min(next_pow2(cfg.warm), next_pow2(k_per_split)))
 
 
 def rchunk_for(cfg: GemvConfig, split: int) -> int:

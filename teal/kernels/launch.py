@@ -15,7 +15,7 @@ import torch
 import triton
 
 from . import _interp_compat
-from .configs import GemvConfig, cdiv, pick_config, rchunk_for
+from .configs import GemvConfig, cdiv, pick_config, rchunk_for, warm_for
 from .triton_gemv import (
     sparse_gated_cmp_kernel,
     sparse_gated_dot_kernel,
@@ -133,6 +133,7 @@ def launch_segments(
             NUM_SEG=S, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
             EVEN_N=even_n, BIG=big,
             BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
+            WARM=warm_for(cfg, kps),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
@@ -189,6 +190,7 @@ def launch_gated(
             PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
             EVEN_N=(F % bn == 0), BIG=big,
             BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
+            WARM=warm_for(cfg, kps),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
