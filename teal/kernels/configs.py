@@ -57,7 +57,25 @@ _TABLE_R1: dict = {
     ("gated", 4096, 11008): _GATED,
 }
 
-_TABLE: dict = dict(_TABLE_R1)
+# Round 3 (H200, "dot": tensor-core tiles, cp.async-pipelined masked loads; notes/kernels.md):
+# bench_gemv.py --compare winners (score t0 + 2 t50 + t90) at the Llama-3-8B shapes, the
+# Llama-2-7B shapes taking their family's winner.  Round 1 stays for shapes not listed.
+_DOT_QKV = GemvConfig(algo="dot", block_n=256, block_k=64, num_warps=8, num_stages=3, waves=2, rchunk=0)
+_DOT_O = GemvConfig(algo="dot", block_n=128, block_k=128, num_warps=4, num_stages=3, waves=2, rchunk=0)
+_DOT_DOWN = replace(_DOT_O, waves=3)
+_DOT_GATED = GemvConfig(algo="dot", block_n=128, block_k=64, num_warps=4, num_stages=3, waves=2, rchunk=0)
+_TABLE_R3: dict = {
+    ("seg", 4096, 4096): _DOT_O,
+    ("seg", 4096, 6144): _DOT_QKV,
+    ("seg", 4096, 12288): _DOT_QKV,
+    ("seg", 4096, 14336): _DOT_QKV,
+    ("seg", 14336, 4096): _DOT_DOWN,
+    ("seg", 11008, 4096): _DOT_DOWN,
+    ("gated", 4096, 14336): _DOT_GATED,
+    ("gated", 4096, 11008): _DOT_GATED,
+}
+
+_TABLE: dict = {**_TABLE_R1, **_TABLE_R3}
 
 _DEFAULT = GemvConfig()
 
@@ -126,8 +144,13 @@ def load_table(path: str) -> dict:
 
 
 def _generic(kind: str, K: int, n_cols: int) -> GemvConfig:
-    """Shapes not in the table: the sweep winners' family (wide 1 KB rows for plain
-    projections; 256 B gate + 256 B up rows with a register double buffer for gate/up)."""
+    """Shapes not in the table: large ones (K and N >= 2048) take the round-3 winners'
+    family ("dot"); small ones the round-1 masked loop (wide rows for plain projections,
+    256 B gate + 256 B up rows with a register double buffer for gate/up)."""
+    if K >= 2048 and n_cols >= 2048:
+        if kind == "gated":
+            return _DOT_GATED
+        return _DOT_DOWN if K > n_cols else (_DOT_O if n_cols <= 4096 else _DOT_QKV)
     return _GATED if kind == "gated" else _SEG
 
 
