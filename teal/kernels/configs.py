@@ -67,8 +67,6 @@ _DOT_GATED = GemvConfig(algo="dot", block_n=128, block_k=64, num_warps=4, num_st
 _TABLE_R3: dict = {
     ("seg", 4096, 4096): _DOT_O,
     ("seg", 4096, 6144): _DOT_QKV,
-    ("seg", 4096, 12288): _DOT_QKV,
-    ("seg", 4096, 14336): _DOT_QKV,
     ("seg", 14336, 4096): _DOT_DOWN,
     ("seg", 11008, 4096): _DOT_DOWN,
     ("gated", 4096, 14336): _DOT_GATED,
