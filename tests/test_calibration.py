@@ -259,3 +259,14 @@ def test_sequential_calibration_hits_target_in_sparse_model(calibrated, scoring)
     teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
     for key, v in eff.items():
         assert abs(v - s) <= 0.01, (key, v)
+
+
+def test_greedy_search_size_defaults_follow_the_device():
+    import calibrate
+
+    cpu = calibrate.parse_args(["--device", "cpu"])
+    assert (cpu.greedy_tokens, cpu.greedy_seq_len, cpu.greedy_positions) == calibrate.GREEDY_CPU
+    gpu = calibrate.parse_args(["--device", "cuda"])
+    assert (gpu.greedy_tokens, gpu.greedy_seq_len, gpu.greedy_positions) == calibrate.GREEDY_CUDA
+    mine = calibrate.parse_args(["--device", "cuda", "--greedy-tokens", "1024"])
+    assert mine.greedy_tokens == 1024 and mine.greedy_positions == calibrate.GREEDY_CUDA[2]

@@ -48,3 +48,25 @@ def test_known_configs_build():
         assert a.n_head % a.n_local_heads == 0 and a.head_dim * a.n_head >= a.dim // 2
     with pytest.raises(KeyError, match="known"):
         ModelArgs.from_name("nope")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_matches_repeated_kv_reference(dtype, tol):
+    """GQA decode attention (no KV repeat) vs a float64 repeat_interleave reference, with
+    masked-out cache positions (the unwritten tail of the KV cache)."""
+    from model import decode_attention
+
+    B, nh, kvh, S, D = 2, 8, 2, 11, 16
+    q = torch.randn(B, nh, 1, D).to(dtype)
+    k, v = torch.randn(B, kvh, S, D).to(dtype), torch.randn(B, kvh, S, D).to(dtype)
+    k[:, :, 7:] = 1e4  # stale cache entries beyond the mask must not contribute
+    v[:, :, 7:] = 1e4
+    mask = torch.zeros(1, 1, 1, S, dtype=torch.bool)
+    mask[..., :7] = True
+    y = decode_attention(q, k, v, mask)
+    assert y.shape == (B, nh, 1, D) and y.dtype == dtype
+    kr = k[:, :, :7].double().repeat_interleave(nh // kvh, dim=1)
+    vr = v[:, :, :7].double().repeat_interleave(nh // kvh, dim=1)
+    ref = torch.softmax(q.double() @ kr.transpose(-1, -2) / D ** 0.5, dim=-1) @ vr
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < tol, err

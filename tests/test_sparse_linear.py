@@ -108,3 +108,17 @@ def test_project_and_gated_mlp_torch_path():
     assert _rel(yb, _ref(x, b.weight, torch.tensor(0.9))) < 1e-5
     h = gated_mlp(x, a, b)
     assert torch.allclose(h, torch.nn.functional.silu(ya) * yb)
+
+
+def test_fused_dense_path_matches_unfused():
+    """Sparsity off: q/k/v and gate/up run as one GEMM over the fused buffer, same logits."""
+    cfg = ModelArgs(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
+                    vocab_size=97, block_size=32)
+    m = Transformer(cfg)
+    x = torch.randint(0, 97, (1, 12))
+    ref = m(x)
+    fuse_shared_inputs(m)
+    assert torch.allclose(m(x), ref, atol=1e-5)
+    m.setup_caches(1, 16)
+    step = m(x[:, :1], torch.tensor([0]))
+    assert torch.allclose(step[0, 0], ref[0, 0], atol=1e-5)
