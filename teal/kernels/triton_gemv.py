@@ -98,6 +98,61 @@ def _reduce_partials(part_ptr, N_TOTAL, cols, nmask, split, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N: tl.constexpr):
+    """(segment, columns, column mask) of column tile pid_n; segment s spans [c_s, c_{s+1})
+    (c0 = 0) and its tiles start at tile index tile_s (tile0 = 0). Scalar arithmetic only."""
+    seg = (pid_n >= tile1).to(tl.int32) + (pid_n >= tile2).to(tl.int32) + (pid_n >= tile3).to(tl.int32)
+    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, c1, tl.where(seg == 2, c2, c3)))
+    seg_end = tl.where(seg == 0, c1, tl.where(seg == 1, c2, tl.where(seg == 2, c3, c4)))
+    t_first = tl.where(seg == 0, 0, tl.where(seg == 1, tile1, tl.where(seg == 2, tile2, tile3)))
+    cols = seg_start + (pid_n - t_first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return seg, cols, cols < seg_end
+
+
+@triton.jit
+def _arrive_last(cnt_ptr, pid_n, split):
+    """After this program's partials are stored: True for the last of the split programs of
+    column tile pid_n (acq_rel: it then sees every partial)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    return arrived == split - 1
+
+
+@triton.jit
+def _seg_tail(accv, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, N_TOTAL,
+              HAS_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr):
+    """Store y[cols] = accv, or (split-K) this program's fp32 partial; the last-arriving
+    program sums all partials in a fixed order, stores y and resets its counter to zero."""
+    if not HAS_SPLIT:
+        tl.store(y_ptr + cols, accv.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(part_ptr + pid_k * N_TOTAL + cols, accv, mask=nmask)
+        if _arrive_last(cnt_ptr, pid_n, split):
+            tot = _reduce_partials(part_ptr, N_TOTAL, cols, nmask, split, BLOCK_N, RCHUNK)
+            tl.store(y_ptr + cols, tot.to(y_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _gated_tail(g, u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, F,
+                HAS_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr):
+    """As _seg_tail for gate/up partials (workspace rows [gate | up], 2F wide); the output is
+    silu(gate) * up."""
+    if not HAS_SPLIT:
+        out = g * tl.sigmoid(g) * u
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(part_ptr + pid_k * (2 * F) + cols, g, mask=nmask)
+        tl.store(part_ptr + pid_k * (2 * F) + F + cols, u, mask=nmask)
+        if _arrive_last(cnt_ptr, pid_n, split):
+            g = _reduce_partials(part_ptr, 2 * F, cols, nmask, split, BLOCK_N, RCHUNK)
+            u = _reduce_partials(part_ptr, 2 * F, F + cols, nmask, split, BLOCK_N, RCHUNK)
+            out = g * tl.sigmoid(g) * u
+            tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def sparse_gemv_seg_kernel(
     x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr,
     K, stride_wk, stride_ts, stride_tk, k_per_split, split, N_TOTAL,
@@ -112,13 +167,7 @@ def sparse_gemv_seg_kernel(
     pid_k = tl.program_id(1)
 
     # which segment does this column tile belong to?  (scalar arithmetic only)
-    seg = (pid_n >= tile1).to(tl.int32) + (pid_n >= tile2).to(tl.int32) + (pid_n >= tile3).to(tl.int32)
-    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, c1, tl.where(seg == 2, c2, c3)))
-    seg_end = tl.where(seg == 0, c1, tl.where(seg == 1, c2, tl.where(seg == 2, c3, c4)))
-    t_first = tl.where(seg == 0, 0, tl.where(seg == 1, tile1, tl.where(seg == 2, tile2, tile3)))
-    n0 = seg_start + (pid_n - t_first) * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)
-    nmask = cols < seg_end
+    seg, cols, nmask = _seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N)
     t_off = seg * stride_ts
 
     k_lo = pid_k * k_per_split
@@ -150,16 +199,8 @@ def sparse_gemv_seg_kernel(
             xk, keep, w = xn, kn, wn
     accv = _fold(acc, ACC2D)
 
-    if not HAS_SPLIT:
-        tl.store(y_ptr + cols, accv.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.store(part_ptr + pid_k * N_TOTAL + cols, accv, mask=nmask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split - 1:
-            tot = _reduce_partials(part_ptr, N_TOTAL, cols, nmask, split, BLOCK_N, RCHUNK)
-            tl.store(y_ptr + cols, tot.to(y_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    _seg_tail(accv, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, N_TOTAL,
+              HAS_SPLIT, BLOCK_N, RCHUNK)
 
 
 @triton.jit
@@ -218,20 +259,8 @@ def sparse_gated_gemv_kernel(
     g = _fold(acc_g, ACC2D)
     u = _fold(acc_u, ACC2D)
 
-    if not HAS_SPLIT:
-        out = g * tl.sigmoid(g) * u
-        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.store(part_ptr + pid_k * (2 * F) + cols, g, mask=nmask)
-        tl.store(part_ptr + pid_k * (2 * F) + F + cols, u, mask=nmask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split - 1:
-            g = _reduce_partials(part_ptr, 2 * F, cols, nmask, split, BLOCK_N, RCHUNK)
-            u = _reduce_partials(part_ptr, 2 * F, F + cols, nmask, split, BLOCK_N, RCHUNK)
-            out = g * tl.sigmoid(g) * u
-            tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    _gated_tail(g, u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, F,
+                HAS_SPLIT, BLOCK_N, RCHUNK)
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,13 +352,7 @@ def sparse_gemv_cmp_kernel(
     """Compacted version of sparse_gemv_seg_kernel (same math, same outputs)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    seg = (pid_n >= tile1).to(tl.int32) + (pid_n >= tile2).to(tl.int32) + (pid_n >= tile3).to(tl.int32)
-    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, c1, tl.where(seg == 2, c2, c3)))
-    seg_end = tl.where(seg == 0, c1, tl.where(seg == 1, c2, tl.where(seg == 2, c3, c4)))
-    t_first = tl.where(seg == 0, 0, tl.where(seg == 1, tile1, tl.where(seg == 2, tile2, tile3)))
-    n0 = seg_start + (pid_n - t_first) * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)
-    nmask = cols < seg_end
+    seg, cols, nmask = _seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N)
 
     # pass 1: mask of the whole K range, kept-row list
     k_lo = pid_k * KSPLIT
@@ -363,16 +386,8 @@ def sparse_gemv_cmp_kernel(
         w0, x0, i1, x1 = w1, x1, i2, x2
     accv = _fold(acc, ACC2D)
 
-    if not HAS_SPLIT:
-        tl.store(y_ptr + cols, accv.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.store(part_ptr + pid_k * N_TOTAL + cols, accv, mask=nmask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split - 1:
-            tot = _reduce_partials(part_ptr, N_TOTAL, cols, nmask, split, BLOCK_N, RCHUNK)
-            tl.store(y_ptr + cols, tot.to(y_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    _seg_tail(accv, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, N_TOTAL,
+              HAS_SPLIT, BLOCK_N, RCHUNK)
 
 
 @triton.jit
@@ -435,20 +450,8 @@ def sparse_gated_cmp_kernel(
     g = _fold(acc_g, ACC2D)
     u = _fold(acc_u, ACC2D)
 
-    if not HAS_SPLIT:
-        out = g * tl.sigmoid(g) * u
-        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.store(part_ptr + pid_k * (2 * F) + cols, g, mask=nmask)
-        tl.store(part_ptr + pid_k * (2 * F) + F + cols, u, mask=nmask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split - 1:
-            g = _reduce_partials(part_ptr, 2 * F, cols, nmask, split, BLOCK_N, RCHUNK)
-            u = _reduce_partials(part_ptr, 2 * F, F + cols, nmask, split, BLOCK_N, RCHUNK)
-            out = g * tl.sigmoid(g) * u
-            tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    _gated_tail(g, u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, F,
+                HAS_SPLIT, BLOCK_N, RCHUNK)
 
 
 # ----------------------------------------------------------------------------------------
@@ -526,13 +529,7 @@ def sparse_gemv_dot_kernel(
     """Tensor-core version of sparse_gemv_seg_kernel (same math, same outputs)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    seg = (pid_n >= tile1).to(tl.int32) + (pid_n >= tile2).to(tl.int32) + (pid_n >= tile3).to(tl.int32)
-    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, c1, tl.where(seg == 2, c2, c3)))
-    seg_end = tl.where(seg == 0, c1, tl.where(seg == 1, c2, tl.where(seg == 2, c3, c4)))
-    t_first = tl.where(seg == 0, 0, tl.where(seg == 1, tile1, tl.where(seg == 2, tile2, tile3)))
-    n0 = seg_start + (pid_n - t_first) * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)
-    nmask = cols < seg_end
+    seg, cols, nmask = _seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N)
     t_off = seg * stride_ts
 
     k_lo = pid_k * k_per_split
@@ -549,16 +546,8 @@ def sparse_gemv_dot_kernel(
                         stride_tk, PER_CHANNEL, EVEN_N, BIG, DOT_F32)
     accv = tl.sum(acc, axis=0)
 
-    if not HAS_SPLIT:
-        tl.store(y_ptr + cols, accv.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.store(part_ptr + pid_k * N_TOTAL + cols, accv, mask=nmask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split - 1:
-            tot = _reduce_partials(part_ptr, N_TOTAL, cols, nmask, split, BLOCK_N, RCHUNK)
-            tl.store(y_ptr + cols, tot.to(y_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    _seg_tail(accv, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, N_TOTAL,
+              HAS_SPLIT, BLOCK_N, RCHUNK)
 
 
 @triton.jit
@@ -596,17 +585,5 @@ def sparse_gated_dot_kernel(
     g = tl.sum(acc_g, axis=0)
     u = tl.sum(acc_u, axis=0)
 
-    if not HAS_SPLIT:
-        out = g * tl.sigmoid(g) * u
-        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.store(part_ptr + pid_k * (2 * F) + cols, g, mask=nmask)
-        tl.store(part_ptr + pid_k * (2 * F) + F + cols, u, mask=nmask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split - 1:
-            g = _reduce_partials(part_ptr, 2 * F, cols, nmask, split, BLOCK_N, RCHUNK)
-            u = _reduce_partials(part_ptr, 2 * F, F + cols, nmask, split, BLOCK_N, RCHUNK)
-            out = g * tl.sigmoid(g) * u
-            tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    _gated_tail(g, u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, F,
+                HAS_SPLIT, BLOCK_N, RCHUNK)
