@@ -127,7 +127,9 @@ def profile_decode(model, decode_fn, prompt, steps: int = 16) -> dict:
     return dict(groups=groups, kernels=kernels[:30], steps=steps)
 
 
-def bench_model(name, args, device, dtype, progress) -> list[dict]:
+def bench_model(name, args, device, dtype, progress, rows: list, save) -> None:
+    """Time dense and every sparsity of one model; appends a dict per configuration to
+    `rows` and calls `save()` after each."""
     model = random_model(name, device, dtype, args.n_layer)
     calib = calibrate_random(model, args.calib_tokens, device)
     teal.fuse_shared_inputs(model)
@@ -135,7 +137,6 @@ def bench_model(name, args, device, dtype, progress) -> list[dict]:
                            dtype=torch.int)
     compiled = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) \
         if args.compile else decode_one_token
-    rows = []
     configs = [("dense", None)] + [(f"{s:.0%}", s) for s in args.sparsities]
     for label, s in configs:
         if s is None:
@@ -164,11 +165,11 @@ def bench_model(name, args, device, dtype, progress) -> list[dict]:
         rows.append(dict(model=name, config=label, target=s, tokens_per_s=med,
                          runs=tps, gb_per_token=gb, gb_per_s=gb * med,
                          effective_sparsity=eff, profile=prof))
+        save()
         progress.update(1)
         progress.write(f"{name:18s} {label:>6s}  {med:8.1f} tok/s  {gb * med:7.0f} GB/s")
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return rows
 
 
 def environment() -> dict:
@@ -209,9 +210,18 @@ def main(argv=None):
     env = environment()
     print(json.dumps(env))
     rows = []
+
+    def save():  # after every configuration, so a run cut short keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps(dict(env=env, args=vars(args) | {"json": str(args.json)},
+                                           rows=rows), indent=1))
+            tmp.replace(args.json)
+
     with tqdm(total=len(args.models) * (1 + len(args.sparsities)), desc="decode bench") as bar:
         for name in args.models:
-            rows += bench_model(name, args, args.device, dtype, bar)
+            bench_model(name, args, args.device, dtype, bar, rows, save)
     print(f"\n{'model':18s} {'config':>6s} {'tok/s':>8s} {'x dense':>8s} {'GB/s':>7s}  eff. sparsity")
     for r in rows:
         dense = next(x for x in rows if x["model"] == r["model"] and x["config"] == "dense")
@@ -219,10 +229,7 @@ def main(argv=None):
         es = " ".join(f"{p[:-5]}={eff[p]:.2f}" for p in PROJECTIONS if p in eff)
         print(f"{r['model']:18s} {r['config']:>6s} {r['tokens_per_s']:8.1f} "
               f"{r['tokens_per_s'] / dense['tokens_per_s']:8.2f} {r['gb_per_s']:7.0f}  {es}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(env=env, args=vars(args) | {"json": str(args.json)},
-                                             rows=rows), indent=1))
+    save()
 
 
 if __name__ == "__main__":
