@@ -34,7 +34,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except for on/off flags (a "(default: True)" on --no-x misleads)."""
 
     def _get_help_string(self, action):
-        if isinstance(action.default, bool):
+        if isinstance(action.default, bool) or (action.default is None and action.help
+                                                and "default:" in action.help):
             return action.help
         return super()._get_help_string(action)
 
@@ -80,9 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     sizes = GREEDY_CUDA if str(args.device).startswith("cuda") else GREEDY_CPU
+    seq_len_given = args.greedy_seq_len is not None
     for name, default in zip(("greedy_tokens", "greedy_seq_len", "greedy_positions"), sizes):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if (args.greedy_tokens is not None and args.greedy_tokens >= 1
+            and args.greedy_seq_len > args.greedy_tokens):
+        if seq_len_given:
+            p.error(f"--greedy-tokens ({args.greedy_tokens}) must be at least --greedy-seq-len "
+                    f"({args.greedy_seq_len}): the search compares whole windows")
+        args.greedy_seq_len = args.greedy_tokens  # fewer tokens than one default window
     for flag, value in (("--max_tokens", args.max_tokens), ("--seq_len", args.seq_len),
                         ("--min_tokens", args.min_tokens), ("--greedy-tokens", args.greedy_tokens),
                         ("--greedy-seq-len", args.greedy_seq_len),

@@ -133,6 +133,7 @@ class _FusedGroup:
 
     def __init__(self, members: Sequence[SparseLinear], wt: Tensor, thresholds: Tensor):
         self.members = tuple(members)
+        self.weights: tuple = ()  # the members' weight Parameters (views of wt), set by fusing
         self.wt = wt
         self.thresholds = thresholds
         self.sizes = [m.out_features for m in members]
@@ -144,8 +145,13 @@ class _FusedGroup:
         self.stale = False
 
     def usable(self, members: Sequence[SparseLinear]) -> bool:
+        """The fused buffers stand for `members`: same modules, their weights still the views
+        made by fusing (a replaced Parameter, e.g. load_state_dict(assign=True), is not), and
+        no forward hooks on them (hooks must see each member's own call)."""
         return (not self.stale and len(members) == len(self.members)
-                and all(a is b for a, b in zip(members, self.members)))
+                and all(a is b for a, b in zip(members, self.members))
+                and all(m.weight is w for m, w in zip(members, self.weights))
+                and not any(m._forward_pre_hooks or m._forward_hooks for m in members))
 
 
 # Tests set this to run the Triton kernels on CPU through Triton's interpreter
@@ -256,6 +262,7 @@ def fuse_shared_inputs(model: nn.Module) -> nn.Module:
             m.threshold = ths[i]
             m._group = group
             start += n
+        group.weights = tuple(m.weight for m in members)
     _prepare_kernels(model)
     return model
 

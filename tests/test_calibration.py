@@ -270,3 +270,13 @@ def test_greedy_search_size_defaults_follow_the_device():
     assert (gpu.greedy_tokens, gpu.greedy_seq_len, gpu.greedy_positions) == calibrate.GREEDY_CUDA
     mine = calibrate.parse_args(["--device", "cuda", "--greedy-tokens", "1024"])
     assert mine.greedy_tokens == 1024 and mine.greedy_positions == calibrate.GREEDY_CUDA[2]
+
+
+def test_greedy_tokens_below_window_is_a_one_line_error(capsys):
+    import calibrate
+
+    with pytest.raises(SystemExit):
+        calibrate.parse_args(["--greedy-tokens", "256", "--greedy-seq-len", "512"])
+    assert "--greedy-tokens (256) must be at least --greedy-seq-len" in capsys.readouterr().err
+    short = calibrate.parse_args(["--device", "cuda", "--greedy-tokens", "1024"])
+    assert short.greedy_seq_len == 1024  # the default window shrinks to the tokens given

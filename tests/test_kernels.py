@@ -365,6 +365,8 @@ def test_errors():
         (lambda: tk.sparse_gemv(x, wt, t.double()), "float32"),
         (lambda: tk.sparse_gemv(x, wt, torch.zeros(K + 1, device=DEV)), "shape"),
         (lambda: tk.sparse_gemv(x, wt.reshape(-1), t), "2-D"),
+        (lambda: launch.launch_segments(_x(2 * K, torch.bfloat16)[::2], wt, t.view(1), [N]), "contiguous"),
+        (lambda: launch.launch_gated(_x(2 * K, torch.bfloat16)[::2], wt, torch.zeros(2, device=DEV)), "contiguous"),
         (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(3, device=DEV), (4, 4, 8)), "increasing"),
         (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (4, 4)), "increasing"),
         (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (3, 5)), "looks like sizes"),

@@ -122,3 +122,22 @@ def test_fused_dense_path_matches_unfused():
     m.setup_caches(1, 16)
     step = m(x[:, :1], torch.tensor([0]))
     assert torch.allclose(step[0, 0], ref[0, 0], atol=1e-5)
+
+
+def test_fused_group_not_used_after_weight_replacement_or_with_hooks():
+    cfg = ModelArgs(n_layer=1, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
+                    vocab_size=97, block_size=32)
+    m, ref_model = Transformer(cfg), Transformer(cfg)
+    fuse_shared_inputs(m)
+    x = torch.randint(0, 97, (1, 8))
+    # a replaced Parameter (load_state_dict(assign=True)) must win over the stale fused buffer
+    m.load_state_dict(ref_model.state_dict(), assign=True)
+    assert torch.allclose(m(x), ref_model(x), atol=1e-5)
+    # hooks on a fused member see its own call
+    m2 = Transformer(cfg)
+    fuse_shared_inputs(m2)
+    seen = []
+    m2.layers[0].attention.k_proj.register_forward_pre_hook(lambda mod, inp: seen.append("k"))
+    m2.layers[0].feed_forward.up_proj.register_forward_hook(lambda mod, inp, out: seen.append("up"))
+    m2(x)
+    assert seen == ["k", "up"]

@@ -60,6 +60,14 @@ def _seg_tiles(sizes: Sequence[int], bn: int) -> list[int]:
     return [cdiv(n, bn) for n in sizes]
 
 
+def _check_x(x: torch.Tensor) -> None:
+    """The kernels index x as a dense vector: x must be (K,) contiguous (the public ops in
+    teal.kernels flatten and copy as needed)."""
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous (K,) vector, got shape {tuple(x.shape)} "
+                         f"with strides {x.stride()}")
+
+
 def _common(K: int, stride_wk: int, thresholds: torch.Tensor):
     """thresholds is (S,) or (S, K): per-channel flag, channel stride, int64-index flag."""
     per_channel = thresholds.dim() == 2
@@ -91,6 +99,7 @@ def launch_segments(
     """x: (K,); wt: (K, N_total) row-major; thresholds: (S,) or (S, K) fp32; sizes: S ints."""
     K, N = wt.shape
     S = len(sizes)
+    _check_x(x)
     assert 1 <= S <= 4 and sum(sizes) == N
     cfg, split, kps = pick_config("seg", K, N, lambda bn: sum(_seg_tiles(sizes, bn)), _num_sms(x.device), config)
     bn, bk = cfg.block_n, cfg.block_k
@@ -162,6 +171,7 @@ def launch_gated(
     """x: (K,); wt: (K, 2F) row-major (gate | up); thresholds (2,) or (2, K) fp32."""
     K, N2 = wt.shape
     F = N2 // 2
+    _check_x(x)
     cfg, split, kps = pick_config("gated", K, F, lambda bn: cdiv(F, bn), _num_sms(x.device), config)
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = cdiv(F, bn)
