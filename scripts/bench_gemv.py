@@ -11,7 +11,7 @@ call streams its weights from HBM.  GB/s is computed on bytes actually read: act
 
 --sweep: time a grid of block configs per shape (50% sparsity) and print/apply the best.
 --compare: round 1 (masked slab loop) vs candidate "dot" configs (round 3: tensor-core tiles with
-  pipelined masked loads) at the
+  pipelined masked loads) and "list" configs (round 4: kept-row lists) at the
   key Llama-3-8B shapes, 0/50/90% sparsity, each candidate first checked against the float64
   reference; the best per shape (score t0 + 2 t50 + t90) is applied to the table for the
   benchmark that follows (which then also times round 1: column r1_us) and written to
@@ -76,6 +76,21 @@ CANDIDATES = {
             (128, 128, 8, 3, 3), (128, 128, 4, 3, 2)],
     "o": [(128, 128, 4, 3, 2), (128, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 64, 8, 4, 3),
           (128, 128, 8, 3, 3), (64, 128, 8, 3, 4)],
+}
+def _lc(bn, bk, nw, st, ks):
+    from teal.kernels.configs import GemvConfig
+
+    return GemvConfig(algo="list", block_n=bn, block_k=bk, num_warps=nw, num_stages=st, ksplit=ks, rchunk=0)
+
+
+# "list" (round 4, kept-row lists) candidates (block_n, block_k, num_warps, num_stages, ksplit).
+# With gathered (indirect) weight loads Triton keeps num_stages - 2 weight buffers in flight
+# (offline sm_90 compile), hence 5-6 stages.
+LIST_CANDIDATES = {
+    "gate_up": [(128, 64, 4, 5, 1024), (128, 64, 4, 6, 512), (64, 64, 4, 6, 1024), (128, 32, 4, 6, 512)],
+    "down": [(128, 64, 4, 5, 1024), (128, 64, 4, 6, 512), (128, 128, 4, 5, 1024), (64, 64, 4, 6, 512)],
+    "qkv": [(128, 64, 4, 5, 512), (256, 64, 8, 5, 512), (128, 64, 4, 6, 256), (64, 64, 4, 6, 512)],
+    "o": [(128, 64, 4, 5, 512), (128, 64, 4, 6, 256), (64, 64, 4, 6, 512), (128, 128, 4, 5, 512)],
 }
 # un-swept shapes that take a swept shape's winner (same K-family), re-derived for their grid
 ANALOG = {("llama2-7b", "gate_up"): "gate_up", ("llama2-7b", "down"): "down",
@@ -322,7 +337,9 @@ def compare_candidates():
     cand = {}
     for (model, name, kind, K, arg) in shapes:
         cand[name] = [("r1", C.round1_config(*_key(kind, K, arg)))] + \
-            [(f"d{bn}x{bk}w{nw}s{st}v{wv}", _dc(bn, bk, nw, st, wv)) for (bn, bk, nw, st, wv) in CANDIDATES[name]]
+            [(f"d{bn}x{bk}w{nw}s{st}v{wv}", _dc(bn, bk, nw, st, wv)) for (bn, bk, nw, st, wv) in CANDIDATES[name]] + \
+            [(f"l{bn}x{bk}w{nw}s{st}k{ks}", _lc(bn, bk, nw, st, ks))
+             for (bn, bk, nw, st, ks) in LIST_CANDIDATES.get(name, [])]
     return shapes, cand
 
 
@@ -406,7 +423,7 @@ def run_compare(args, l2, dtype, results, copy_bw):
         if scfg.algo == "dot":  # grid follows from waves: the config applies as is
             table[_key(kind, K, arg)] = scfg
             continue
-        if scfg.algo != "compact":
+        if scfg.algo not in ("compact", "list"):
             continue
         sarg = next(s[4] for s in shapes if s[1] == src)
         stiles = C.cdiv(sarg, scfg.block_n) if skey[0] == "gated" else sum(C.cdiv(n, scfg.block_n) for n in sarg)

@@ -203,10 +203,16 @@ _VARIANTS = [
     GemvConfig(algo="dot", block_n=32, block_k=32, split=1, num_stages=2),
     GemvConfig(algo="dot", block_n=16, block_k=16, split=5, num_stages=4, rchunk=2),
     GemvConfig(algo="dot", block_n=16, block_k=32, split=2, num_stages=3, warm=0),
+    # list (kept-row lists from a pre-pass): ranges of 32 (odd tail), one range, chunked tail
+    GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0),
+    GemvConfig(algo="list", block_n=32, block_k=32, ksplit=128, num_stages=2),
+    GemvConfig(algo="list", block_n=16, block_k=16, ksplit=16, num_stages=3, rchunk=2),
 ]
 
 
 def _cfg_id(c):
+    if c.algo == "list":
+        return f"list-bn{c.block_n}bk{c.block_k}ks{c.ksplit}st{c.num_stages}r{c.rchunk}"
     if c.algo == "dot":
         return f"dot-bn{c.block_n}bk{c.block_k}s{c.split}st{c.num_stages}r{c.rchunk}w{c.warm}"
     if c.algo == "compact":
@@ -249,6 +255,7 @@ _CMP = GemvConfig(algo="compact", block_n=16, block_k=8, ksplit=32, rchunk=0)
 # dot with K ranges of 32 (the same per-range cases: range 0 all dropped -> early exit),
 # prologue read 16 channels at a time (2 trips per range)
 _DOT = GemvConfig(algo="dot", block_n=16, block_k=16, split=4, num_stages=3, rchunk=0, warm=16)
+_LIST = GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0)
 
 
 def _edge_x(K, dtype):
@@ -257,7 +264,7 @@ def _edge_x(K, dtype):
     return (sgn * (0.5 + torch.rand(K))).to(dtype).to(DEV)
 
 
-@pytest.mark.parametrize("cfg", [_CMP, _DOT], ids=["compact", "dot"])
+@pytest.mark.parametrize("cfg", [_CMP, _DOT, _LIST], ids=["compact", "dot", "list"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_compact_edge_cases(dtype, cfg):
     """Per K range of the compact kernels: empty list, identity (all kept: no list written),

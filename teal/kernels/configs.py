@@ -33,8 +33,9 @@ class GemvConfig:
     pipe: int = 1           # 0 plain, 1 prefetch next mask, 2 also next weight tile
     waves: float = 4.0      # target programs per SM when split == 0
     algo: str = "mask"      # "mask": masked slab loop (round 1); "compact": kept-row lists;
-                            # "dot": tensor-core tiles with pipelined masked loads (round 3)
-    ksplit: int = 0         # compact: channels per program (power of 2; 0: from waves)
+                            # "dot": tensor-core tiles with pipelined masked loads (round 3);
+                            # "list": kept-row lists built by a pre-pass, gathered rows (round 4)
+    ksplit: int = 0         # compact/list: channels per program (power of 2; 0: from waves)
     rchunk: int = 8         # split-K partial rows summed per step by the last program (0: auto)
     warm: int = 2048        # dot: prologue reads the K range's x into L1 this many at a time (0: off)
 
@@ -87,7 +88,7 @@ def _split_for(K: int, n_tiles: int, cfg: GemvConfig, num_sms: int) -> tuple[int
 
     algo "compact": k_per_split is the power of two KSPLIT (the x vector a program loads).
     """
-    if cfg.algo == "compact":
+    if cfg.algo in ("compact", "list"):
         if cfg.ksplit > 0:
             ks = cfg.ksplit
         else:

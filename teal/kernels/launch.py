@@ -22,7 +22,10 @@ from .triton_gemv import (
     sparse_gated_gemv_kernel,
     sparse_gemv_cmp_kernel,
     sparse_gemv_dot_kernel,
+    sparse_gemv_list_kernel,
     sparse_gemv_seg_kernel,
+    sparse_gated_list_kernel,
+    keep_list_kernel,
 )
 
 _interp_compat.apply()
@@ -74,6 +77,19 @@ def _common(K: int, stride_wk: int, thresholds: torch.Tensor):
     stride_tk = thresholds.stride(1) if per_channel else 0
     big = K * stride_wk > _I32_LIMIT
     return per_channel, stride_tk, big
+
+
+def _keep_lists(x: torch.Tensor, thresholds: torch.Tensor, rows: int, split: int, ks: int,
+                per_channel: bool, stride_tk: int):
+    """Kept-row lists of the "list" kernels (one pre-pass launch): int32 indices and x values
+    (x's dtype), rows * split * ks entries each, and int32 counts (rows * split)."""
+    n = rows * split * ks
+    idx = torch.empty(n, dtype=torch.int32, device=x.device)
+    xv = torch.empty(n, dtype=x.dtype, device=x.device)
+    kc = torch.empty(rows * split, dtype=torch.int32, device=x.device)
+    keep_list_kernel[(rows, split)](x, thresholds, idx, xv, kc, x.numel(), thresholds.stride(0),
+                                    stride_tk, split, PER_CHANNEL=per_channel, KS=ks, num_warps=4)
+    return idx, xv, kc
 
 
 def _scratch(x: torch.Tensor, lists: int, split: int, ks: int, scratch: Optional[torch.Tensor]):
@@ -130,6 +146,18 @@ def launch_segments(
             NUM_SEG=S, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
             EVEN_N=even_n, ACC2D=cfg.acc2d, BIG=big,
             KSPLIT=kps, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+    if cfg.algo == "list":
+        idx, xv, kc = _keep_lists(x, thresholds, S, split, kps, per_channel, stride_tk)
+        sparse_gemv_list_kernel[(n_tiles, split)](
+            wt, idx, xv, kc, part, cnt, out,
+            wt.stride(0), split, N,
+            c[0], c[1], c[2], c[3],
+            tfirst[0], tfirst[1], tfirst[2],
+            HAS_SPLIT=split > 1, EVEN_N=even_n, BIG=big, KS=kps,
+            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
@@ -190,6 +218,16 @@ def launch_gated(
             PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
             EVEN_N=(F % bn == 0), ACC2D=cfg.acc2d, BIG=big,
             KSPLIT=kps, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+    if cfg.algo == "list":
+        idx, xv, kc = _keep_lists(x, thresholds, 2, split, kps, per_channel, stride_tk)
+        sparse_gated_list_kernel[(n_tiles, split)](
+            wt, idx, xv, kc, part, cnt, out,
+            wt.stride(0), split, F,
+            HAS_SPLIT=split > 1, EVEN_N=(F % bn == 0), BIG=big, KS=kps,
+            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out

@@ -587,3 +587,114 @@ def sparse_gated_dot_kernel(
 
     _gated_tail(g, u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, F,
                 HAS_SPLIT, BLOCK_N, RCHUNK)
+
+
+# ----------------------------------------------------------------------------------------
+# Round 4 (opt-in, not yet measured on a GPU): kept-row lists built once per call ("list").
+#
+# Round 3's ncu profile: at 50-90% sparsity the pipelined "dot" loop is issue-bound, because
+# a masked-out row still costs its async-copy instructions, address arithmetic and MMA share.
+# Here a small pre-pass (`keep_list_kernel`, one program per (threshold row, K range)) writes
+# each range's kept channels as (index, x value) in increasing k order plus their count;
+# the GEMV programs then loop over ceil(count / BLOCK_K) full chunks of gathered rows (each
+# row a contiguous BLOCK_N segment), the indices feeding the addresses of the pipelined weight
+# loads.  Trip count, instructions and bytes all scale with the kept rows.  Unlike round 2
+# (every program rebuilt its range's list in a serial prologue), the list is built once per
+# call, at the cost of a second launch.  Same split-K tail, deterministic.
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def keep_list_kernel(x_ptr, t_ptr, idx_ptr, xv_ptr, kc_ptr, K, stride_ts, stride_tk, split,
+                     PER_CHANNEL: tl.constexpr, KS: tl.constexpr):
+    """Program (s, r): kept channels of x[r*KS : (r+1)*KS] under threshold row s.
+
+    Writes idx[(s*split + r)*KS + j] = k (absolute) and xv[...] = x[k] for the j-th kept k
+    (increasing k), and kc[s*split + r] = the number kept.  Entries past the count are left
+    unwritten (never read).
+    """
+    s = tl.program_id(0)
+    r = tl.program_id(1)
+    offs = r * KS + tl.arange(0, KS)
+    kin = offs < K
+    xr = tl.load(x_ptr + offs, mask=kin, other=0.0)
+    if PER_CHANNEL:
+        tk = tl.load(t_ptr + s * stride_ts + offs * stride_tk, mask=kin, other=float("inf"))
+    else:
+        tk = tl.load(t_ptr + s * stride_ts)
+    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin
+    ki = keep.to(tl.int32)
+    slot = tl.cumsum(ki, axis=0) - 1
+    li = s * split + r
+    tl.store(idx_ptr + li * KS + slot, offs, mask=keep)
+    tl.store(xv_ptr + li * KS + slot, xr, mask=keep)
+    tl.store(kc_ptr + li, tl.sum(ki, axis=0))
+
+
+@triton.jit
+def _list_step(acc, w_ptr, idx_ptr, xv_ptr, base, c, n, ar, cols, nmask, rm, stride_wk,
+               EVEN_N: tl.constexpr, BIG: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += A(kept x values of list entries c + ar, row 0) @ wt[their rows, cols]."""
+    j = c + ar
+    inb = j < n
+    idx = tl.load(idx_ptr + base + j, mask=inb, other=0)
+    xv = tl.load(xv_ptr + base + j, mask=inb, other=0.0)
+    w = _load_w(w_ptr, idx, cols, nmask, stride_wk, inb, EVEN_N, BIG)
+    a = tl.where(rm[:, None] == 0, xv[None, :], 0.0).to(w.dtype)
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, w, acc)
+
+
+@triton.jit
+def sparse_gemv_list_kernel(
+    w_ptr, idx_ptr, xv_ptr, kc_ptr, part_ptr, cnt_ptr, y_ptr,
+    stride_wk, split, N_TOTAL,
+    c1, c2, c3, c4,
+    tile1, tile2, tile3,
+    HAS_SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BIG: tl.constexpr, KS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Kept-row-list version of sparse_gemv_seg_kernel (same math, same outputs)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    seg, cols, nmask = _seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N)
+    li = seg * split + pid_k
+    n = tl.load(kc_ptr + li)
+    ar = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c in range(0, n, BLOCK_K):
+        acc = _list_step(acc, w_ptr, idx_ptr, xv_ptr, li * KS, c, n, ar, cols, nmask, rm,
+                         stride_wk, EVEN_N, BIG, DOT_F32)
+    _seg_tail(tl.sum(acc, axis=0), part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split,
+              N_TOTAL, HAS_SPLIT, BLOCK_N, RCHUNK)
+
+
+@triton.jit
+def sparse_gated_list_kernel(
+    w_ptr, idx_ptr, xv_ptr, kc_ptr, part_ptr, cnt_ptr, y_ptr,
+    stride_wk, split, F,
+    HAS_SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BIG: tl.constexpr, KS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Kept-row-list version of sparse_gated_gemv_kernel (list row 0: gate, row 1: up)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < F
+    n_g = tl.load(kc_ptr + pid_k)
+    n_u = tl.load(kc_ptr + split + pid_k)
+    ar = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c in range(0, tl.maximum(n_g, n_u), BLOCK_K):
+        acc_g = _list_step(acc_g, w_ptr, idx_ptr, xv_ptr, pid_k * KS, c, n_g, ar, cols, nmask,
+                           rm, stride_wk, EVEN_N, BIG, DOT_F32)
+        acc_u = _list_step(acc_u, w_ptr, idx_ptr, xv_ptr, (split + pid_k) * KS, c, n_u, ar,
+                           F + cols, nmask, rm, stride_wk, EVEN_N, BIG, DOT_F32)
+    _gated_tail(tl.sum(acc_g, axis=0), tl.sum(acc_u, axis=0), part_ptr, cnt_ptr, y_ptr, cols,
+                nmask, pid_n, pid_k, split, F, HAS_SPLIT, BLOCK_N, RCHUNK)
