@@ -161,18 +161,13 @@ def main(argv=None) -> int:
     from teal.paths import OutputPathError
     from teal.thresholds import ThresholdsError
 
+    from teal.cli import run_reporting_errors
+
     args = parse_args(argv)
-    try:
-        check_paths(args)
-        run(args)
-    except (CheckpointError, ThresholdsError, TextTooShortError, TextFileError, OutputPathError,
-            AllocationError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
-    return 0
+    return run_reporting_errors(
+        lambda: (check_paths(args), run(args)),
+        (CheckpointError, ThresholdsError, TextTooShortError, TextFileError, OutputPathError,
+         AllocationError, OSError))
 
 
 if __name__ == "__main__":

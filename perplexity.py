@@ -210,17 +210,14 @@ def main(argv=None) -> int:
     from teal.checkpoint import CheckpointError
     from teal.thresholds import ThresholdsError
 
+    from teal.cli import run_reporting_errors
+
     args = parse_args(argv)
-    try:
-        check_paths(args)
-        run(args)
-    except (CheckpointError, ThresholdsError, TextTooShortError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    # rows already scored stay in --output (written after every row): not "nothing written"
+    return run_reporting_errors(
+        lambda: (check_paths(args), run(args)),
+        (CheckpointError, ThresholdsError, TextTooShortError, OSError, ValueError),
+        interrupted="interrupted")
 
 
 if __name__ == "__main__":

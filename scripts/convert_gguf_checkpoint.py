@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from teal.checkpoint import save_checkpoint
+from teal.cli import run_reporting_errors
 from teal.tokenizer import chat_template_kind
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -419,14 +419,12 @@ def main(argv=None) -> None:
                    help="weight dtype of the checkpoint (default: float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    try:
-        path = convert_gguf(a.gguf, a.out_dir, a.name, DTYPES[a.dtype], not a.no_progress)
-    except (GGUFError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        raise SystemExit(130) from None
-    print(f"wrote {path} and {path.parent / 'tokenizer.json'}")
+    out = []
+    rc = run_reporting_errors(lambda: out.append(convert_gguf(
+        a.gguf, a.out_dir, a.name, DTYPES[a.dtype], not a.no_progress)), (GGUFError, OSError))
+    if rc:
+        raise SystemExit(rc)
+    print(f"wrote {out[0]} and {out[0].parent / 'tokenizer.json'}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -23,6 +22,7 @@ import torch
 
 from scripts.convert_gguf_checkpoint import (check_out_dir, check_shapes,
                                              write_checkpoint_and_tokenizer)
+from teal.cli import run_reporting_errors
 from teal.tokenizer import chat_template_kind
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -377,14 +377,13 @@ def main(argv=None) -> None:
                    help="weight dtype (default: auto = keep the dtype of the HF weights)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    try:
-        path = convert_hf(a.folder, a.out_dir, a.name, DTYPES[a.dtype], not a.no_progress)
-    except (HFConversionError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        raise SystemExit(130) from None
-    print(f"wrote {path}")
+    out = []
+    rc = run_reporting_errors(lambda: out.append(convert_hf(
+        a.folder, a.out_dir, a.name, DTYPES[a.dtype], not a.no_progress)),
+        (HFConversionError, OSError))
+    if rc:
+        raise SystemExit(rc)
+    print(f"wrote {out[0]}")
 
 
 if __name__ == "__main__":
