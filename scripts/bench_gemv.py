@@ -77,10 +77,10 @@ CANDIDATES = {
     "o": [(128, 128, 4, 3, 2), (128, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 64, 8, 4, 3),
           (128, 128, 8, 3, 3), (64, 128, 8, 3, 4)],
 }
-def _lc(bn, bk, nw, st, ks):
+def _lc(bn, bk, nw, st, ks, algo="list"):
     from teal.kernels.configs import GemvConfig
 
-    return GemvConfig(algo="list", block_n=bn, block_k=bk, num_warps=nw, num_stages=st, ksplit=ks, rchunk=0)
+    return GemvConfig(algo=algo, block_n=bn, block_k=bk, num_warps=nw, num_stages=st, ksplit=ks, rchunk=0)
 
 
 # "list" (round 4, kept-row lists) candidates (block_n, block_k, num_warps, num_stages, ksplit).
@@ -91,6 +91,13 @@ LIST_CANDIDATES = {
     "down": [(128, 64, 4, 5, 1024), (128, 64, 4, 6, 512), (128, 128, 4, 5, 1024), (64, 64, 4, 6, 512)],
     "qkv": [(128, 64, 4, 5, 512), (256, 64, 8, 5, 512), (128, 64, 4, 6, 256), (64, 64, 4, 6, 512)],
     "o": [(128, 64, 4, 5, 512), (128, 64, 4, 6, 256), (64, 64, 4, 6, 512), (128, 128, 4, 5, 512)],
+}
+# "ilist" (round 5: each program builds its range's list, no pre-pass launch) candidates
+ILIST_CANDIDATES = {
+    "gate_up": [(128, 64, 4, 5, 1024), (128, 64, 4, 6, 512), (64, 64, 4, 6, 1024)],
+    "down": [(128, 64, 4, 5, 1024), (128, 64, 4, 6, 512), (128, 128, 4, 5, 1024)],
+    "qkv": [(128, 64, 4, 5, 512), (128, 64, 4, 6, 256), (64, 64, 4, 6, 512)],
+    "o": [(128, 64, 4, 5, 512), (128, 64, 4, 6, 256), (64, 64, 4, 6, 512)],
 }
 # un-swept shapes that take a swept shape's winner (same K-family), re-derived for their grid
 ANALOG = {("llama2-7b", "gate_up"): "gate_up", ("llama2-7b", "down"): "down",
@@ -339,7 +346,9 @@ def compare_candidates():
         cand[name] = [("r1", C.round1_config(*_key(kind, K, arg)))] + \
             [(f"d{bn}x{bk}w{nw}s{st}v{wv}", _dc(bn, bk, nw, st, wv)) for (bn, bk, nw, st, wv) in CANDIDATES[name]] + \
             [(f"l{bn}x{bk}w{nw}s{st}k{ks}", _lc(bn, bk, nw, st, ks))
-             for (bn, bk, nw, st, ks) in LIST_CANDIDATES.get(name, [])]
+             for (bn, bk, nw, st, ks) in LIST_CANDIDATES.get(name, [])] + \
+            [(f"i{bn}x{bk}w{nw}s{st}k{ks}", _lc(bn, bk, nw, st, ks, "ilist"))
+             for (bn, bk, nw, st, ks) in ILIST_CANDIDATES.get(name, [])]
     return shapes, cand
 
 
@@ -392,6 +401,15 @@ def run_compare(args, l2, dtype, results, copy_bw):
         res = {}
         for label, cfg in ok:
             res[label] = {s: time_graph(b.fns(ths[s][0], cfg)) for s in sps}
+        # the "list" pre-pass alone (its share of the list candidates' time)
+        from teal.kernels import launch as L
+
+        rows_t = len(arg) if kind == "seg" else 2
+        for ks in sorted({c.ksplit for _, c in ok if c.algo == "list"}):
+            tt = ths[0.5][0]
+            pre = time_graph([lambda: L._keep_lists(b.x, tt, rows_t, C.cdiv(K, ks), ks, False, 0, False)])
+            print(f"PREPASS {name:8s} ksplit {ks}: {pre:.2f} us per call (50%)", flush=True)
+            results.setdefault("prepass", []).append(dict(name=name, ksplit=ks, us=pre))
         score = {lab: r[0.0] + 2 * r[0.5] + r[0.9] for lab, r in res.items()}
         best = min(score, key=score.get)
         bcfg = dict(ok)[best]
@@ -423,7 +441,7 @@ def run_compare(args, l2, dtype, results, copy_bw):
         if scfg.algo == "dot":  # grid follows from waves: the config applies as is
             table[_key(kind, K, arg)] = scfg
             continue
-        if scfg.algo not in ("compact", "list"):
+        if scfg.algo not in ("compact", "list", "ilist"):
             continue
         sarg = next(s[4] for s in shapes if s[1] == src)
         stiles = C.cdiv(sarg, scfg.block_n) if skey[0] == "gated" else sum(C.cdiv(n, scfg.block_n) for n in sarg)

@@ -207,12 +207,15 @@ _VARIANTS = [
     GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0),
     GemvConfig(algo="list", block_n=32, block_k=32, ksplit=128, num_stages=2),
     GemvConfig(algo="list", block_n=16, block_k=16, ksplit=16, num_stages=3, rchunk=2),
+    # ilist (each program builds its range's list): ranges of 32 (odd tail), one range
+    GemvConfig(algo="ilist", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0),
+    GemvConfig(algo="ilist", block_n=32, block_k=32, ksplit=128, num_stages=2),
 ]
 
 
 def _cfg_id(c):
-    if c.algo == "list":
-        return f"list-bn{c.block_n}bk{c.block_k}ks{c.ksplit}st{c.num_stages}r{c.rchunk}"
+    if c.algo in ("list", "ilist"):
+        return f"{c.algo}-bn{c.block_n}bk{c.block_k}ks{c.ksplit}st{c.num_stages}r{c.rchunk}"
     if c.algo == "dot":
         return f"dot-bn{c.block_n}bk{c.block_k}s{c.split}st{c.num_stages}r{c.rchunk}w{c.warm}"
     if c.algo == "compact":
@@ -256,6 +259,7 @@ _CMP = GemvConfig(algo="compact", block_n=16, block_k=8, ksplit=32, rchunk=0)
 # prologue read 16 channels at a time (2 trips per range)
 _DOT = GemvConfig(algo="dot", block_n=16, block_k=16, split=4, num_stages=3, rchunk=0, warm=16)
 _LIST = GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0)
+_ILIST = replace(_LIST, algo="ilist")
 
 
 def _edge_x(K, dtype):
@@ -264,7 +268,7 @@ def _edge_x(K, dtype):
     return (sgn * (0.5 + torch.rand(K))).to(dtype).to(DEV)
 
 
-@pytest.mark.parametrize("cfg", [_CMP, _DOT, _LIST], ids=["compact", "dot", "list"])
+@pytest.mark.parametrize("cfg", [_CMP, _DOT, _LIST, _ILIST], ids=["compact", "dot", "list", "ilist"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_compact_edge_cases(dtype, cfg):
     """Per K range of the compact kernels: empty list, identity (all kept: no list written),

@@ -34,8 +34,9 @@ class GemvConfig:
     waves: float = 4.0      # target programs per SM when split == 0
     algo: str = "mask"      # "mask": masked slab loop (round 1); "compact": kept-row lists;
                             # "dot": tensor-core tiles with pipelined masked loads (round 3);
-                            # "list": kept-row lists built by a pre-pass, gathered rows (round 4)
-    ksplit: int = 0         # compact/list: channels per program (power of 2; 0: from waves)
+                            # "list": kept-row lists built by a pre-pass, gathered rows (round 4);
+                            # "ilist": the same, each program building its range's list
+    ksplit: int = 0         # compact/list/ilist: channels per program (power of 2; 0: from waves)
     rchunk: int = 8         # split-K partial rows summed per step by the last program (0: auto)
     warm: int = 2048        # dot: prologue reads the K range's x into L1 this many at a time (0: off)
 
@@ -88,7 +89,7 @@ def _split_for(K: int, n_tiles: int, cfg: GemvConfig, num_sms: int) -> tuple[int
 
     algo "compact": k_per_split is the power of two KSPLIT (the x vector a program loads).
     """
-    if cfg.algo in ("compact", "list"):
+    if cfg.algo in ("compact", "list", "ilist"):
         if cfg.ksplit > 0:
             ks = cfg.ksplit
         else:

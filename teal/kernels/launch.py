@@ -80,12 +80,15 @@ def _common(K: int, stride_wk: int, thresholds: torch.Tensor):
 
 
 def _keep_lists(x: torch.Tensor, thresholds: torch.Tensor, rows: int, split: int, ks: int,
-                per_channel: bool, stride_tk: int):
-    """Kept-row lists of the "list" kernels (one pre-pass launch): int32 indices and x values
-    (x's dtype), rows * split * ks entries each, and int32 counts (rows * split)."""
+                per_channel: bool, stride_tk: int, inline: bool):
+    """Kept-row lists of the "list"/"ilist" kernels: int32 indices and x values (x's dtype),
+    rows * split * ks entries each, and int32 counts (rows * split).  "list": built now by
+    one pre-pass launch; "ilist": left for the GEMV programs to build (counts unused)."""
     n = rows * split * ks
     idx = torch.empty(n, dtype=torch.int32, device=x.device)
     xv = torch.empty(n, dtype=x.dtype, device=x.device)
+    if inline:
+        return idx, xv, idx
     kc = torch.empty(rows * split, dtype=torch.int32, device=x.device)
     keep_list_kernel[(rows, split)](x, thresholds, idx, xv, kc, x.numel(), thresholds.stride(0),
                                     stride_tk, split, PER_CHANNEL=per_channel, KS=ks, num_warps=4)
@@ -149,14 +152,15 @@ def launch_segments(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
-    if cfg.algo == "list":
-        idx, xv, kc = _keep_lists(x, thresholds, S, split, kps, per_channel, stride_tk)
+    if cfg.algo in ("list", "ilist"):
+        inline = cfg.algo == "ilist"
+        idx, xv, kc = _keep_lists(x, thresholds, S, split, kps, per_channel, stride_tk, inline)
         sparse_gemv_list_kernel[(n_tiles, split)](
-            wt, idx, xv, kc, part, cnt, out,
-            wt.stride(0), split, N,
+            x, thresholds, wt, idx, xv, kc, part, cnt, out,
+            K, wt.stride(0), stride_ts, stride_tk, split, N,
             c[0], c[1], c[2], c[3],
             tfirst[0], tfirst[1], tfirst[2],
-            HAS_SPLIT=split > 1, EVEN_N=even_n, BIG=big, KS=kps,
+            PER_CHANNEL=per_channel, INLINE=inline, HAS_SPLIT=split > 1, EVEN_N=even_n, BIG=big, KS=kps,
             BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -221,12 +225,13 @@ def launch_gated(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
-    if cfg.algo == "list":
-        idx, xv, kc = _keep_lists(x, thresholds, 2, split, kps, per_channel, stride_tk)
+    if cfg.algo in ("list", "ilist"):
+        inline = cfg.algo == "ilist"
+        idx, xv, kc = _keep_lists(x, thresholds, 2, split, kps, per_channel, stride_tk, inline)
         sparse_gated_list_kernel[(n_tiles, split)](
-            wt, idx, xv, kc, part, cnt, out,
-            wt.stride(0), split, F,
-            HAS_SPLIT=split > 1, EVEN_N=(F % bn == 0), BIG=big, KS=kps,
+            x, thresholds, wt, idx, xv, kc, part, cnt, out,
+            K, wt.stride(0), thresholds.stride(0), stride_tk, split, F,
+            PER_CHANNEL=per_channel, INLINE=inline, HAS_SPLIT=split > 1, EVEN_N=(F % bn == 0), BIG=big, KS=kps,
             BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

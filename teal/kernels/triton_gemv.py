@@ -601,7 +601,31 @@ def sparse_gated_dot_kernel(
 # loads.  Trip count, instructions and bytes all scale with the kept rows.  Unlike round 2
 # (every program rebuilt its range's list in a serial prologue), the list is built once per
 # call, at the cost of a second launch.  Same split-K tail, deterministic.
+# Variant "ilist" (INLINE): no pre-pass launch; every program builds its range's list itself
+# (one vector load of the range's x, a cumsum, scattered stores, CTA barrier) before the
+# same pipelined loop: the launch traded for a per-program prologue.
 # ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _range_list(x_ptr, t_ptr, t_off, k_lo, K, stride_tk, idx_ptr, xv_ptr,
+                PER_CHANNEL: tl.constexpr, KS: tl.constexpr):
+    """Kept channels of x[k_lo : k_lo + KS] (k < K) under the threshold row at t_off: writes
+    idx_ptr[j] = k (absolute) and xv_ptr[j] = x[k] for the j-th kept k (increasing k) and
+    returns the count.  Entries past the count are left unwritten (never read)."""
+    offs = k_lo + tl.arange(0, KS)
+    kin = offs < K
+    xr = tl.load(x_ptr + offs, mask=kin, other=0.0)
+    if PER_CHANNEL:
+        tk = tl.load(t_ptr + t_off + offs * stride_tk, mask=kin, other=float("inf"))
+    else:
+        tk = tl.load(t_ptr + t_off)
+    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin
+    ki = keep.to(tl.int32)
+    slot = tl.cumsum(ki, axis=0) - 1
+    tl.store(idx_ptr + slot, offs, mask=keep)
+    tl.store(xv_ptr + slot, xr, mask=keep)
+    return tl.sum(ki, axis=0)
 
 
 @triton.jit
@@ -610,25 +634,29 @@ def keep_list_kernel(x_ptr, t_ptr, idx_ptr, xv_ptr, kc_ptr, K, stride_ts, stride
     """Program (s, r): kept channels of x[r*KS : (r+1)*KS] under threshold row s.
 
     Writes idx[(s*split + r)*KS + j] = k (absolute) and xv[...] = x[k] for the j-th kept k
-    (increasing k), and kc[s*split + r] = the number kept.  Entries past the count are left
-    unwritten (never read).
+    (increasing k), and kc[s*split + r] = the number kept.
     """
     s = tl.program_id(0)
     r = tl.program_id(1)
-    offs = r * KS + tl.arange(0, KS)
-    kin = offs < K
-    xr = tl.load(x_ptr + offs, mask=kin, other=0.0)
-    if PER_CHANNEL:
-        tk = tl.load(t_ptr + s * stride_ts + offs * stride_tk, mask=kin, other=float("inf"))
-    else:
-        tk = tl.load(t_ptr + s * stride_ts)
-    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin
-    ki = keep.to(tl.int32)
-    slot = tl.cumsum(ki, axis=0) - 1
     li = s * split + r
-    tl.store(idx_ptr + li * KS + slot, offs, mask=keep)
-    tl.store(xv_ptr + li * KS + slot, xr, mask=keep)
-    tl.store(kc_ptr + li, tl.sum(ki, axis=0))
+    n = _range_list(x_ptr, t_ptr, s * stride_ts, r * KS, K, stride_tk, idx_ptr + li * KS,
+                    xv_ptr + li * KS, PER_CHANNEL, KS)
+    tl.store(kc_ptr + li, n)
+
+
+@triton.jit
+def _list_count(x_ptr, t_ptr, t_off, k_lo, K, stride_tk, idx_ptr, xv_ptr, kc_ptr, li,
+                PER_CHANNEL: tl.constexpr, KS: tl.constexpr, INLINE: tl.constexpr):
+    """Kept count of list li: read from the pre-pass (kc_ptr), or (INLINE, "ilist") built here
+    by this program; all column tiles of a K range write identical entries, and the CTA
+    barrier makes this program's own stores visible to its gathered loads."""
+    if INLINE:
+        n = _range_list(x_ptr, t_ptr, t_off, k_lo, K, stride_tk, idx_ptr + li * KS,
+                        xv_ptr + li * KS, PER_CHANNEL, KS)
+        tl.debug_barrier()
+    else:
+        n = tl.load(kc_ptr + li)
+    return n
 
 
 @triton.jit
@@ -648,10 +676,11 @@ def _list_step(acc, w_ptr, idx_ptr, xv_ptr, base, c, n, ar, cols, nmask, rm, str
 
 @triton.jit
 def sparse_gemv_list_kernel(
-    w_ptr, idx_ptr, xv_ptr, kc_ptr, part_ptr, cnt_ptr, y_ptr,
-    stride_wk, split, N_TOTAL,
+    x_ptr, t_ptr, w_ptr, idx_ptr, xv_ptr, kc_ptr, part_ptr, cnt_ptr, y_ptr,
+    K, stride_wk, stride_ts, stride_tk, split, N_TOTAL,
     c1, c2, c3, c4,
     tile1, tile2, tile3,
+    PER_CHANNEL: tl.constexpr, INLINE: tl.constexpr,
     HAS_SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BIG: tl.constexpr, KS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -661,7 +690,8 @@ def sparse_gemv_list_kernel(
     pid_k = tl.program_id(1)
     seg, cols, nmask = _seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N)
     li = seg * split + pid_k
-    n = tl.load(kc_ptr + li)
+    n = _list_count(x_ptr, t_ptr, seg * stride_ts, pid_k * KS, K, stride_tk, idx_ptr, xv_ptr,
+                    kc_ptr, li, PER_CHANNEL, KS, INLINE)
     ar = tl.arange(0, BLOCK_K)
     rm = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -674,8 +704,9 @@ def sparse_gemv_list_kernel(
 
 @triton.jit
 def sparse_gated_list_kernel(
-    w_ptr, idx_ptr, xv_ptr, kc_ptr, part_ptr, cnt_ptr, y_ptr,
-    stride_wk, split, F,
+    x_ptr, t_ptr, w_ptr, idx_ptr, xv_ptr, kc_ptr, part_ptr, cnt_ptr, y_ptr,
+    K, stride_wk, stride_ts, stride_tk, split, F,
+    PER_CHANNEL: tl.constexpr, INLINE: tl.constexpr,
     HAS_SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BIG: tl.constexpr, KS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -685,8 +716,10 @@ def sparse_gated_list_kernel(
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < F
-    n_g = tl.load(kc_ptr + pid_k)
-    n_u = tl.load(kc_ptr + split + pid_k)
+    n_g = _list_count(x_ptr, t_ptr, 0, pid_k * KS, K, stride_tk, idx_ptr, xv_ptr, kc_ptr,
+                      pid_k, PER_CHANNEL, KS, INLINE)
+    n_u = _list_count(x_ptr, t_ptr, stride_ts, pid_k * KS, K, stride_tk, idx_ptr, xv_ptr, kc_ptr,
+                      split + pid_k, PER_CHANNEL, KS, INLINE)
     ar = tl.arange(0, BLOCK_K)
     rm = tl.arange(0, BLOCK_M)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
