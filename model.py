@@ -199,8 +199,25 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+# Decode attention through the fused Triton kernel (teal.kernels.decode_attention) where it
+# applies (CUDA, batch 1, fp16/bf16, power-of-two head_dim); False forces the torch path.
+ATTENTION_KERNEL = True
+
+
+def _attention_kernel_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
+    from teal import sparse_linear
+    if not ATTENTION_KERNEL or not (q.is_cuda or sparse_linear.KERNELS_ON_CPU):
+        return False
+    from teal import kernels
+    return mask.dtype == torch.bool and mask.numel() == k.shape[2] and \
+        kernels.decode_attention_supported(q, k, v)
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Single-query GQA attention without repeating the KV heads.
+
+    Runs as one Triton kernel (`teal.kernels.decode_attention`: online softmax in fp32,
+    skipping the unfilled cache tail) when `_attention_kernel_ok`; otherwise in torch as below.
 
     q: (B, n_head, 1, D); k, v: (B, n_kv_head, S, D) (the KV cache, S = cache length);
     mask: bool, broadcastable to (B, 1, 1, S), True where a position may be attended.
@@ -209,6 +226,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     (softmax(q k^T / sqrt(D)) v with scores in the input dtype, softmax in fp32, like the
     eager Hugging Face Llama attention).
     """
+    if _attention_kernel_ok(q, k, v, mask):
+        from teal import kernels
+        return kernels.decode_attention(q, k, v, mask)
     B, nh, T, D = q.shape
     kvh = k.shape[1]
     qg = q.reshape(B, kvh, (nh // kvh) * T, D)

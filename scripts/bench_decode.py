@@ -90,8 +90,10 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int) -> list[fl
 
 def _kernel_group(name: str) -> str:
     n = name.lower()
-    if "sparse_g" in n:
+    if "sparse_g" in n or "keep_list" in n:
         return "TEAL sparse GEMV"
+    if "decode_attention" in n:
+        return "decode attention kernel"
     if any(k in n for k in ("gemv", "gemm", "xmma", "cutlass", "cublas", "splitk", "nvjet")):
         return "cuBLAS GEMV/GEMM"
     return "other (norm, RoPE, KV cache, attention, residual, sampling)"
@@ -201,11 +203,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--attention", choices=["kernel", "torch"], default="kernel",
+                    help="decode attention: the fused Triton kernel (default) or the torch ops")
     ap.add_argument("--profile", nargs="*", type=float, default=None,
                     help="also profile the dense step and these sparsities (kernel time per token)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
+    import model as model_mod
+    model_mod.ATTENTION_KERNEL = args.attention == "kernel"
     dtype = getattr(torch, args.dtype)
     env = environment()
     print(json.dumps(env))

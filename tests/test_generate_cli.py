@@ -116,3 +116,16 @@ def test_interactive_ends_at_eof(tiny_ckpt, monkeypatch, capsys):
 def test_single_new_token_reports_no_decode(tiny_ckpt, capsys):
     _run("--checkpoint_path", tiny_ckpt / "model.pth", "--max_new_tokens", 1, "--sparsity", 0.5)
     assert "no decode step ran" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("V", [7, 2048, 5000, 49152, 128256])
+def test_two_stage_argmax_equals_torch_argmax(V):
+    """generate.argmax_last (chunked max, then argmax of the chunk maxima) is torch.argmax,
+    including ties (first index wins) and a vocabulary that is not a multiple of the chunk."""
+    from generate import argmax_last
+
+    x = torch.randn(3, V)
+    x[1, V // 3] = x[1, V - 1] = x[1].max() + 1.0        # tie: the first index must win
+    x[2] = torch.randint(-2, 3, (V,)).float()           # many ties
+    assert torch.equal(argmax_last(x), torch.argmax(x, dim=-1, keepdim=True).to(torch.int))
+    assert argmax_last(x).dtype == torch.int32

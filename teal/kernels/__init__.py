@@ -14,6 +14,7 @@ Public API::
     sparse_gemv(x, wt, threshold) -> (..., N)
     sparse_gemv_segments(x, wt, thresholds, segments) -> (..., N_total)
     sparse_gated_gemv(x, wt, thresholds) -> (..., F)          # silu(gate) * up
+    decode_attention(q, k_cache, v_cache, mask) -> (1, H, 1, D)   # GQA, one query
 
 Plain-PyTorch twins (float64-capable) are in :mod:`teal.kernels.reference`.
 """
@@ -26,7 +27,7 @@ from typing import Sequence
 import torch
 
 from . import _checks
-from .reference import sparse_gated_gemv_ref, sparse_gemv_ref, sparse_gemv_segments_ref
+from .reference import decode_attention_ref, sparse_gated_gemv_ref, sparse_gemv_ref, sparse_gemv_segments_ref
 
 __all__ = [
     "prepare",
@@ -37,6 +38,9 @@ __all__ = [
     "sparse_gemv_ref",
     "sparse_gemv_segments_ref",
     "sparse_gated_gemv_ref",
+    "decode_attention",
+    "decode_attention_ref",
+    "decode_attention_supported",
 ]
 
 _OPS_LOADED = False
@@ -178,3 +182,50 @@ def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tenso
     _ensure_ops()
     y = torch.ops.teal.sparse_gated_gemv(xf, wt, thresholds)
     return y.reshape(*x.shape[:-1], wt.shape[1] // 2)
+
+
+def decode_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when :func:`decode_attention` handles these operands: batch 1, one query, fp16 or
+    bf16 everywhere, head_dim a power of two in [16, 256], H divisible by the KV heads,
+    unit stride along head_dim, and kernels available on the device."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        return False
+    B, H, T, D = q.shape
+    if B != 1 or T != 1 or k.shape[0] != 1 or k.shape[-1] != D or H % k.shape[1]:
+        return False
+    if q.dtype not in _checks._ACT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if D < 16 or D > 256 or D & (D - 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return False
+    return k.device == q.device and v.device == q.device and kernels_available(q.device)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Single-query (decode) GQA attention over a static KV cache, one Triton kernel.
+
+    Args:
+        q: (1, H, 1, D) bf16/fp16, the query after RoPE.
+        k, v: (1, G, S, D) KV cache (S = cache length, G = KV heads, H % G == 0), same dtype
+            as q, unit stride along D; query head h attends KV head h // (H / G).
+        mask: bool with S elements (e.g. (1, 1, 1, S)), True where a position may be
+            attended; blocks of positions that are all False are not read (unused cache tail).
+    Returns:
+        (1, H, 1, D) in q's dtype: softmax(q k^T / sqrt(D)) v, scores and softmax in fp32.
+    Raises:
+        ValueError: operands :func:`decode_attention_supported` rejects, or a mask without
+        exactly S elements.
+    Source: scaled dot-product attention with grouped KV heads (GQA, Ainslie et al. 2023);
+    split over positions with an online-softmax merge (flash-decoding).
+    """
+    if not decode_attention_supported(q, k, v):
+        raise ValueError(
+            "decode_attention needs q (1, H, 1, D), k/v (1, G, S, D) with H % G == 0, one fp16/bf16 "
+            f"dtype, D a power of two in [16, 256], on a kernel-capable device; got q {tuple(q.shape)} "
+            f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype} on {q.device}")
+    S = k.shape[2]
+    if mask.numel() != S or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool with S = {S} elements, got {tuple(mask.shape)} {mask.dtype}")
+    _ensure_ops()
+    H, D = q.shape[1], q.shape[3]
+    y = torch.ops.teal.decode_attention(q.reshape(H, D).contiguous(), k[0], v[0], mask.reshape(S).contiguous())
+    return y.reshape(1, H, 1, D)

@@ -256,3 +256,37 @@ def launch_gated(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+_ATTN_BLOCK_S = 64      # cache positions per step
+_ATTN_MIN_SLICE = 256   # positions per program before the cache is split over programs
+
+
+def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q: (H, D) contiguous, H = n_kv_head * rep; k, v: (n_kv_head, S, D) with unit last
+    stride; mask: (S,) bool, contiguous.  Returns (H, D) in q's dtype (see triton_attention)."""
+    from .triton_attention import decode_attention_kernel
+
+    H, D = q.shape
+    G, S, _ = k.shape
+    rep = H // G
+    block_r = max(16, 1 << (rep - 1).bit_length())
+    split = max(1, min(cdiv(S, _ATTN_MIN_SLICE), max(1, 2 * _num_sms(q.device) // G)))
+    sps = cdiv(cdiv(S, split), _ATTN_BLOCK_S) * _ATTN_BLOCK_S
+    split = cdiv(S, sps)
+    if out is None:
+        out = torch.empty_like(q)
+    if split > 1:
+        part = torch.empty(G * split * block_r * D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(G * split * 2 * block_r, dtype=torch.float32, device=q.device)
+        cnt = counters(q.device, G)
+    else:
+        part = ml = cnt = out
+    decode_attention_kernel[(G, split)](
+        q, k, v, mask.view(torch.uint8), out, part, ml, cnt,
+        S, sps, split, k.stride(0), k.stride(1), v.stride(0), v.stride(1), D ** -0.5,
+        REP=rep, D=D, BLOCK_R=block_r, BLOCK_S=_ATTN_BLOCK_S, HAS_SPLIT=split > 1, DOT_F32=_INTERP,
+        num_warps=4,
+    )
+    return out

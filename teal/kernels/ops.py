@@ -39,3 +39,15 @@ def sparse_gated_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Te
 @sparse_gated_gemv_op.register_fake
 def _(x, wt, thresholds):
     return x.new_empty((wt.shape[1] // 2,))
+
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from .launch import launch_decode_attention
+
+    return launch_decode_attention(q, k, v, mask)
+
+
+@decode_attention_op.register_fake
+def _(q, k, v, mask):
+    return torch.empty_like(q)

@@ -84,3 +84,20 @@ def sparse_gated_gemv_ref(
     g = sparse_gemv_ref(x, wt[:, :f], thresholds[0], dtype)
     u = sparse_gemv_ref(x, wt[:, f:], thresholds[1], dtype)
     return F.silu(g) * u
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Single-query GQA attention in ``dtype`` (default float64): the twin of
+    :func:`teal.kernels.decode_attention`.
+
+    q: (1, H, 1, D); k, v: (1, G, S, D) with H % G == 0 (query head h reads KV head
+    h // (H / G)); mask: bool, S elements, True = attend.  Returns (1, H, 1, D) in ``dtype``.
+    """
+    H, D = q.shape[1], q.shape[-1]
+    G = k.shape[1]
+    kk = k[0].to(dtype).repeat_interleave(H // G, dim=0)          # (H, S, D)
+    vv = v[0].to(dtype).repeat_interleave(H // G, dim=0)
+    s = torch.einsum("hd,hsd->hs", q.reshape(H, D).to(dtype), kk) * D ** -0.5
+    s = s.masked_fill(~mask.reshape(1, -1), float("-inf"))
+    return torch.einsum("hs,hsd->hd", torch.softmax(s, dim=-1), vv).reshape(1, H, 1, D)
