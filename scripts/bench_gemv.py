@@ -59,10 +59,10 @@ SPARSITIES = [0.0, 0.25, 0.40, 0.50, 0.65, 0.80, 0.90]
 DEV = "cuda"  # (a CPU dry run of the script logic sets "cpu" with the Triton interpreter)
 
 
-def _dc(bn, bk, nw, st, waves):
+def _dc(bn, bk, nw, st, waves, algo="dot"):
     from teal.kernels.configs import GemvConfig
 
-    return GemvConfig(algo="dot", block_n=bn, block_k=bk, num_warps=nw, num_stages=st, waves=waves, rchunk=0)
+    return GemvConfig(algo=algo, block_n=bn, block_k=bk, num_warps=nw, num_stages=st, waves=waves, rchunk=0)
 
 
 # compare: "dot" (round 3) candidates (block_n, block_k, num_warps, num_stages, waves) per key
@@ -101,6 +101,11 @@ ILIST_CANDIDATES = {
     "down": [(128, 64, 4, 4, 2048), (128, 64, 4, 5, 1024)],
     "qkv": [(64, 64, 4, 4, 4096), (128, 64, 4, 5, 512)],
     "o": [(64, 64, 4, 4, 4096), (128, 64, 4, 5, 512)],
+}
+# "dotsk" (round 5: stream-K grid, gate/up only) candidates, waves = programs per SM
+DOTSK_CANDIDATES = {
+    "gate_up": [(128, 64, 4, 3, 2), (128, 64, 4, 3, 3), (128, 64, 4, 4, 2), (64, 64, 4, 3, 4),
+                (64, 128, 4, 3, 3), (64, 64, 4, 4, 3)],
 }
 # un-swept shapes that take a swept shape's winner (same K-family), re-derived for their grid
 ANALOG = {("llama2-7b", "gate_up"): "gate_up", ("llama2-7b", "down"): "down",
@@ -339,11 +344,11 @@ def _key(kind, K, arg):
     return (kind, K, sum(arg) if kind == "seg" else arg)
 
 
-def compare_candidates():
-    """Key shapes and their (label, config) candidates: round 1 first."""
+def compare_candidates(only=None):
+    """Key shapes (or those named in `only`) and their (label, config) candidates: round 1 first."""
     from teal.kernels import configs as C
 
-    shapes = [s for s in SHAPES if s[0] == "llama3-8b" and s[1] in CANDIDATES]
+    shapes = [s for s in SHAPES if s[0] == "llama3-8b" and s[1] in CANDIDATES and (not only or s[1] in only)]
     cand = {}
     for (model, name, kind, K, arg) in shapes:
         cand[name] = [("r1", C.round1_config(*_key(kind, K, arg)))] + \
@@ -351,13 +356,15 @@ def compare_candidates():
             [(f"l{bn}x{bk}w{nw}s{st}k{ks}", _lc(bn, bk, nw, st, ks))
              for (bn, bk, nw, st, ks) in LIST_CANDIDATES.get(name, [])] + \
             [(f"i{bn}x{bk}w{nw}s{st}k{ks}", _lc(bn, bk, nw, st, ks, "ilist"))
-             for (bn, bk, nw, st, ks) in ILIST_CANDIDATES.get(name, [])]
+             for (bn, bk, nw, st, ks) in ILIST_CANDIDATES.get(name, [])] + \
+            [(f"k{bn}x{bk}w{nw}s{st}v{wv}", _dc(bn, bk, nw, st, wv, "dotsk"))
+             for (bn, bk, nw, st, wv) in DOTSK_CANDIDATES.get(name, [])]
     return shapes, cand
 
 
 def precompile_compare(args, shapes=None, cand=None):
     if shapes is None:
-        shapes, cand = compare_candidates()
+        shapes, cand = compare_candidates(args.compare_shapes)
     jobs = []
     for (model, name, kind, K, arg) in shapes:
         cf = [c for _, c in cand[name]]
@@ -367,7 +374,7 @@ def precompile_compare(args, shapes=None, cand=None):
     from teal.kernels import configs as C
 
     for (model, name, kind, K, arg) in SHAPES:
-        if name not in cand:
+        if name not in cand and not getattr(args, "no_bench", False):
             jobs.append((kind, K, arg, [C.round1_config(*_key(kind, K, arg))], args.dtype))
     precompile(jobs, args.procs)
 
@@ -378,7 +385,7 @@ def run_compare(args, l2, dtype, results, copy_bw):
 
     from teal.kernels import configs as C
 
-    shapes, cand = compare_candidates()
+    shapes, cand = compare_candidates(args.compare_shapes)
     if args.procs > 0:
         precompile_compare(args, shapes, cand)
     sps = [0.0, 0.5, 0.9]
@@ -439,9 +446,11 @@ def run_compare(args, l2, dtype, results, copy_bw):
         src = ANALOG.get((model, name))
         if src is None:
             continue
-        skey = next(k for k, (c, n) in winners.items() if n == src)
+        skey = next((k for k, (c, n) in winners.items() if n == src), None)
+        if skey is None:  # --compare-shapes left the source shape out
+            continue
         scfg = winners[skey][0]
-        if scfg.algo == "dot":  # grid follows from waves: the config applies as is
+        if scfg.algo in ("dot", "dotsk"):  # grid follows from waves: the config applies as is
             table[_key(kind, K, arg)] = scfg
             continue
         if scfg.algo not in ("compact", "list", "ilist"):
@@ -548,6 +557,8 @@ def main():
     ap.add_argument("--apply-sweep", action="store_true", help="use sweep winners for the benchmark table")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--compare", action="store_true", help="round 1 vs dot candidates at key shapes; apply winners")
+    ap.add_argument("--compare-shapes", nargs="+", default=None, choices=sorted(CANDIDATES),
+                    help="--compare: only these projections (default: all four)")
     ap.add_argument("--table-out", default=None, help="--compare: write the winners' table here (JSON)")
     ap.add_argument("--precompile-only", action="store_true", help="compile the --compare candidates, then exit")
     ap.add_argument("--baseline", action="store_true", help="bench: also time the round-1 config (r1_us)")

@@ -69,13 +69,13 @@ def decode_attention_kernel(
         mk = (tl.load(m_ptr + offs, mask=offs < hi, other=0) != 0)
         if tl.sum(mk.to(tl.int32), axis=0) > 0:
             k = tl.load(kbase + offs[:, None].to(tl.int64) * stride_ks + dd[None, :], mask=mk[:, None], other=0.0)
+            v = tl.load(vbase + offs[:, None].to(tl.int64) * stride_vs + dd[None, :], mask=mk[:, None], other=0.0)
             s = _qk(q, k, DOT_F32) * scale
             s = tl.where(mk[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vbase + offs[:, None].to(tl.int64) * stride_vs + dd[None, :], mask=mk[:, None], other=0.0)
             acc = _pv(p, v, acc * alpha[:, None], DOT_F32)
             m_i = m_new
 

@@ -731,3 +731,82 @@ def sparse_gated_list_kernel(
                            F + cols, nmask, rm, stride_wk, EVEN_N, BIG, DOT_F32)
     _gated_tail(tl.sum(acc_g, axis=0), tl.sum(acc_u, axis=0), part_ptr, cnt_ptr, y_ptr, cols,
                 nmask, pid_n, pid_k, split, F, HAS_SPLIT, BLOCK_N, RCHUNK)
+
+
+# ----------------------------------------------------------------------------------------
+# Round 5: stream-K grid for the gated (gate/up) "dot" kernel ("dotsk").
+#
+# Measured (round 5, notes/kernels.md): the dot kernels are bound at 50% sparsity by the
+# per-SM cost of processing every weight tile (masked rows included), and the gate/up grid
+# (F / 128 column tiles x 2 K halves = 224 programs on 132 SMs) leaves 92 SMs with two
+# programs and 40 with one.  Here the grid is P = (resident programs per SM) x SMs and the
+# n_tiles x CH units of work (one unit = one BLOCK_K slab of one column tile) are cut into P
+# contiguous, equal ranges in tile-major order: every SM gets the same number of units.  A
+# range covers the end of one tile, whole tiles and the start of another (MAX_SEGS segments
+# at most).  A tile finished by one program is written directly; otherwise each contributor
+# j (in program order) stores its fp32 partial in slot j of the tile, and the last to arrive
+# sums the slots in order j = 0, 1, ... (deterministic) and applies silu(gate) * up.
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _owner(a, P, U):
+    """The program whose unit range [p*U//P, (p+1)*U//P) contains unit a."""
+    return ((a + 1) * P + U - 1) // U - 1
+
+
+@triton.jit
+def sparse_gated_dotsk_kernel(
+    x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr,
+    K, stride_wk, stride_ts, stride_tk, F, CH, U, P, MAXC,
+    PER_CHANNEL: tl.constexpr, EVEN_N: tl.constexpr, BIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, MAX_SEGS: tl.constexpr, WARM: tl.constexpr,
+):
+    """Stream-K version of sparse_gated_dot_kernel (same math, same outputs)."""
+    pid = tl.program_id(0)
+    u = (pid * U) // P
+    u_hi = ((pid + 1) * U) // P
+    ar = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    for _seg in tl.static_range(MAX_SEGS):
+        if u < u_hi:
+            tile = u // CH
+            c_hi = tl.minimum(u_hi - tile * CH, CH)
+            cols = tile * BLOCK_N + rn
+            nmask = cols < F
+            k_lo = (u - tile * CH) * BLOCK_K
+            k_hi = tl.minimum(K, c_hi * BLOCK_K)
+            k_stop = k_hi
+            if WARM > 0:
+                n_kept = _range_kept(x_ptr, t_ptr, 0, k_lo, k_hi, stride_tk, PER_CHANNEL, WARM) + \
+                    _range_kept(x_ptr, t_ptr, stride_ts, k_lo, k_hi, stride_tk, PER_CHANNEL, WARM)
+                k_stop = tl.where(n_kept > 0, k_hi, k_lo)
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(k_lo, k_stop, BLOCK_K):
+                acc_g = _dot_step(acc_g, x_ptr, w_ptr, t_ptr, 0, k0 + ar, k_hi, cols, nmask, rm,
+                                  stride_wk, stride_tk, PER_CHANNEL, EVEN_N, BIG, DOT_F32)
+                acc_u = _dot_step(acc_u, x_ptr, w_ptr, t_ptr, stride_ts, k0 + ar, k_hi, F + cols,
+                                  nmask, rm, stride_wk, stride_tk, PER_CHANNEL, EVEN_N, BIG, DOT_F32)
+            g = tl.sum(acc_g, axis=0)
+            up = tl.sum(acc_u, axis=0)
+            first = _owner(tile * CH, P, U)
+            n_c = _owner(tile * CH + CH - 1, P, U) - first + 1
+            if n_c == 1:
+                tl.store(y_ptr + cols, (g * tl.sigmoid(g) * up).to(y_ptr.dtype.element_ty), mask=nmask)
+            else:
+                slot = (tile * MAXC + pid - first) * (2 * BLOCK_N)
+                tl.store(part_ptr + slot + rn, g)
+                tl.store(part_ptr + slot + BLOCK_N + rn, up)
+                if _arrive_last(cnt_ptr, tile, n_c):
+                    g = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    for j in range(0, n_c):
+                        s2 = (tile * MAXC + j) * (2 * BLOCK_N)
+                        g += tl.load(part_ptr + s2 + rn, cache_modifier=".cg")
+                        up += tl.load(part_ptr + s2 + BLOCK_N + rn, cache_modifier=".cg")
+                    tl.store(y_ptr + cols, (g * tl.sigmoid(g) * up).to(y_ptr.dtype.element_ty), mask=nmask)
+                    tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+            u = tile * CH + c_hi
