@@ -59,10 +59,10 @@ SPARSITIES = [0.0, 0.25, 0.40, 0.50, 0.65, 0.80, 0.90]
 DEV = "cuda"  # (a CPU dry run of the script logic sets "cpu" with the Triton interpreter)
 
 
-def _dc(bn, bk, nw, st, waves, algo="dot"):
+def _dc(bn, bk, nw, st, waves):
     from teal.kernels.configs import GemvConfig
 
-    return GemvConfig(algo=algo, block_n=bn, block_k=bk, num_warps=nw, num_stages=st, waves=waves, rchunk=0)
+    return GemvConfig(algo="dot", block_n=bn, block_k=bk, num_warps=nw, num_stages=st, waves=waves, rchunk=0)
 
 
 # compare: "dot" (round 3) candidates (block_n, block_k, num_warps, num_stages, waves) per key
@@ -77,9 +77,8 @@ CANDIDATES = {
     "o": [(128, 128, 4, 3, 2), (32, 128, 4, 3, 1), (64, 128, 4, 3, 1), (32, 256, 4, 3, 1),
           (64, 64, 4, 4, 2), (64, 128, 4, 3, 4)],
 }
-# (round 3's other candidates, all slower there: notes/kernels.md; round 5 adds one-wave grids
-# (waves 1: one program per column tile for narrow tiles) to test the load-balance and
-# split-K-tail hypotheses)
+# (round 3's other candidates were slower there; the round-5 one-wave grids (waves 1) lost
+# everywhere: notes/kernels.md)
 def _lc(bn, bk, nw, st, ks, algo="list"):
     from teal.kernels.configs import GemvConfig
 
@@ -101,11 +100,6 @@ ILIST_CANDIDATES = {
     "down": [(128, 64, 4, 4, 2048), (128, 64, 4, 5, 1024)],
     "qkv": [(64, 64, 4, 4, 4096), (128, 64, 4, 5, 512)],
     "o": [(64, 64, 4, 4, 4096), (128, 64, 4, 5, 512)],
-}
-# "dotsk" (round 5: stream-K grid, gate/up only) candidates, waves = programs per SM
-DOTSK_CANDIDATES = {
-    "gate_up": [(128, 64, 4, 3, 2), (128, 64, 4, 3, 3), (128, 64, 4, 4, 2), (64, 64, 4, 3, 4),
-                (64, 128, 4, 3, 3), (64, 64, 4, 4, 3)],
 }
 # un-swept shapes that take a swept shape's winner (same K-family), re-derived for their grid
 ANALOG = {("llama2-7b", "gate_up"): "gate_up", ("llama2-7b", "down"): "down",
@@ -356,9 +350,7 @@ def compare_candidates(only=None):
             [(f"l{bn}x{bk}w{nw}s{st}k{ks}", _lc(bn, bk, nw, st, ks))
              for (bn, bk, nw, st, ks) in LIST_CANDIDATES.get(name, [])] + \
             [(f"i{bn}x{bk}w{nw}s{st}k{ks}", _lc(bn, bk, nw, st, ks, "ilist"))
-             for (bn, bk, nw, st, ks) in ILIST_CANDIDATES.get(name, [])] + \
-            [(f"k{bn}x{bk}w{nw}s{st}v{wv}", _dc(bn, bk, nw, st, wv, "dotsk"))
-             for (bn, bk, nw, st, wv) in DOTSK_CANDIDATES.get(name, [])]
+             for (bn, bk, nw, st, ks) in ILIST_CANDIDATES.get(name, [])]
     return shapes, cand
 
 
@@ -450,7 +442,7 @@ def run_compare(args, l2, dtype, results, copy_bw):
         if skey is None:  # --compare-shapes left the source shape out
             continue
         scfg = winners[skey][0]
-        if scfg.algo in ("dot", "dotsk"):  # grid follows from waves: the config applies as is
+        if scfg.algo == "dot":  # grid follows from waves: the config applies as is
             table[_key(kind, K, arg)] = scfg
             continue
         if scfg.algo not in ("compact", "list", "ilist"):

@@ -210,20 +210,12 @@ _VARIANTS = [
     # ilist (each program builds its range's list): ranges of 32 (odd tail), one range
     GemvConfig(algo="ilist", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0),
     GemvConfig(algo="ilist", block_n=32, block_k=32, ksplit=128, num_stages=2),
-    # dotsk (stream-K gate/up; segment configs fall back to dot): 3 tiles x 5 slabs over
-    # 8 programs (ranges straddle tiles, up to 3 contributors), 1 program (whole problem),
-    # 15 programs (one slab each), x prologue off
-    GemvConfig(algo="dotsk", block_n=8, block_k=16, waves=2, num_stages=3),
-    GemvConfig(algo="dotsk", block_n=32, block_k=32, waves=0.25, num_stages=2),
-    GemvConfig(algo="dotsk", block_n=8, block_k=16, waves=4, num_stages=3, warm=0),
 ]
 
 
 def _cfg_id(c):
     if c.algo in ("list", "ilist"):
         return f"{c.algo}-bn{c.block_n}bk{c.block_k}ks{c.ksplit}st{c.num_stages}r{c.rchunk}"
-    if c.algo == "dotsk":
-        return f"dotsk-bn{c.block_n}bk{c.block_k}v{c.waves}w{c.warm}"
     if c.algo == "dot":
         return f"dot-bn{c.block_n}bk{c.block_k}s{c.split}st{c.num_stages}r{c.rchunk}w{c.warm}"
     if c.algo == "compact":
@@ -268,8 +260,6 @@ _CMP = GemvConfig(algo="compact", block_n=16, block_k=8, ksplit=32, rchunk=0)
 _DOT = GemvConfig(algo="dot", block_n=16, block_k=16, split=4, num_stages=3, rchunk=0, warm=16)
 _LIST = GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0)
 _ILIST = replace(_LIST, algo="ilist")
-# stream-K gate/up over 100 channels in slabs of 16 (7 per tile), 5 programs: ranges cross tiles
-_DOTSK = GemvConfig(algo="dotsk", block_n=16, block_k=16, waves=1.25, num_stages=3, warm=16)
 
 
 def _edge_x(K, dtype):
@@ -278,7 +268,7 @@ def _edge_x(K, dtype):
     return (sgn * (0.5 + torch.rand(K))).to(dtype).to(DEV)
 
 
-@pytest.mark.parametrize("cfg", [_CMP, _DOT, _LIST, _ILIST, _DOTSK], ids=["compact", "dot", "list", "ilist", "dotsk"])
+@pytest.mark.parametrize("cfg", [_CMP, _DOT, _LIST, _ILIST], ids=["compact", "dot", "list", "ilist"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_compact_edge_cases(dtype, cfg):
     """Per K range of the compact kernels: empty list, identity (all kept: no list written),

@@ -35,9 +35,7 @@ class GemvConfig:
     algo: str = "mask"      # "mask": masked slab loop (round 1); "compact": kept-row lists;
                             # "dot": tensor-core tiles with pipelined masked loads (round 3);
                             # "list": kept-row lists built by a pre-pass, gathered rows (round 4);
-                            # "ilist": the same, each program building its range's list;
-                            # "dotsk": "dot" on a stream-K grid (gate/up only; waves =
-                            # programs per SM, work split equally among them)
+                            # "ilist": the same, each program building its range's list
     ksplit: int = 0         # compact/list/ilist: channels per program (power of 2; 0: from waves)
     rchunk: int = 8         # split-K partial rows summed per step by the last program (0: auto)
     warm: int = 2048        # dot: prologue reads the K range's x into L1 this many at a time (0: off)

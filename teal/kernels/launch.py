@@ -19,7 +19,6 @@ from .configs import GemvConfig, cdiv, pick_config, rchunk_for, warm_for
 from .triton_gemv import (
     sparse_gated_cmp_kernel,
     sparse_gated_dot_kernel,
-    sparse_gated_dotsk_kernel,
     sparse_gated_gemv_kernel,
     sparse_gemv_cmp_kernel,
     sparse_gemv_dot_kernel,
@@ -166,7 +165,7 @@ def launch_segments(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
-    if cfg.algo in ("dot", "dotsk"):
+    if cfg.algo == "dot":
         sparse_gemv_dot_kernel[(n_tiles, split)](
             x, wt, thresholds, part, cnt, out,
             K, wt.stride(0), stride_ts, stride_tk, kps, split, N,
@@ -210,9 +209,6 @@ def launch_gated(
     n_tiles = cdiv(F, bn)
     if out is None:
         out = torch.empty(F, dtype=x.dtype, device=x.device)
-    if cfg.algo == "dotsk":
-        per_channel, stride_tk, big = _common(K, wt.stride(0), thresholds)
-        return _launch_gated_dotsk(x, wt, thresholds, cfg, out, workspace, F, per_channel, stride_tk, big)
     if split > 1 and workspace is None:
         workspace = torch.empty((split, 2 * F), dtype=torch.float32, device=x.device)
     part = workspace if split > 1 else out
@@ -262,33 +258,8 @@ def launch_gated(
     return out
 
 
-def _launch_gated_dotsk(x, wt, thresholds, cfg, out, workspace, F, per_channel, stride_tk, big):
-    """Stream-K gate/up launch (see sparse_gated_dotsk_kernel): P = cfg.waves x SMs programs
-    share the n_tiles x CH slab units equally; fp32 partial slots per (tile, contributor)."""
-    K = wt.shape[0]
-    bn, bk = cfg.block_n, cfg.block_k
-    n_tiles, ch = cdiv(F, bn), cdiv(K, bk)
-    units = n_tiles * ch
-    P = max(1, min(units, round(cfg.waves * _num_sms(x.device))))
-    assert units * P < _I32_LIMIT
-    per = units // P                                   # units per program, at least
-    maxc = cdiv(ch, per) + 1                           # contributors per tile, at most
-    max_segs = cdiv(cdiv(units, P), ch) + 1            # tiles touched per program, at most
-    need = n_tiles * maxc * 2 * bn
-    if workspace is None or workspace.numel() < need:
-        workspace = torch.empty(need, dtype=torch.float32, device=x.device)
-    sparse_gated_dotsk_kernel[(P,)](
-        x, wt, thresholds, workspace, counters(x.device, n_tiles), out,
-        K, wt.stride(0), thresholds.stride(0), stride_tk, F, ch, units, P, maxc,
-        PER_CHANNEL=per_channel, EVEN_N=(F % bn == 0), BIG=big,
-        BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, DOT_F32=_INTERP, MAX_SEGS=max_segs,
-        WARM=warm_for(cfg, ch * bk), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
-
-
 _ATTN_BLOCK_S = 64      # cache positions per step
-_ATTN_MIN_SLICE = 128   # positions per program before the cache is split over programs
+_ATTN_MIN_SLICE = 256   # positions per program before the cache is split over programs
 
 
 def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
