@@ -182,12 +182,25 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["commit"] = "unknown"
+    env["commit"] = code_commit()
     return env
+
+
+def code_commit() -> str:
+    """TEAL_COMMIT if set (a copy of the tree whose git metadata may be stale, e.g. a remote
+    benchmark machine), else `git rev-parse --short HEAD` plus "+dirty" for uncommitted
+    changes to tracked files, else "unknown"."""
+    import os
+    if os.environ.get("TEAL_COMMIT"):
+        return os.environ["TEAL_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
+                               capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def main(argv=None):
