@@ -32,6 +32,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_keep(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL: tl.constexpr):
+    """x[offs_k] (input dtype, 0 where offs_k >= k_end) and its TEAL keep-mask |x_k| > t_k
+    (compared in fp32; t scalar at t_ptr + t_off, or per channel with stride stride_tk)."""
+    kin = offs_k < k_end
+    xr = tl.load(x_ptr + offs_k, mask=kin, other=0.0)
+    if PER_CHANNEL:
+        tk = tl.load(t_ptr + t_off + offs_k * stride_tk, mask=kin, other=float("inf"))
+    else:
+        tk = tl.load(t_ptr + t_off)
+    return xr, (tl.abs(xr.to(tl.float32)) > tk) & kin
+
+
+@triton.jit
 def _row_mask(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL: tl.constexpr):
     """Load an x slab (fp32) and its TEAL keep-mask |x_k| > t_k, restricted to k < k_end.
 
@@ -479,13 +492,7 @@ def _dot_step(acc, x_ptr, w_ptr, t_ptr, t_off, offs_k, k_end, cols, nmask, rm, s
 
     DOT_F32 (CPU interpreter only, whose bf16 dot is broken): the same exact products in fp32.
     """
-    kin = offs_k < k_end
-    xr = tl.load(x_ptr + offs_k, mask=kin, other=0.0)
-    if PER_CHANNEL:
-        tk = tl.load(t_ptr + t_off + offs_k * stride_tk, mask=kin, other=float("inf"))
-    else:
-        tk = tl.load(t_ptr + t_off)
-    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin
+    xr, keep = _load_keep(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL)
     w = _load_w(w_ptr, offs_k, cols, nmask, stride_wk, keep, EVEN_N, BIG)
     a = tl.where((rm[:, None] == 0) & keep[None, :], xr[None, :], 0.0).to(w.dtype)
     if DOT_F32:
@@ -614,13 +621,7 @@ def _range_list(x_ptr, t_ptr, t_off, k_lo, K, stride_tk, idx_ptr, xv_ptr,
     idx_ptr[j] = k (absolute) and xv_ptr[j] = x[k] for the j-th kept k (increasing k) and
     returns the count.  Entries past the count are left unwritten (never read)."""
     offs = k_lo + tl.arange(0, KS)
-    kin = offs < K
-    xr = tl.load(x_ptr + offs, mask=kin, other=0.0)
-    if PER_CHANNEL:
-        tk = tl.load(t_ptr + t_off + offs * stride_tk, mask=kin, other=float("inf"))
-    else:
-        tk = tl.load(t_ptr + t_off)
-    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin
+    xr, keep = _load_keep(x_ptr, t_ptr, t_off, offs, K, stride_tk, PER_CHANNEL)
     ki = keep.to(tl.int32)
     slot = tl.cumsum(ki, axis=0) - 1
     tl.store(idx_ptr + slot, offs, mask=keep)
