@@ -188,15 +188,17 @@ def environment() -> dict:
 
 def code_commit() -> str:
     """TEAL_COMMIT if set (a copy of the tree whose git metadata may be stale, e.g. a remote
-    benchmark machine), else `git rev-parse --short HEAD` plus "+dirty" for uncommitted
-    changes to tracked files, else "unknown"."""
+    benchmark machine), else `git rev-parse --short HEAD` of the repository holding this
+    script plus "+dirty" for uncommitted changes (untracked, non-ignored files included),
+    else "unknown"."""
     import os
     if os.environ.get("TEAL_COMMIT"):
         return os.environ["TEAL_COMMIT"]
+    here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], text=True,
                               capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], text=True,
                                capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -110,6 +110,12 @@ def test_bad_inputs_raise_one_line_errors():
     k = torch.randn(1, 2, 16, 16, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="S = 16"):
         tk.decode_attention(q, k, k, torch.ones(15, dtype=torch.bool, device=DEV))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        tk.decode_attention(q, k, k, torch.ones(16, dtype=torch.bool, device="meta"))
+    empty = torch.randn(1, 2, 0, 16, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="S >= 1"):
+        tk.decode_attention(q, empty, empty, torch.ones(0, dtype=torch.bool, device=DEV))
+    assert not tk.decode_attention_supported(q, k[:, :0], k[:, :0])  # no KV heads: False, no raise
     assert not tk.decode_attention_supported(q, k.float(), k.float())
     assert not tk.decode_attention_supported(q.expand(2, 8, 1, 16), k.expand(2, 2, 16, 16), k)
 

@@ -129,3 +129,11 @@ def test_two_stage_argmax_equals_torch_argmax(V):
     x[2] = torch.randint(-2, 3, (V,)).float()           # many ties
     assert torch.equal(argmax_last(x), torch.argmax(x, dim=-1, keepdim=True).to(torch.int))
     assert argmax_last(x).dtype == torch.int32
+
+
+def test_two_stage_argmax_other_inputs_fall_back_to_torch_argmax():
+    from generate import argmax_last
+
+    for x in (torch.randint(0, 100, (2, 5000)), torch.randn(5000), torch.randn(2, 3, 5000),
+              torch.randn(0, 5000)):
+        assert torch.equal(argmax_last(x), torch.argmax(x, dim=-1, keepdim=True).to(torch.int))

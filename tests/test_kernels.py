@@ -417,3 +417,20 @@ def test_import_without_triton_is_lazy():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_small_workspace_and_odd_ksplit():
+    """A caller's split-K workspace that is too small is a ValueError (never an overrun); a
+    list ksplit that is not a power of two is rounded up."""
+    seed = _seed()
+    K, sizes = 77, (19, 40)
+    x, wt = _x(K, torch.float16), _w(K, 59, torch.float16)
+    t = _thresholds(x, "q50", 2)
+    with pytest.raises(ValueError, match="workspace"):
+        launch.launch_segments(x, wt, t, sizes, config=GemvConfig(block_n=16, block_k=16, split=5),
+                               workspace=torch.empty(1, 59, device=DEV))
+    with pytest.raises(ValueError, match="workspace"):
+        launch.launch_gated(x, _w(K, 42, torch.float16), t, config=GemvConfig(block_n=16, block_k=16, split=3),
+                            workspace=torch.empty(2, 42, device=DEV))
+    out = launch.launch_segments(x, wt, t, sizes, config=GemvConfig(algo="list", ksplit=48, block_n=16, block_k=16))
+    _close(out, R.sparse_gemv_segments_ref(x, wt, t, (19, 59)), torch.float16, seed, "ksplit 48")

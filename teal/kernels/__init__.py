@@ -186,12 +186,14 @@ def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tenso
 
 def decode_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when :func:`decode_attention` handles these operands: batch 1, one query, fp16 or
-    bf16 everywhere, head_dim a power of two in [16, 256], H divisible by the KV heads,
-    unit stride along head_dim, and kernels available on the device."""
+    bf16 everywhere, head_dim a power of two in [16, 256], H divisible by the (>= 1) KV heads,
+    a non-empty cache, unit stride along head_dim, and kernels available on the device."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         return False
     B, H, T, D = q.shape
-    if B != 1 or T != 1 or k.shape[0] != 1 or k.shape[-1] != D or H % k.shape[1]:
+    if B != 1 or T != 1 or k.shape[0] != 1 or k.shape[-1] != D or k.shape[1] == 0 or k.shape[2] == 0:
+        return False
+    if H % k.shape[1]:
         return False
     if q.dtype not in _checks._ACT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -219,12 +221,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     if not decode_attention_supported(q, k, v):
         raise ValueError(
-            "decode_attention needs q (1, H, 1, D), k/v (1, G, S, D) with H % G == 0, one fp16/bf16 "
+            "decode_attention needs q (1, H, 1, D), k/v (1, G, S, D) with S >= 1, H % G == 0, one fp16/bf16 "
             f"dtype, D a power of two in [16, 256], on a kernel-capable device; got q {tuple(q.shape)} "
             f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype} on {q.device}")
     S = k.shape[2]
-    if mask.numel() != S or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool with S = {S} elements, got {tuple(mask.shape)} {mask.dtype}")
+    if mask.numel() != S or mask.dtype != torch.bool or mask.device != q.device:
+        raise ValueError(f"mask must be bool with S = {S} elements on {q.device}, got "
+                         f"{tuple(mask.shape)} {mask.dtype} on {mask.device}")
     _ensure_ops()
     H, D = q.shape[1], q.shape[3]
     y = torch.ops.teal.decode_attention(q.reshape(H, D).contiguous(), k[0], v[0], mask.reshape(S).contiguous())

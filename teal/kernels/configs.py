@@ -36,7 +36,7 @@ class GemvConfig:
                             # "dot": tensor-core tiles with pipelined masked loads (round 3);
                             # "list": kept-row lists built by a pre-pass, gathered rows (round 4);
                             # "ilist": the same, each program building its range's list
-    ksplit: int = 0         # compact/list/ilist: channels per program (power of 2; 0: from waves)
+    ksplit: int = 0         # compact/list/ilist: channels per program (rounded up to a power of 2; 0: from waves)
     rchunk: int = 8         # split-K partial rows summed per step by the last program (0: auto)
     warm: int = 2048        # dot: prologue reads the K range's x into L1 this many at a time (0: off)
 
@@ -91,7 +91,7 @@ def _split_for(K: int, n_tiles: int, cfg: GemvConfig, num_sms: int) -> tuple[int
     """
     if cfg.algo in ("compact", "list", "ilist"):
         if cfg.ksplit > 0:
-            ks = cfg.ksplit
+            ks = next_pow2(cfg.ksplit)  # the kernels' x range is a power-of-2 arange
         else:
             split = cfg.split if cfg.split > 0 else max(1, round(cfg.waves * num_sms / max(1, n_tiles)))
             ks = next_pow2(cdiv(K, max(1, split)))

@@ -71,6 +71,16 @@ def _check_x(x: torch.Tensor) -> None:
                          f"with strides {x.stride()}")
 
 
+def _workspace(buf: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """The fp32 split-K workspace: `buf` (caller's, checked) or a new one of n floats."""
+    if buf is None:
+        return torch.empty(n, dtype=torch.float32, device=device)
+    if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.numel() < n or buf.device != device:
+        raise ValueError(f"workspace must be a contiguous float32 tensor of >= {n} elements on "
+                         f"{device}, got {tuple(buf.shape)} {buf.dtype} on {buf.device}")
+    return buf
+
+
 def _common(K: int, stride_wk: int, thresholds: torch.Tensor):
     """thresholds is (S,) or (S, K): per-channel flag, channel stride, int64-index flag."""
     per_channel = thresholds.dim() == 2
@@ -132,8 +142,8 @@ def launch_segments(
     tfirst = tfirst[:3]
     if out is None:
         out = torch.empty(N, dtype=x.dtype, device=x.device)
-    if split > 1 and workspace is None:
-        workspace = torch.empty((split, N), dtype=torch.float32, device=x.device)
+    if split > 1:
+        workspace = _workspace(workspace, split * N, x.device)
     part = workspace if split > 1 else out
     cnt = counters(x.device, n_tiles) if split > 1 else out
     per_channel, stride_tk, big = _common(K, wt.stride(0), thresholds)
@@ -209,8 +219,8 @@ def launch_gated(
     n_tiles = cdiv(F, bn)
     if out is None:
         out = torch.empty(F, dtype=x.dtype, device=x.device)
-    if split > 1 and workspace is None:
-        workspace = torch.empty((split, 2 * F), dtype=torch.float32, device=x.device)
+    if split > 1:
+        workspace = _workspace(workspace, split * 2 * F, x.device)
     part = workspace if split > 1 else out
     cnt = counters(x.device, n_tiles) if split > 1 else out
     per_channel, stride_tk, big = _common(K, wt.stride(0), thresholds)
