@@ -1,6 +1,7 @@
 """End-to-end decode tokens/s: dense vs TEAL sparsity, random weights at real model shapes.
 
     python scripts/bench_decode.py --models Meta-Llama-3-8B Llama-2-7b --json out.json
+    python scripts/bench_decode.py --checkpoint checkpoints/X/model.pth --json out.json
 
 For each model: random bf16 weights (N(0, 1/in_features)), thresholds calibrated on the
 model's own activations for random token ids (the same histogram/inverse-CDF path as
@@ -129,11 +130,29 @@ def profile_decode(model, decode_fn, prompt, steps: int = 16) -> dict:
     return dict(groups=groups, kernels=kernels[:30], steps=steps)
 
 
+def load_real(checkpoint, thresholds, device, dtype):
+    """(model, calibration, name) of a converted checkpoint and its calibration file;
+    SystemExit with a one-line message when either is missing, corrupt or mismatched."""
+    from teal.checkpoint import CheckpointError, load_model
+    from teal.thresholds import ThresholdsError
+
+    path = Path(thresholds) if thresholds else Path(checkpoint).parent / "thresholds.safetensors"
+    try:
+        model, meta = load_model(checkpoint, device=device, dtype=dtype)
+        calib = Calibration.load(path, model.config.to_dict())
+    except (CheckpointError, ThresholdsError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    return model.eval(), calib, str(meta.get("name") or Path(checkpoint).parent.name)
+
+
 def bench_model(name, args, device, dtype, progress, rows: list, save) -> None:
-    """Time dense and every sparsity of one model; appends a dict per configuration to
-    `rows` and calls `save()` after each."""
-    model = random_model(name, device, dtype, args.n_layer)
-    calib = calibrate_random(model, args.calib_tokens, device)
+    """Time dense and every sparsity of one model (a config name: random weights; a path:
+    a real checkpoint); appends a dict per configuration to `rows`, calls `save()` after each."""
+    if isinstance(name, Path):
+        model, calib, name = load_real(name, args.thresholds, device, dtype)
+    else:
+        model = random_model(name, device, dtype, args.n_layer)
+        calib = calibrate_random(model, args.calib_tokens, device)
     teal.fuse_shared_inputs(model)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), device=device,
                            dtype=torch.int)
@@ -207,7 +226,13 @@ def code_commit() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["Meta-Llama-3-8B", "Llama-2-7b"])
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="model configs to build with random weights (default: Meta-Llama-3-8B "
+                         "Llama-2-7b, or none with --checkpoint)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="also (or only) benchmark this converted model.pth with its calibration")
+    ap.add_argument("--thresholds", type=Path, default=None,
+                    help="calibration file for --checkpoint (default: beside the checkpoint)")
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.4, 0.5, 0.65])
     ap.add_argument("--n_layer", type=int, default=None, help="override layer count (smoke tests)")
     ap.add_argument("--new_tokens", type=int, default=128)
@@ -236,12 +261,16 @@ def main(argv=None):
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.json.with_name(args.json.name + ".tmp")
-            tmp.write_text(json.dumps(dict(env=env, args=vars(args) | {"json": str(args.json)},
+            cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            tmp.write_text(json.dumps(dict(env=env, args=cli,
                                            rows=rows), indent=1))
             tmp.replace(args.json)
 
-    with tqdm(total=len(args.models) * (1 + len(args.sparsities)), desc="decode bench") as bar:
-        for name in args.models:
+    if args.models is None:
+        args.models = [] if args.checkpoint else ["Meta-Llama-3-8B", "Llama-2-7b"]
+    targets = list(args.models) + ([args.checkpoint] if args.checkpoint else [])
+    with tqdm(total=len(targets) * (1 + len(args.sparsities)), desc="decode bench") as bar:
+        for name in targets:
             bench_model(name, args, args.device, dtype, bar, rows, save)
     print(f"\n{'model':18s} {'config':>6s} {'tok/s':>8s} {'x dense':>8s} {'GB/s':>7s}  eff. sparsity")
     for r in rows:

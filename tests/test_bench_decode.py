@@ -1,0 +1,71 @@
+"""scripts/bench_decode.py logic on CPU (a tiny real checkpoint; speed itself is never tested)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelArgs, Transformer
+from teal.checkpoint import save_checkpoint
+from teal.thresholds import Calibration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_decode  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
+            vocab_size=300, block_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    args = ModelArgs(**TINY)
+    save_checkpoint(d / "model.pth", args.to_dict(), Transformer(args).state_dict(), {"name": "tiny-bench"})
+    calib = Calibration.empty(args.to_dict(), args.n_layer)
+    for layer in range(args.n_layer):
+        for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
+            calib.update(layer, name, torch.randn(4096))
+    calib.save(d / "thresholds.safetensors")
+    return d
+
+
+def _run(*argv):
+    bench_decode.main(["--device", "cpu", "--dtype", "float32", "--no-compile", "--runs", "1",
+                       "--new_tokens", "4", "--prompt_tokens", "5", *map(str, argv)])
+
+
+def test_real_checkpoint_rows(tiny, tmp_path):
+    out = tmp_path / "d.json"
+    _run("--checkpoint", tiny / "model.pth", "--sparsities", 0.5, "--json", out)
+    d = json.loads(out.read_text())
+    rows = d["rows"]
+    assert [r["config"] for r in rows] == ["dense", "50%"]
+    assert all(r["model"] == "tiny-bench" and r["tokens_per_s"] > 0 for r in rows)
+    eff = rows[1]["effective_sparsity"]
+    assert set(eff) >= {"q_proj", "o_proj", "gate_proj", "down_proj"}
+    # thresholds from the file applied (calibrated on N(0,1) noise: the normed inputs of
+    # q/k/v and gate/up match it, o and down see other distributions)
+    assert 0.3 < eff["q_proj"] < 0.7 and all(v > 0.2 for v in eff.values()), eff
+    assert d["args"]["checkpoint"].endswith("model.pth") and d["env"]["commit"]
+
+
+def test_bad_checkpoint_or_thresholds_one_line(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="^error: "):
+        _run("--checkpoint", tmp_path / "missing.pth", "--sparsities", 0.5)
+    other = ModelArgs(**dict(TINY, n_layer=3))
+    calib = Calibration.empty(other.to_dict(), other.n_layer)
+    for layer in range(other.n_layer):
+        for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
+            calib.update(layer, name, torch.randn(64))
+    calib.save(tmp_path / "other.safetensors")
+    with pytest.raises(SystemExit, match="^error: "):
+        _run("--checkpoint", tiny / "model.pth", "--thresholds", tmp_path / "other.safetensors",
+             "--sparsities", 0.5)
+
+
+def test_code_commit_prefers_env(monkeypatch):
+    monkeypatch.setenv("TEAL_COMMIT", "abc1234")
+    assert bench_decode.code_commit() == "abc1234"
+    monkeypatch.delenv("TEAL_COMMIT")
+    assert bench_decode.code_commit() != "abc1234"
