@@ -380,7 +380,7 @@ def run_compare(args, l2, dtype, results, copy_bw):
     shapes, cand = compare_candidates(args.compare_shapes)
     if args.procs > 0:
         precompile_compare(args, shapes, cand)
-    sps = [0.0, 0.5, 0.9]
+    sps = sorted({0.0, 0.5, 0.9} | set(args.compare_sparsities or []))
     rows, winners = [], {}
     for (model, name, kind, K, arg) in shapes:
         b = Bench(kind, K, arg, dtype, l2)
@@ -425,7 +425,7 @@ def run_compare(args, l2, dtype, results, copy_bw):
                                  cublas_us=dense, speedup=dense / us, gbs=gbs, frac_copy_bw=gbs / copy_bw,
                                  best=label == best, config=asdict(dict(ok)[label])))
         print(f"COMPARE {name:8s} cuBLAS {dense:7.2f} us | " + " | ".join(
-            f"{lab}: {res[lab][0.0]:.2f}/{res[lab][0.5]:.2f}/{res[lab][0.9]:.2f}" for lab in res) + f" || best {best}", flush=True)
+            f"{lab}: " + "/".join(f"{res[lab][s]:.2f}" for s in sps) for lab in res) + f" || best {best}", flush=True)
         b.free()
         del b
         torch.cuda.empty_cache()
@@ -551,6 +551,9 @@ def main():
     ap.add_argument("--compare", action="store_true", help="round 1 vs dot candidates at key shapes; apply winners")
     ap.add_argument("--compare-shapes", nargs="+", default=None, choices=sorted(CANDIDATES),
                     help="--compare: only these projections (default: all four)")
+    ap.add_argument("--compare-sparsities", nargs="+", type=float, default=None,
+                    help="--compare: also time these sparsities (0, 0.5 and 0.9 always; the score "
+                         "t0 + 2 t50 + t90 is unchanged), e.g. 0.6 0.7 0.8 for list/dot crossovers")
     ap.add_argument("--table-out", default=None, help="--compare: write the winners' table here (JSON)")
     ap.add_argument("--precompile-only", action="store_true", help="compile the --compare candidates, then exit")
     ap.add_argument("--baseline", action="store_true", help="bench: also time the round-1 config (r1_us)")
