@@ -597,7 +597,9 @@ def sparse_gated_dot_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# Round 4 (opt-in, not yet measured on a GPU): kept-row lists built once per call ("list").
+# Round 4 (opt-in): kept-row lists built once per call ("list").  Measured (H200, session 3,
+# notes/kernels.md): 1.5-2x faster than "dot" at 90% sparsity, slower at 0-50% (a fixed
+# ~6-8 us per call), so the config table does not use it.
 #
 # Round 3's ncu profile: at 50-90% sparsity the pipelined "dot" loop is issue-bound, because
 # a masked-out row still costs its async-copy instructions, address arithmetic and MMA share.
