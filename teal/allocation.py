@@ -99,6 +99,7 @@ def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "
             raise ValueError(f"sparsity of layer {layer} {proj} must be in [0, 1), got {s}")
         lin.set_threshold(projection_threshold(calib, layer, proj, s, scoring, lin))
         lin.sparse = s > 0.0
+        lin.target_sparsity = s
         applied[(layer, proj)] = s
     return applied
 

@@ -41,6 +41,9 @@ class SparseLinear(nn.Module):
             channel, e.g. weight-informed scoring t / ||W[:, i]||_2). Entries with |x| <= t are
             zeroed. Not saved in the state dict (thresholds come from the calibration file).
         sparse: apply the threshold at all (False: a plain dense layer).
+        target_sparsity: the sparsity the threshold was calibrated for (set with the threshold
+            by teal.thresholds / teal.allocation; 0 when unknown). Only a hint for the kernels'
+            algorithm choice (kept-row lists above ~80%), never for the math.
         sparsify_prefill: also sparsify inputs with more than one token (evaluation mode: the
             teacher-forced equivalent of generating every token sparsely).
         counts: fp64 buffer [zeroed entries, seen entries], accumulated only while `track`.
@@ -57,6 +60,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=device),
                              persistent=False)
         self.sparse = False
+        self.target_sparsity = 0.0
         self.sparsify_prefill = False
         self.track = False
         self._group: Optional[_FusedGroup] = None
@@ -124,7 +128,7 @@ class SparseLinear(nn.Module):
             return F.linear(x, self.weight)
         if _kernel_ok(x, self) and not self.track and self.weight.t().is_contiguous():
             from teal import kernels
-            return kernels.sparse_gemv(x, self.weight.t(), self.threshold)
+            return kernels.sparse_gemv(x, self.weight.t(), self.threshold, self.target_sparsity)
         return F.linear(self._sparsify(x), self.weight)
 
 
@@ -187,7 +191,8 @@ def project(x: Tensor, *linears: SparseLinear) -> tuple[Tensor, ...]:
     if (group is not None and group.usable(linears) and lin0._is_sparse_for(x)
             and all(m.sparse for m in linears) and _kernel_ok(x, lin0) and not lin0.track):
         from teal import kernels
-        y = kernels.sparse_gemv_segments(x, group.wt, group.thresholds, group.segments)
+        y = kernels.sparse_gemv_segments(x, group.wt, group.thresholds, group.segments,
+                                         min(m.target_sparsity for m in linears))
         return tuple(y.split(group.sizes, dim=-1))
     return tuple(m(x) for m in linears)
 
@@ -203,7 +208,8 @@ def gated_mlp(x: Tensor, gate_proj: SparseLinear, up_proj: SparseLinear) -> Tens
             and up_proj.sparse and gate_proj._is_sparse_for(x) and _kernel_ok(x, gate_proj)
             and not gate_proj.track):
         from teal import kernels
-        return kernels.sparse_gated_gemv(x, group.wt, group.thresholds)
+        return kernels.sparse_gated_gemv(x, group.wt, group.thresholds,
+                                         min(gate_proj.target_sparsity, up_proj.target_sparsity))
     g, u = project(x, gate_proj, up_proj)
     return F.silu(g) * u
 

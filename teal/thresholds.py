@@ -255,5 +255,6 @@ def apply_sparsities(model, calib: Calibration, sparsity) -> dict:
         t = calib.threshold(layer, INPUT_OF[proj], s)
         lin.set_threshold(t)
         lin.sparse = s > 0.0
+        lin.target_sparsity = s
         out[(layer, proj)] = t
     return out

@@ -434,3 +434,46 @@ def test_small_workspace_and_odd_ksplit():
                             workspace=torch.empty(2, 42, device=DEV))
     out = launch.launch_segments(x, wt, t, sizes, config=GemvConfig(algo="list", ksplit=48, block_n=16, block_k=16))
     _close(out, R.sparse_gemv_segments_ref(x, wt, t, (19, 59)), torch.float16, seed, "ksplit 48")
+
+
+def test_high_sparsity_dispatch(monkeypatch):
+    """A projection calibrated for >= LIST_FROM takes its shape's kept-row-list config (if
+    the high-sparsity table has one); below, or for other shapes, the usual table; results
+    equal the float64 reference either way."""
+    from teal.kernels import configs as C
+
+    cfg, _, _ = C.pick_config("seg", 14336, 4096, lambda bn: 4096 // bn, 132, None, 0.9)
+    assert cfg.algo == "list"
+    cfg, _, _ = C.pick_config("seg", 14336, 4096, lambda bn: 4096 // bn, 132, None, 0.5)
+    assert cfg.algo == "dot"
+    cfg, _, _ = C.pick_config("gated", 4096, 14336, lambda bn: 14336 // bn, 132, None, C.LIST_FROM)
+    assert cfg.algo == "list"
+    cfg, _, _ = C.pick_config("seg", 4096, 6144, lambda bn: 6144 // bn, 132, None, 0.95)
+    assert cfg.algo == "ilist"
+    cfg, _, _ = C.pick_config("seg", 576, 960, lambda bn: 960 // bn, 132, None, 0.95)  # no entry
+    assert cfg.algo == "mask"
+    # through the public op at a small shape given a high-sparsity entry
+    seed = _seed()
+    K, sizes = 77, (19, 40)
+    monkeypatch.setitem(C._TABLE_HIGH, ("seg", K, sum(sizes)),
+                        GemvConfig(algo="ilist", block_n=16, block_k=16, ksplit=32))
+    monkeypatch.setitem(C._TABLE_HIGH, ("gated", K, 21), GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32))
+    calls = []
+    real = C.pick_config
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(out[0].algo)
+        return out
+    monkeypatch.setattr(launch, "pick_config", spy)
+    x, wt = _x(K, torch.bfloat16), _w(K, 59, torch.bfloat16)
+    t = _thresholds(x, "q50", 2)
+    y = tk.sparse_gemv_segments(x, wt, t, (19, 59), expected_sparsity=0.85)
+    _close(y, R.sparse_gemv_segments_ref(x, wt, t, (19, 59)), torch.bfloat16, seed, "ilist via hint")
+    wg = _w(K, 42, torch.bfloat16)
+    yg = tk.sparse_gated_gemv(x, wg, t, expected_sparsity=0.9)
+    _close(yg, R.sparse_gated_gemv_ref(x, wg, t), torch.bfloat16, seed, "list via hint")
+    tk.sparse_gemv_segments(x, wt, t, (19, 59), expected_sparsity=0.5)
+    assert calls == ["ilist", "list", "mask"]
+    with pytest.raises(ValueError, match="expected_sparsity"):
+        tk.sparse_gemv(x, wt, t[0], expected_sparsity=1.5)

@@ -141,3 +141,35 @@ def test_fused_group_not_used_after_weight_replacement_or_with_hooks():
     m2.layers[0].feed_forward.up_proj.register_forward_hook(lambda mod, inp, out: seen.append("up"))
     m2(x)
     assert seen == ["k", "up"]
+
+
+def test_target_sparsity_set_by_calibration_and_passed_as_hint(monkeypatch):
+    """apply_sparsities records each projection's calibrated level; the fused q/k/v kernel gets
+    the lowest of its members' as its algorithm hint (the kernels themselves are mocked)."""
+    import teal.kernels as K
+    import teal.sparse_linear as sl
+    from teal.thresholds import Calibration, apply_sparsities
+
+    args = ModelArgs(n_layer=1, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
+                     vocab_size=50, block_size=16)
+    m = Transformer(args)
+    calib = Calibration.empty(args.to_dict(), 1)
+    for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
+        calib.update(0, name, torch.randn(4096))
+    levels = {"q_proj": 0.9, "k_proj": 0.85, "v_proj": 0.95, "o_proj": 0.5, "gate_proj": 0.8,
+              "up_proj": 0.9, "down_proj": 0.0}
+    apply_sparsities(m, calib, levels)
+    for _, proj, lin in m.sparse_linears():
+        assert lin.target_sparsity == levels[proj]
+    fuse_shared_inputs(m)
+    seen = []
+    monkeypatch.setattr(sl, "_kernel_ok", lambda x, lin: True)
+    monkeypatch.setattr(K, "sparse_gemv_segments", lambda x, wt, t, seg, s: seen.append(("qkv", s)) or
+                        torch.zeros(*x.shape[:-1], wt.shape[1]))
+    monkeypatch.setattr(K, "sparse_gated_gemv", lambda x, wt, t, s: seen.append(("gate_up", s)) or
+                        torch.zeros(*x.shape[:-1], wt.shape[1] // 2))
+    a, f = m.layers[0].attention, m.layers[0].feed_forward
+    x = torch.randn(1, 1, 64)
+    project(x, a.q_proj, a.k_proj, a.v_proj)
+    gated_mlp(x, f.gate_proj, f.up_proj)
+    assert seen == [("qkv", 0.85), ("gate_up", 0.8)]

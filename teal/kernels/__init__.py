@@ -11,9 +11,9 @@ output has the activation dtype, results are deterministic (fixed-order split-K 
 Public API::
 
     kernels_available(device) -> bool
-    sparse_gemv(x, wt, threshold) -> (..., N)
-    sparse_gemv_segments(x, wt, thresholds, segments) -> (..., N_total)
-    sparse_gated_gemv(x, wt, thresholds) -> (..., F)          # silu(gate) * up
+    sparse_gemv(x, wt, threshold[, expected_sparsity]) -> (..., N)
+    sparse_gemv_segments(x, wt, thresholds, segments[, expected_sparsity]) -> (..., N_total)
+    sparse_gated_gemv(x, wt, thresholds[, expected_sparsity]) -> (..., F)   # silu(gate) * up
     decode_attention(q, k_cache, v_cache, mask) -> (1, H, 1, D)   # GQA, one query
 
 Plain-PyTorch twins (float64-capable) are in :mod:`teal.kernels.reference`.
@@ -102,7 +102,16 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def _pct(expected_sparsity: float) -> int:
+    """The algorithm hint passed to the ops: expected sparsity in whole percent (0..100)."""
+    s = float(expected_sparsity)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"expected_sparsity must be in [0, 1], got {expected_sparsity}")
+    return int(round(100 * s))
+
+
+def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
+                expected_sparsity: float = 0.0) -> torch.Tensor:
     """Sparse-activation GEMV ``y = W (x * [|x| > t])`` for one token (o_proj, down_proj).
 
     Args:
@@ -110,12 +119,16 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor) -> t
         wt: weight stored input-channel major, ``W.t().contiguous()`` of shape (K, N), same
             dtype and device as x.  Row k is read only if channel k is kept.
         threshold: float32, shape () (one threshold) or (K,) (per input channel).
+        expected_sparsity: the fraction of channels the threshold is calibrated to drop, in
+            [0, 1]; only selects the algorithm (kept-row lists at high sparsity, see
+            teal.kernels.configs), never changes the result beyond fp32 summation order.
     Returns:
         y of shape x.shape[:-1] + (N,), dtype of x; fp32 accumulation.  Channels with
         ``|x_k| <= t`` contribute nothing (all masked: exact zeros).
     Raises:
         ValueError: wrong dtype, batch > 1, non-contiguous or mismatched wt, bad threshold
-        shape/dtype, device mismatch, CPU without the Triton interpreter.
+        shape/dtype, device mismatch, CPU without the Triton interpreter, expected_sparsity
+        outside [0, 1].
     Source: TEAL (arXiv 2408.14690) Section 4, Eq. 2-3 (magnitude threshold mask).
     """
     xf = _checks.flatten_x(x)
@@ -124,12 +137,13 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor) -> t
     _check_device(xf)
     _ensure_ops()
     t = threshold.reshape(1, -1) if threshold.dim() == 1 else threshold.reshape(1)
-    y = torch.ops.teal.sparse_gemv_segments(xf, wt, t, [wt.shape[1]])
+    y = torch.ops.teal.sparse_gemv_segments(xf, wt, t, [wt.shape[1]], _pct(expected_sparsity))
     return y.reshape(*x.shape[:-1], wt.shape[1])
 
 
 def sparse_gemv_segments(
-    x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, segments: Sequence[int]
+    x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, segments: Sequence[int],
+    expected_sparsity: float = 0.0,
 ) -> torch.Tensor:
     """Shared-input sparse GEMV over column segments with their own thresholds (fused q/k/v).
 
@@ -140,6 +154,7 @@ def sparse_gemv_segments(
         thresholds: float32 (S,) (one per segment) or (S, K) (per segment and channel).
         segments: S ints (1 <= S <= 4), the exclusive END offsets of the column blocks,
             strictly increasing, last == N_total: e.g. ``(Nq, Nq + Nk, Nq + Nk + Nv)``.
+        expected_sparsity: as for :func:`sparse_gemv` (the lowest of the segments').
     Returns:
         (..., N_total) in x's dtype; column block s is ``W_s (x * [|x| > t_s])``.  A kept
         channel's row is read once per segment that keeps it, never for one that masks it.
@@ -154,11 +169,12 @@ def sparse_gemv_segments(
     _checks.check_thresholds(thresholds, xf, len(sizes), "thresholds")
     _check_device(xf)
     _ensure_ops()
-    y = torch.ops.teal.sparse_gemv_segments(xf, wt, thresholds, sizes)
+    y = torch.ops.teal.sparse_gemv_segments(xf, wt, thresholds, sizes, _pct(expected_sparsity))
     return y.reshape(*x.shape[:-1], wt.shape[1])
 
 
-def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
+                      expected_sparsity: float = 0.0) -> torch.Tensor:
     """Fused gate/up sparse GEMV with SwiGLU epilogue: ``silu(g) * u`` for one token.
 
     Args:
@@ -166,6 +182,7 @@ def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tenso
         wt: one contiguous (K, 2F) buffer: gate = ``wt[:, :F]``, up = ``wt[:, F:]``
             (each = W.t() of its nn.Linear).
         thresholds: float32 (2,) = (t_gate, t_up) or (2, K) per channel.
+        expected_sparsity: as for :func:`sparse_gemv` (the lower of gate's and up's).
     Returns:
         (..., F) in x's dtype: ``silu(W_g (x*m_g)) * (W_u (x*m_u))``, gate/up kept in fp32
         until the final cast.
@@ -180,7 +197,7 @@ def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tenso
     _checks.check_thresholds(thresholds, xf, 2, "thresholds")
     _check_device(xf)
     _ensure_ops()
-    y = torch.ops.teal.sparse_gated_gemv(xf, wt, thresholds)
+    y = torch.ops.teal.sparse_gated_gemv(xf, wt, thresholds, _pct(expected_sparsity))
     return y.reshape(*x.shape[:-1], wt.shape[1] // 2)
 
 

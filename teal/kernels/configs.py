@@ -77,6 +77,27 @@ _TABLE_R3: dict = {
 
 _TABLE: dict = {**_TABLE_R1, **_TABLE_R3}
 
+# High sparsity (session 3, H200, bench_gemv.py --compare; notes/kernels.md rounds 4-5): the
+# kept-row-list kernels' time follows the kept rows while "dot" keeps a floor, so at 90% they
+# are 1.5-2x faster (us at 90%: q/k/v 7.0 vs 11.3, o 6.1 vs 8.5, gate/up 18.5 vs 35.9, down
+# 10.3 vs 19.0) and slower at 50% (a fixed ~6-8 us per call). Linear in density between the
+# two measured points they cross at ~60-66%; projections whose thresholds are calibrated for
+# LIST_FROM or more (interpolated: 1.25-1.45x faster at 80%) take these configs.
+# TEAL_LIST_FROM=<fraction> overrides the cut-off (e.g. 1.01: never).
+LIST_FROM = float(os.environ.get("TEAL_LIST_FROM", "0.8"))
+_ILIST_QKV_O = GemvConfig(algo="ilist", block_n=128, block_k=64, num_warps=4, num_stages=5, ksplit=512, rchunk=0)
+_LIST_DOWN = GemvConfig(algo="list", block_n=128, block_k=64, num_warps=4, num_stages=5, ksplit=1024, rchunk=0)
+_LIST_GATED = GemvConfig(algo="list", block_n=128, block_k=32, num_warps=4, num_stages=6, ksplit=512, rchunk=0)
+_TABLE_HIGH: dict = {
+    ("seg", 4096, 4096): _ILIST_QKV_O,
+    ("seg", 4096, 6144): _ILIST_QKV_O,
+    ("seg", 4096, 12288): _ILIST_QKV_O,     # Llama-2 q/k/v: the Llama-3 q/k/v winner (unmeasured)
+    ("seg", 14336, 4096): _LIST_DOWN,
+    ("seg", 11008, 4096): _LIST_DOWN,       # Llama-2 down (unmeasured shape, same family)
+    ("gated", 4096, 14336): _LIST_GATED,
+    ("gated", 4096, 11008): _LIST_GATED,    # Llama-2 gate/up (unmeasured shape, same family)
+}
+
 _DEFAULT = GemvConfig()
 
 
@@ -109,14 +130,20 @@ def _split_for(K: int, n_tiles: int, cfg: GemvConfig, num_sms: int) -> tuple[int
 
 
 def pick_config(
-    kind: str, K: int, n_cols: int, n_tiles_fn, num_sms: int, override: Optional[GemvConfig] = None
+    kind: str, K: int, n_cols: int, n_tiles_fn, num_sms: int, override: Optional[GemvConfig] = None,
+    sparsity: float = 0.0,
 ) -> tuple[GemvConfig, int, int]:
     """Choose (config, split, k_per_split) for a launch.
 
     kind: "seg" or "gated"; n_cols: N_total (seg) or F (gated);
-    n_tiles_fn(block_n) -> number of column tiles (programs along N) for that block_n.
+    n_tiles_fn(block_n) -> number of column tiles (programs along N) for that block_n;
+    sparsity: the expected fraction of dropped channels (>= LIST_FROM: the kept-row-list
+    config of _TABLE_HIGH where the shape has one).
     """
-    cfg = override or _TABLE.get((kind, K, n_cols)) or _generic(kind, K, n_cols)
+    cfg = override
+    if cfg is None and sparsity >= LIST_FROM:
+        cfg = _TABLE_HIGH.get((kind, K, n_cols))
+    cfg = cfg or _TABLE.get((kind, K, n_cols)) or _generic(kind, K, n_cols)
     # never use tiles much wider than the problem
     bn = cfg.block_n
     while bn > 16 and bn // 2 >= n_cols:

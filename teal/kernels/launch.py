@@ -124,13 +124,16 @@ def launch_segments(
     out: Optional[torch.Tensor] = None,
     workspace: Optional[torch.Tensor] = None,
     scratch: Optional[torch.Tensor] = None,
+    sparsity: float = 0.0,
 ) -> torch.Tensor:
-    """x: (K,); wt: (K, N_total) row-major; thresholds: (S,) or (S, K) fp32; sizes: S ints."""
+    """x: (K,); wt: (K, N_total) row-major; thresholds: (S,) or (S, K) fp32; sizes: S ints;
+    sparsity: expected fraction dropped (picks the algorithm when config is None)."""
     K, N = wt.shape
     S = len(sizes)
     _check_x(x)
     assert 1 <= S <= 4 and sum(sizes) == N
-    cfg, split, kps = pick_config("seg", K, N, lambda bn: sum(_seg_tiles(sizes, bn)), _num_sms(x.device), config)
+    cfg, split, kps = pick_config("seg", K, N, lambda bn: sum(_seg_tiles(sizes, bn)), _num_sms(x.device), config,
+                                  sparsity)
     bn, bk = cfg.block_n, cfg.block_k
     tiles = _seg_tiles(sizes, bn)
     n_tiles = sum(tiles)
@@ -209,12 +212,14 @@ def launch_gated(
     out: Optional[torch.Tensor] = None,
     workspace: Optional[torch.Tensor] = None,
     scratch: Optional[torch.Tensor] = None,
+    sparsity: float = 0.0,
 ) -> torch.Tensor:
-    """x: (K,); wt: (K, 2F) row-major (gate | up); thresholds (2,) or (2, K) fp32."""
+    """x: (K,); wt: (K, 2F) row-major (gate | up); thresholds (2,) or (2, K) fp32;
+    sparsity: expected fraction dropped (picks the algorithm when config is None)."""
     K, N2 = wt.shape
     F = N2 // 2
     _check_x(x)
-    cfg, split, kps = pick_config("gated", K, F, lambda bn: cdiv(F, bn), _num_sms(x.device), config)
+    cfg, split, kps = pick_config("gated", K, F, lambda bn: cdiv(F, bn), _num_sms(x.device), config, sparsity)
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = cdiv(F, bn)
     if out is None:
