@@ -4,11 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from model import ModelArgs, Transformer
 from teal.checkpoint import save_checkpoint
-from teal.thresholds import Calibration
+from tiny_models import noise_calibration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_decode  # noqa: E402
@@ -22,11 +21,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     args = ModelArgs(**TINY)
     save_checkpoint(d / "model.pth", args.to_dict(), Transformer(args).state_dict(), {"name": "tiny-bench"})
-    calib = Calibration.empty(args.to_dict(), args.n_layer)
-    for layer in range(args.n_layer):
-        for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
-            calib.update(layer, name, torch.randn(4096))
-    calib.save(d / "thresholds.safetensors")
+    noise_calibration(args).save(d / "thresholds.safetensors")
     return d
 
 
@@ -53,12 +48,7 @@ def test_real_checkpoint_rows(tiny, tmp_path):
 def test_bad_checkpoint_or_thresholds_one_line(tiny, tmp_path):
     with pytest.raises(SystemExit, match="^error: "):
         _run("--checkpoint", tmp_path / "missing.pth", "--sparsities", 0.5)
-    other = ModelArgs(**dict(TINY, n_layer=3))
-    calib = Calibration.empty(other.to_dict(), other.n_layer)
-    for layer in range(other.n_layer):
-        for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
-            calib.update(layer, name, torch.randn(64))
-    calib.save(tmp_path / "other.safetensors")
+    noise_calibration(ModelArgs(**dict(TINY, n_layer=3)), n=64).save(tmp_path / "other.safetensors")
     with pytest.raises(SystemExit, match="^error: "):
         _run("--checkpoint", tiny / "model.pth", "--thresholds", tmp_path / "other.safetensors",
              "--sparsities", 0.5)

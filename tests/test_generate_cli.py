@@ -7,6 +7,7 @@ import torch
 import generate
 from fixtures_smollm2 import smollm2  # noqa: F401  (session fixture: real tokenizer.json)
 from model import ModelArgs, Transformer
+from tiny_models import noise_calibration
 from teal.checkpoint import save_checkpoint
 from teal.thresholds import Calibration
 
@@ -24,11 +25,7 @@ def tiny_ckpt(smollm2, tmp_path_factory):
                     {"name": "tiny", "tokenizer": {"file": "tokenizer.json", "eos_id": 2,
                                                    "eos_ids": [2], "chat_template": "chatml"}})
     shutil.copy(smollm2.folder / "tokenizer.json", d / "tokenizer.json")
-    calib = Calibration.empty(args.to_dict(), args.n_layer)
-    for layer in range(args.n_layer):
-        for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
-            calib.update(layer, name, torch.randn(4096))
-    calib.save(d / "thresholds.safetensors")
+    noise_calibration(args).save(d / "thresholds.safetensors")
     return d
 
 

@@ -148,14 +148,13 @@ def test_target_sparsity_set_by_calibration_and_passed_as_hint(monkeypatch):
     the lowest of its members' as its algorithm hint (the kernels themselves are mocked)."""
     import teal.kernels as K
     import teal.sparse_linear as sl
-    from teal.thresholds import Calibration, apply_sparsities
+    from teal.thresholds import apply_sparsities
+    from tiny_models import noise_calibration
 
     args = ModelArgs(n_layer=1, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
                      vocab_size=50, block_size=16)
     m = Transformer(args)
-    calib = Calibration.empty(args.to_dict(), 1)
-    for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
-        calib.update(0, name, torch.randn(4096))
+    calib = noise_calibration(args)
     levels = {"q_proj": 0.9, "k_proj": 0.85, "v_proj": 0.95, "o_proj": 0.5, "gate_proj": 0.8,
               "up_proj": 0.9, "down_proj": 0.0}
     apply_sparsities(m, calib, levels)

@@ -47,3 +47,15 @@ def write_text(path: Path, n_tokens: int, seed: int = 1) -> Path:
     ids = random_tokens(n_tokens, seed) % (VOCAB - 1)
     path.write_text(" ".join(f"w{i}" for i in ids.tolist()) + "\n", encoding="utf-8")
     return path
+
+
+def noise_calibration(args: ModelArgs, n: int = 4096, layers: int | None = None):
+    """A Calibration for a model of `args` whose four projection-input histograms per layer
+    come from n N(0, 1) samples (thresholds for tests, not for quality)."""
+    from teal.thresholds import Calibration
+    layers = args.n_layer if layers is None else layers
+    calib = Calibration.empty(args.to_dict(), args.n_layer)
+    for layer in range(layers):
+        for name in ("attn_in", "attn_out", "mlp_in", "mlp_mid"):
+            calib.update(layer, name, torch.randn(n))
+    return calib

@@ -71,6 +71,12 @@ def _check_x(x: torch.Tensor) -> None:
                          f"with strides {x.stride()}")
 
 
+def _mma_kw(cfg: GemvConfig, split: int) -> dict:
+    """Launch constants shared by the tensor-core ("dot", "list", "ilist") kernels."""
+    return dict(BLOCK_M=_DOT_M, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, RCHUNK=rchunk_for(cfg, split),
+                DOT_F32=_INTERP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _workspace(buf: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
     """The fp32 split-K workspace: `buf` (caller's, checked) or a new one of n floats."""
     if buf is None:
@@ -174,8 +180,7 @@ def launch_segments(
             c[0], c[1], c[2], c[3],
             tfirst[0], tfirst[1], tfirst[2],
             PER_CHANNEL=per_channel, INLINE=inline, HAS_SPLIT=split > 1, EVEN_N=even_n, BIG=big, KS=kps,
-            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_mma_kw(cfg, split),
         )
         return out
     if cfg.algo == "dot":
@@ -186,9 +191,7 @@ def launch_segments(
             tfirst[0], tfirst[1], tfirst[2],
             NUM_SEG=S, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
             EVEN_N=even_n, BIG=big,
-            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
-            WARM=warm_for(cfg, kps),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            WARM=warm_for(cfg, kps), **_mma_kw(cfg, split),
         )
         return out
     sparse_gemv_seg_kernel[(n_tiles, split)](
@@ -247,8 +250,7 @@ def launch_gated(
             x, thresholds, wt, idx, xv, kc, part, cnt, out,
             K, wt.stride(0), thresholds.stride(0), stride_tk, split, F,
             PER_CHANNEL=per_channel, INLINE=inline, HAS_SPLIT=split > 1, EVEN_N=(F % bn == 0), BIG=big, KS=kps,
-            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_mma_kw(cfg, split),
         )
         return out
     if cfg.algo == "dot":
@@ -257,9 +259,7 @@ def launch_gated(
             K, wt.stride(0), thresholds.stride(0), stride_tk, kps, split, F,
             PER_CHANNEL=per_channel, HAS_SPLIT=split > 1,
             EVEN_N=(F % bn == 0), BIG=big,
-            BLOCK_M=_DOT_M, BLOCK_K=bk, BLOCK_N=bn, RCHUNK=rchunk_for(cfg, split), DOT_F32=_INTERP,
-            WARM=warm_for(cfg, kps),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            WARM=warm_for(cfg, kps), **_mma_kw(cfg, split),
         )
         return out
     sparse_gated_gemv_kernel[(n_tiles, split)](
