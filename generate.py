@@ -36,9 +36,10 @@ DEFAULT_CALIB_TEXT = (Path(__file__).resolve().parent.parent / "shared" / "data"
 def argmax_last(x: Tensor, chunk: int = 512) -> Tensor:
     """torch.argmax(x, dim=-1, keepdim=True) as int32, in two stages for a long last dim.
 
-    x: (B, V) floating point (anything else: plain torch.argmax). Compiled, a single argmax over a 128K vocabulary runs as one ~30 us
-    reduction per token; here row chunks of `chunk` entries are reduced in parallel first
-    (max + index), then the chunk maxima. First index of the maximum, as torch.argmax.
+    x: (B, V) floating point (anything else: plain torch.argmax). Compiled, a single argmax
+    over a 128K vocabulary runs as one ~30 us reduction per token; here row chunks of `chunk`
+    entries are reduced in parallel first (max + index), then the chunk maxima. First index
+    of the maximum, as torch.argmax.
     """
     if x.dim() != 2 or not x.is_floating_point() or x.shape[0] == 0 or x.shape[1] <= 4 * chunk:
         return torch.argmax(x, dim=-1, keepdim=True).to(dtype=torch.int)
