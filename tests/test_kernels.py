@@ -2,8 +2,8 @@
 
 CPU (CI): kernels run through Triton's interpreter on small odd shapes; this module sets
 TRITON_INTERPRET=1 before anything imports our Triton kernels (Triton reads the variable
-when a kernel is *decorated*, i.e. when teal.kernels.triton_gemv is first imported, which
-teal.kernels does lazily).  CUDA: the same tests plus real Llama shapes.
+when a kernel is *decorated*, i.e. when teal.kernels' kernel modules are first imported,
+which teal.kernels does lazily).  CUDA: the same tests plus real Llama shapes.
 
 Error bounds (||y - ref|| <= rtol ||ref|| + atol sqrt(n), ref in float64): the kernel
 accumulates in fp32 (relative error ~ K * 2^-24, negligible) and rounds once to the output
@@ -14,9 +14,12 @@ Every test draws a fresh seed (printed in the failure message).
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,14 +48,13 @@ if not _CUDA and _LATE:
         allow_module_level=True,
     )
 
-from teal.kernels import launch  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-from teal.kernels.configs import GemvConfig  # noqa: E402
+from teal.kernels import dispatch as D, launch  # noqa: E402
+from teal.kernels.dispatch import DispatchTable, GemvConfig, KernelPolicy, TableRow  # noqa: E402
 
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = [torch.bfloat16, torch.float16]
 DT_IDS = ["bf16", "fp16"]
+POLICY = KernelPolicy(interpreter=not _CUDA)
 
 SMALL = [(96, 80), (1000, 3), (7, 1), (130, 300)]
 REAL = [(4096, 4096), (4096, 1024), (14336, 4096), (4096, 14336)] if _CUDA else []
@@ -106,6 +108,16 @@ def _w(K, N, dtype):
     return (torch.randn(K, N, device=DEV) / K**0.5).to(dtype)
 
 
+def _bounds(sizes):
+    return tuple(int(b) for b in torch.tensor(sizes).cumsum(0))
+
+
+def _launch(x, wt, t, sizes, cfg, gated=False, **kw):
+    """One launch of `cfg` resolved for this device (the level below the public API)."""
+    lc = D.resolve(cfg, "gated" if gated else "seg", x.numel(), sizes, D.num_sms(DEV))
+    return launch.launch_gemv(x, wt, None, t, list(sizes), gated, "dense", lc, **kw)
+
+
 MODES = ["zero", "inf", "q50", "channel"]
 
 
@@ -116,7 +128,7 @@ def test_sparse_gemv(K, N, mode, dtype):
     seed = _seed()
     x, wt = _x(K, dtype), _w(K, N, dtype)
     t = _thresholds(x, mode, None)
-    y = tk.sparse_gemv(x, wt, t)
+    y = tk.sparse_gemv(x, wt, t, policy=POLICY)
     assert y.shape == (N,)
     if mode == "inf":
         assert (y == 0).all(), f"seed={seed}"
@@ -136,18 +148,18 @@ def test_sparse_gemv_segments(K, sizes, mode, dtype):
     N = sum(sizes)
     x, wt = _x(K, dtype), _w(K, N, dtype)
     t = _thresholds(x, mode, len(sizes))
-    bounds = tuple(int(b) for b in torch.tensor(sizes).cumsum(0))
-    y = tk.sparse_gemv_segments(x, wt, t, bounds)
+    bounds = _bounds(sizes)
+    y = tk.sparse_gemv(x, wt, t, bounds, policy=POLICY)
     assert y.shape == (N,)
     if mode == "inf":
         assert (y == 0).all(), f"seed={seed}"
         return
-    ref = R.sparse_gemv_segments_ref(x, wt, t, bounds)
+    ref = R.sparse_gemv_ref(x, wt, t, bounds)
     _close(y, ref, dtype, seed, f"segments K={K} sizes={sizes} {mode}")
     # each segment on its own equals the single-projection op on the column-slice copy
     a = 0
     for s, n in enumerate(sizes):
-        ys = tk.sparse_gemv(x, wt[:, a : a + n].contiguous(), t[s])
+        ys = tk.sparse_gemv(x, wt[:, a : a + n].contiguous(), t[s], policy=POLICY)
         _close(ys, ref[a : a + n], dtype, seed, f"segment {s}")
         a += n
 
@@ -159,7 +171,7 @@ def test_sparse_gated_gemv(K, F, mode, dtype):
     seed = _seed()
     x, wt = _x(K, dtype), _w(K, 2 * F, dtype)
     t = _thresholds(x, mode, 2)
-    y = tk.sparse_gated_gemv(x, wt, t)
+    y = tk.sparse_gated_gemv(x, wt, t, policy=POLICY)
     assert y.shape == (F,)
     if mode == "inf":
         assert (y == 0).all(), f"seed={seed}"
@@ -168,35 +180,34 @@ def test_sparse_gated_gemv(K, F, mode, dtype):
     _close(y, ref, dtype, seed, f"gated K={K} F={F} {mode}")
 
 
-def test_batch_dims_and_masks():
+def test_row_shapes_and_masks():
+    """x of shape (K,), (1, K) and (1, 1, K): outputs keep the leading dims; one segment's
+    thresholds given as (), (1,), (K,) or (1, K) agree; inf in a dropped channel never leaks."""
     seed = _seed()
     K, N = 50, 24
     x, wt = _x(K, torch.bfloat16), _w(K, N, torch.bfloat16)
     t = _thresholds(x, "q50", None)
-    y = tk.sparse_gemv(x.view(1, 1, K), wt, t)
+    y = tk.sparse_gemv(x.view(1, 1, K), wt, t, policy=POLICY)
     assert y.shape == (1, 1, N)
-    _close(y.reshape(N), R.sparse_gemv_ref(x, wt, t), torch.bfloat16, seed, "batch dims")
-    yg = tk.sparse_gated_gemv(x.view(1, K), _w(K, 8, torch.bfloat16), _thresholds(x, "q50", 2))
+    ref = R.sparse_gemv_ref(x, wt, t)
+    _close(y.reshape(N), ref, torch.bfloat16, seed, "batch dims")
+    assert tk.sparse_gemv(x.view(1, K), wt, t, policy=POLICY).shape == (1, N)
+    for tt in (t.view(1), t.expand(K).contiguous(), t.expand(1, K).contiguous()):
+        _close(tk.sparse_gemv(x, wt, tt, policy=POLICY), ref, torch.bfloat16, seed, f"t {tuple(tt.shape)}")
+    yg = tk.sparse_gated_gemv(x.view(1, K), _w(K, 8, torch.bfloat16), _thresholds(x, "q50", 2), policy=POLICY)
     assert yg.shape == (1, 4)
-    # inf in masked-out channels must not leak (0 * inf)
     x2 = x.clone()
     x2[3] = float("inf")
-    y2 = tk.sparse_gemv(x2, wt, torch.tensor(float("inf"), device=DEV))
+    y2 = tk.sparse_gemv(x2, wt, torch.tensor(float("inf"), device=DEV), policy=POLICY)
     assert (y2 == 0).all(), f"seed={seed}"
 
 
-# launch-level: every block config / pipelining / split-K path, NaN-poisoned buffers
+# launch-level: every algorithm / pipelining / split-K path, NaN-poisoned buffers
 _VARIANTS = [
-    GemvConfig(block_n=16, block_k=16, split=1, pipe=0, acc2d=False),
+    GemvConfig(block_n=16, block_k=16, split=1, pipe=1, acc2d=False),
     GemvConfig(block_n=32, block_k=16, split=3, pipe=1, acc2d=True),
     GemvConfig(block_n=64, block_k=32, split=2, pipe=2, acc2d=True),
     GemvConfig(block_n=16, block_k=16, split=0, pipe=2, acc2d=False, waves=64),
-    # compact (kept-row lists): K = 77 = 32 + 32 + 13 (odd tail range), all-at-once tail
-    GemvConfig(algo="compact", block_n=16, block_k=16, ksplit=32, rchunk=0),
-    # 5 ranges of 16, 1-D accumulator, tail summed 2 partial rows per step
-    GemvConfig(algo="compact", block_n=32, block_k=8, ksplit=16, acc2d=False, rchunk=2),
-    # one range (no split-K), a chunk wider than the range
-    GemvConfig(algo="compact", block_n=64, block_k=16, ksplit=128, rchunk=0),
     # dot (tensor-core tiles, pipelined masked loads): split-K with an odd tail range, a
     # single range wider than K, and a chunked tail sum
     GemvConfig(algo="dot", block_n=16, block_k=16, split=3, num_stages=3, rchunk=0),
@@ -207,25 +218,18 @@ _VARIANTS = [
     GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0),
     GemvConfig(algo="list", block_n=32, block_k=32, ksplit=128, num_stages=2),
     GemvConfig(algo="list", block_n=16, block_k=16, ksplit=16, num_stages=3, rchunk=2),
-    # ilist (each program builds its range's list): ranges of 32 (odd tail), one range
-    GemvConfig(algo="ilist", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0),
-    GemvConfig(algo="ilist", block_n=32, block_k=32, ksplit=128, num_stages=2),
+    # list, inline (each program builds its range's list): ranges of 32 (odd tail), one range
+    GemvConfig(algo="list", inline=True, block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0),
+    GemvConfig(algo="list", inline=True, block_n=32, block_k=32, ksplit=128, num_stages=2),
 ]
 
 
 def _cfg_id(c):
-    if c.algo in ("list", "ilist"):
-        return f"{c.algo}-bn{c.block_n}bk{c.block_k}ks{c.ksplit}st{c.num_stages}r{c.rchunk}"
+    if c.algo == "list":
+        return f"list{'-inline' if c.inline else ''}-bn{c.block_n}bk{c.block_k}ks{c.ksplit}st{c.num_stages}r{c.rchunk}"
     if c.algo == "dot":
         return f"dot-bn{c.block_n}bk{c.block_k}s{c.split}st{c.num_stages}r{c.rchunk}w{c.warm}"
-    if c.algo == "compact":
-        return f"cmp-bn{c.block_n}bk{c.block_k}ks{c.ksplit}a{int(c.acc2d)}r{c.rchunk}"
-    return f"bn{c.block_n}bk{c.block_k}s{c.split}p{c.pipe}a{int(c.acc2d)}"
-
-
-def _poisoned_scratch():
-    """Kept-list scratch full of NaN bit patterns (huge indices): must never be read unwritten."""
-    return torch.full((4096,), 0x7FC00000, dtype=torch.int32, device=DEV)
+    return f"mask-bn{c.block_n}bk{c.block_k}s{c.split}p{c.pipe}a{int(c.acc2d)}"
 
 
 @pytest.mark.parametrize("cfg", _VARIANTS, ids=_cfg_id)
@@ -238,28 +242,28 @@ def test_variants_poisoned(cfg, dtype):
     t = _thresholds(x, "channel", 3)
     out = torch.full((N,), float("nan"), dtype=dtype, device=DEV)
     ws = torch.full((64, N), float("nan"), dtype=torch.float32, device=DEV)
-    launch.launch_segments(x, wt, t, sizes, config=cfg, out=out, workspace=ws, scratch=_poisoned_scratch())
-    _close(out, R.sparse_gemv_segments_ref(x, wt, t, (19, 59, 65)), dtype, seed, f"segments {cfg}")
+    _launch(x, wt, t, sizes, cfg, out=out, workspace=ws)
+    _close(out, R.sparse_gemv_ref(x, wt, t, (19, 59, 65)), dtype, seed, f"segments {cfg}")
     F = 21
     wg = _w(K, 2 * F, dtype)
     tg = _thresholds(x, "q50", 2)
     outg = torch.full((F,), float("nan"), dtype=dtype, device=DEV)
     wsg = torch.full((64, 2 * F), float("nan"), dtype=torch.float32, device=DEV)
-    launch.launch_gated(x, wg, tg, config=cfg, out=outg, workspace=wsg, scratch=_poisoned_scratch())
+    _launch(x, wg, tg, (F, F), cfg, gated=True, out=outg, workspace=wsg)
     _close(outg, R.sparse_gated_gemv_ref(x, wg, tg), dtype, seed, f"gated {cfg}")
     # arrival counters are left all-zero for the next launch
     assert int(launch.counters(DEV, 1).abs().sum()) == 0
     # deterministic: same inputs, bitwise same output
-    out2 = launch.launch_segments(x, wt, t, sizes, config=cfg)
+    out2 = _launch(x, wt, t, sizes, cfg)
     assert torch.equal(out, out2), f"non-deterministic seed={seed}"
 
 
-_CMP = GemvConfig(algo="compact", block_n=16, block_k=8, ksplit=32, rchunk=0)
-# dot with K ranges of 32 (the same per-range cases: range 0 all dropped -> early exit),
-# prologue read 16 channels at a time (2 trips per range)
+_MASK = GemvConfig(block_n=16, block_k=8, split=4, pipe=2, rchunk=0)
+# dot with K ranges of 32 (range 0 all dropped -> early exit), prologue read 16 channels at
+# a time (2 trips per range)
 _DOT = GemvConfig(algo="dot", block_n=16, block_k=16, split=4, num_stages=3, rchunk=0, warm=16)
 _LIST = GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32, num_stages=3, rchunk=0)
-_ILIST = replace(_LIST, algo="ilist")
+_ILIST = replace(_LIST, inline=True)
 
 
 def _edge_x(K, dtype):
@@ -268,95 +272,125 @@ def _edge_x(K, dtype):
     return (sgn * (0.5 + torch.rand(K))).to(dtype).to(DEV)
 
 
-@pytest.mark.parametrize("cfg", [_CMP, _DOT, _LIST, _ILIST], ids=["compact", "dot", "list", "ilist"])
+@pytest.mark.parametrize("cfg", [_MASK, _DOT, _LIST, _ILIST], ids=["mask", "dot", "list", "list-inline"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_compact_edge_cases(dtype, cfg):
-    """Per K range of the compact kernels: empty list, identity (all kept: no list written),
-    exact zeros at t = 0 (list of all but the zeros), exactly 2 full chunks, ragged last range;
-    ranges of one launch mixing these; gate and up with different cases."""
+def test_range_edge_cases(dtype, cfg):
+    """Per K range of 32 channels: none kept, all kept, exact zeros at t = 0 (dropped even
+    then), exactly 2 full chunks of a list, a ragged last range; ranges of one launch mixing
+    these; gate and up with different cases."""
     seed = _seed()
     K, sizes = 100, (24, 17)  # ranges of 32: [0,32) [32,64) [64,96) [96,100)
     N = sum(sizes)
     x = _edge_x(K, dtype)
-    x[70:75] = 0.0                                    # exact zeros: dropped even at t = 0
+    x[70:75] = 0.0
     wt = _w(K, N, dtype)
     tz = torch.zeros(2, K, device=DEV)
     t = tz.clone()
     t[:, 0:32] = 2.0                                   # range 0: no row kept
-    t[0, 32:64] = 0.0                                  # range 1, seg 0: all kept (identity)
+    t[0, 32:64] = 0.0                                  # range 1, seg 0: all kept
     t[1, 32:64] = torch.where(torch.arange(32, device=DEV) % 2 == 0, 0.0, 2.0)  # 16 = 2 chunks of 8
     t[:, 96:100] = torch.tensor([0.0, 2.0, 0.0, 2.0], device=DEV)  # ragged last range
     cases = {"mixed": t, "all": tz, "none": torch.full((2, K), 2.0, device=DEV), "scalar0": torch.zeros(2, device=DEV)}
     bounds = (24, 41)
     for name, tt in cases.items():
         out = torch.full((N,), float("nan"), dtype=dtype, device=DEV)
-        launch.launch_segments(x, wt, tt, sizes, config=cfg, out=out, scratch=_poisoned_scratch())
+        _launch(x, wt, tt, sizes, cfg, out=out)
         if name == "none":
             assert (out == 0).all(), f"seed={seed}"
         else:
-            _close(out, R.sparse_gemv_segments_ref(x, wt, tt, bounds), dtype, seed, f"compact seg {name}")
+            _close(out, R.sparse_gemv_ref(x, wt, tt, bounds), dtype, seed, f"seg {name}")
         wg = _w(K, 2 * 21, dtype)
         tg = tt if tt.dim() == 1 else tt.flip(0).contiguous()  # gate/up swap the per-range cases
         outg = torch.full((21,), float("nan"), dtype=dtype, device=DEV)
-        launch.launch_gated(x, wg, tg, config=cfg, out=outg, scratch=_poisoned_scratch())
+        _launch(x, wg, tg, (21, 21), cfg, gated=True, out=outg)
         if name == "none":
             assert (outg == 0).all(), f"seed={seed}"
         else:
-            _close(outg, R.sparse_gated_gemv_ref(x, wg, tg), dtype, seed, f"compact gated {name}")
+            _close(outg, R.sparse_gated_gemv_ref(x, wg, tg), dtype, seed, f"gated {name}")
     assert int(launch.counters(DEV, 1).abs().sum()) == 0
 
 
-def test_compact_and_round1_deterministic():
-    """Both algorithms agree with the reference and are bitwise reproducible (their fp32
+def test_algorithms_deterministic():
+    """Every algorithm agrees with the reference and is bitwise reproducible (their fp32
     summation orders differ, so they need not be bitwise equal to each other)."""
     seed = _seed()
     K, N = 64, 48
     x, wt = _x(K, torch.float16), _w(K, N, torch.float16)
     t = _thresholds(x, "q50", None).reshape(1)
     ref = R.sparse_gemv_ref(x, wt, t[0])
-    for cfg in (_CMP, GemvConfig(block_n=16, block_k=8, split=2)):
-        y1 = launch.launch_segments(x, wt, t, [N], config=cfg)
-        y2 = launch.launch_segments(x, wt, t, [N], config=cfg)
+    for cfg in (_MASK, _DOT, _LIST, GemvConfig(block_n=16, block_k=8, split=2)):
+        y1 = _launch(x, wt, t, [N], cfg)
+        y2 = _launch(x, wt, t, [N], cfg)
         assert torch.equal(y1, y2), f"seed={seed}"
         _close(y1, ref, torch.float16, seed, f"{cfg.algo}")
 
 
-def test_compact_split_rules():
-    from teal.kernels import configs as C
-
-    cmp = GemvConfig(algo="compact", block_n=128, block_k=16)
+def test_split_rules():
+    lst = GemvConfig(algo="list", block_n=128, block_k=16)
     # explicit ksplit: ranges of 512, last one ragged
-    assert C._split_for(14336, 16, replace(cmp, ksplit=512), 132) == (28, 512)
-    assert C._split_for(1000, 4, replace(cmp, ksplit=512), 132) == (2, 512)
+    assert D._split_for(14336, 16, replace(lst, ksplit=512), 132) == (28, 512)
+    assert D._split_for(1000, 4, replace(lst, ksplit=512), 132) == (2, 512)
     # derived from waves: 4 * 132 / 112 tiles ~ 5 ranges -> 4096 / 5 -> 1024 (power of 2)
-    assert C._split_for(4096, 112, replace(cmp, waves=4), 132) == (4, 1024)
+    assert D._split_for(4096, 112, replace(lst, waves=4), 132) == (4, 1024)
     # never wider than the problem (next power of 2 of K), never narrower than a chunk
-    assert C._split_for(77, 1, replace(cmp, ksplit=4096), 4) == (1, 128)
-    assert C._split_for(77, 1000, replace(cmp, block_k=64, ksplit=16), 4) == (2, 64)
-    assert C.rchunk_for(replace(cmp, rchunk=0), 28) == 32
-    assert C.rchunk_for(replace(cmp, rchunk=0, block_n=512), 28) == 16
-    assert C.rchunk_for(replace(cmp, rchunk=8), 28) == 8
-    assert C.next_pow2(1) == 1 and C.next_pow2(5) == 8 and C.next_pow2(8) == 8
+    assert D._split_for(77, 1, replace(lst, ksplit=4096), 4) == (1, 128)
+    assert D._split_for(77, 1000, replace(lst, block_k=64, ksplit=16), 4) == (2, 64)
+    # masked/dot: k_per_split a multiple of block_k, no empty range, at most 256 ranges
+    dot = GemvConfig(algo="dot", block_n=128, block_k=128, waves=3)
+    assert D._split_for(14336, 32, dot, 132) == (12, 1280)
+    assert D._split_for(100, 1, GemvConfig(block_k=16, split=300), 4) == (7, 16)
+    lc = D.resolve(replace(lst, rchunk=0), "seg", 14336, (4096,), 132)
+    assert (lc.split, lc.k_per_split, lc.rchunk) == (14, 1024, 16)
+    assert D.resolve(replace(lst, rchunk=0, block_n=512), "seg", 14336, (4096,), 132).rchunk == 16
+    assert D.resolve(replace(lst, rchunk=8, ksplit=512), "seg", 14336, (4096,), 132).rchunk == 8
+    # block_n shrinks to the problem; warm never wider than the range
+    lc = D.resolve(GemvConfig(algo="dot", block_n=512, block_k=16, warm=2048), "seg", 40, (9,), 4)
+    assert lc.block_n == 16 and lc.warm == 16
+    assert D.next_pow2(1) == 1 and D.next_pow2(5) == 8 and D.next_pow2(8) == 8
+    assert D.Launch.decode(lc.encode()) == lc
 
 
-def test_table_json_roundtrip_and_env_hook(tmp_path):
-    import json
-    import subprocess
+def test_config_validation():
+    for bad in (dict(algo="compact"), dict(block_n=100), dict(block_k=4), dict(pipe=0),
+                dict(waves=0), dict(split=-1)):
+        with pytest.raises(ValueError):
+            GemvConfig(**bad)
 
-    from teal.kernels import configs as C
 
-    tab = {("seg", 4096, 4096): GemvConfig(algo="compact", block_n=256, block_k=16, ksplit=256, rchunk=0)}
+def test_table_rows_and_json_roundtrip(tmp_path):
+    """The H200 table: dot below 80% calibrated sparsity, kept-row lists from 80% on; shapes
+    without a row take the generic rule; a table survives JSON; the policy uses the table
+    it is given, and nothing in the environment changes the default table."""
+    h200, T = "NVIDIA H200", D.DEFAULT_TABLE
+
+    def algo(kind, K, N, s, table=T):
+        row = table.lookup(h200, kind, K, N, "bfloat16", "dense", s)
+        return None if row is None else (row.config.algo, row.config.inline)
+    assert algo("seg", 14336, 4096, 0.9) == ("list", False)
+    assert algo("seg", 14336, 4096, 0.5) == ("dot", False)
+    assert algo("gated", 4096, 14336, 0.8) == ("list", False)
+    assert algo("gated", 4096, 14336, 0.79) == ("dot", False)
+    assert algo("seg", 4096, 6144, 0.95) == ("list", True)
+    assert algo("seg", 4096, 12288, 0.95) == ("mask", False)
+    assert algo("seg", 576, 960, 0.95) is None
+    assert T.lookup("NVIDIA H100", "seg", 4096, 6144, "bfloat16", "dense", 0.5) is None
+    assert T.lookup(h200, "seg", 4096, 6144, "bfloat16", "int8", 0.5) is None
+    assert all(r.source for r in T.rows), "every row names its provenance"
+    assert D.generic_config("seg", 576, 960).algo == "mask"
+    assert D.generic_config("gated", 4096, 14336).algo == "dot"
     path = tmp_path / "table.json"
-    path.write_text(json.dumps(C.table_to_json(tab)))
-    assert C.load_table(str(path)) == tab
-    code = (
-        "import teal.kernels.configs as C\n"
-        "c = C._TABLE[('seg', 4096, 4096)]\n"
-        "assert c.algo == 'compact' and c.ksplit == 256, c\n"
-        "assert C.round1_config('seg', 4096, 4096).algo == 'mask'\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, TEAL_GEMV_TABLE=str(path))
+    mine = DispatchTable((TableRow(h200, "seg", 4096, 4096, GemvConfig(algo="list", ksplit=256, rchunk=0),
+                                   sparsity=(0.0, 1.0), source="test"),))
+    path.write_text(json.dumps(mine.to_json()))
+    assert DispatchTable.load(path) == mine
+    assert algo("seg", 4096, 4096, 0.5, DispatchTable.load(path).with_rows(()).with_rows(mine.rows)) == ("list", False)
+    (tmp_path / "bad.json").write_text("[{\"gpu\": 1}]")
+    with pytest.raises(ValueError, match="kernel table"):
+        DispatchTable.load(tmp_path / "bad.json")
+    code = ("import teal.kernels.dispatch as D\n"
+            "r = D.DEFAULT_TABLE.lookup('NVIDIA H200', 'seg', 4096, 4096, 'bfloat16', 'dense', 0.5)\n"
+            "assert r.config.algo == 'dot', r\nprint('ok')\n")
+    env = dict(os.environ, TEAL_GEMV_TABLE=str(path), TEAL_LIST_FROM="0.1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
@@ -368,24 +402,27 @@ def test_errors():
     wt = _w(K, N, torch.bfloat16)
     t = torch.tensor(0.1, device=DEV)
     cases = [
-        (lambda: tk.sparse_gemv(x.float(), wt, t), "dtype"),
-        (lambda: tk.sparse_gemv(x, wt.half(), t), "dtype"),
-        (lambda: tk.sparse_gemv(x.view(1, K).expand(2, K), wt, t), "batch"),
-        (lambda: tk.sparse_gemv(x, _w(N, K, torch.bfloat16).t(), t), "contiguous"),
-        (lambda: tk.sparse_gemv(x, _w(K + 1, N, torch.bfloat16), t), "K mismatch"),
-        (lambda: tk.sparse_gemv(x, wt, t.double()), "float32"),
-        (lambda: tk.sparse_gemv(x, wt, torch.zeros(K + 1, device=DEV)), "shape"),
-        (lambda: tk.sparse_gemv(x, wt.reshape(-1), t), "2-D"),
-        (lambda: launch.launch_segments(_x(2 * K, torch.bfloat16)[::2], wt, t.view(1), [N]), "contiguous"),
-        (lambda: launch.launch_gated(_x(2 * K, torch.bfloat16)[::2], wt, torch.zeros(2, device=DEV)), "contiguous"),
-        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(3, device=DEV), (4, 4, 8)), "increasing"),
-        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (4, 4)), "increasing"),
-        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (3, 5)), "looks like sizes"),
-        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(2, device=DEV), (4, 7)), "last end offset"),
-        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(3, device=DEV), (4, 8)), "shape"),
-        (lambda: tk.sparse_gemv_segments(x, wt, torch.zeros(5, device=DEV), (1, 2, 4, 6, 8)), "1 to 4"),
-        (lambda: tk.sparse_gated_gemv(x, _w(K, 7, torch.bfloat16), torch.zeros(2, device=DEV)), "odd"),
-        (lambda: tk.sparse_gated_gemv(x, wt, torch.zeros(3, device=DEV)), "shape"),
+        (lambda: tk.sparse_gemv(x.float(), wt, t, policy=POLICY), "dtype"),
+        (lambda: tk.sparse_gemv(x, wt.half(), t, policy=POLICY), "dtype"),
+        (lambda: tk.sparse_gemv(x.view(1, K).expand(2, K), wt, t, policy=POLICY), "rows"),
+        (lambda: tk.sparse_gemv(x, _w(N, K, torch.bfloat16).t(), t, policy=POLICY), "contiguous"),
+        (lambda: tk.sparse_gemv(x, _w(K + 1, N, torch.bfloat16), t, policy=POLICY), "K mismatch"),
+        (lambda: tk.sparse_gemv(x, wt, t.double(), policy=POLICY), "float32"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(K + 1, device=DEV), policy=POLICY), "shape"),
+        (lambda: tk.sparse_gemv(x, wt.reshape(-1), t, policy=POLICY), "2-D"),
+        (lambda: tk.sparse_gemv(x, wt, t, wformat="int3", policy=POLICY), "weight format"),
+        (lambda: tk.sparse_gemv(x, wt, t, scales=torch.ones(N, device=DEV), policy=POLICY), "scales"),
+        (lambda: launch.launch_gemv(_x(2 * K, torch.bfloat16)[::2], wt, None, t.view(1), [N], False, "dense",
+                                    D.resolve(GemvConfig(), "seg", K, [N], 4)), "contiguous"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(3, device=DEV), (4, 4, 8), policy=POLICY), "increasing"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(2, device=DEV), (4, 4), policy=POLICY), "increasing"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(2, device=DEV), (3, 5), policy=POLICY), "looks like sizes"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(2, device=DEV), (4, 7), policy=POLICY), "last end offset"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(3, device=DEV), (4, 8), policy=POLICY), "shape"),
+        (lambda: tk.sparse_gemv(x, wt, torch.zeros(5, device=DEV), (1, 2, 4, 6, 8), policy=POLICY), "1 to 4"),
+        (lambda: tk.sparse_gated_gemv(x, _w(K, 7, torch.bfloat16), torch.zeros(2, device=DEV), policy=POLICY), "odd"),
+        (lambda: tk.sparse_gated_gemv(x, wt, torch.zeros(3, device=DEV), policy=POLICY), "shape"),
+        (lambda: tk.sparse_gemv(x, wt, t, sparsity=1.5, policy=POLICY), "sparsity"),
     ]
     if _CUDA:
         cases.append((lambda: tk.sparse_gemv(x, wt.cpu(), t), "device"))
@@ -397,8 +434,6 @@ def test_errors():
 
 def test_import_without_triton_is_lazy():
     """teal.kernels must import without pulling in Triton (checked in a subprocess)."""
-    import subprocess
-
     code = (
         "import sys, builtins\n"
         "real = builtins.__import__\n"
@@ -427,53 +462,42 @@ def test_small_workspace_and_odd_ksplit():
     x, wt = _x(K, torch.float16), _w(K, 59, torch.float16)
     t = _thresholds(x, "q50", 2)
     with pytest.raises(ValueError, match="workspace"):
-        launch.launch_segments(x, wt, t, sizes, config=GemvConfig(block_n=16, block_k=16, split=5),
-                               workspace=torch.empty(1, 59, device=DEV))
+        _launch(x, wt, t, sizes, GemvConfig(block_n=16, block_k=16, split=5),
+                workspace=torch.empty(1, 59, device=DEV))
     with pytest.raises(ValueError, match="workspace"):
-        launch.launch_gated(x, _w(K, 42, torch.float16), t, config=GemvConfig(block_n=16, block_k=16, split=3),
-                            workspace=torch.empty(2, 42, device=DEV))
-    out = launch.launch_segments(x, wt, t, sizes, config=GemvConfig(algo="list", ksplit=48, block_n=16, block_k=16))
-    _close(out, R.sparse_gemv_segments_ref(x, wt, t, (19, 59)), torch.float16, seed, "ksplit 48")
+        _launch(x, _w(K, 42, torch.float16), t, (21, 21), GemvConfig(block_n=16, block_k=16, split=3),
+                gated=True, workspace=torch.empty(2, 42, device=DEV))
+    out = _launch(x, wt, t, sizes, GemvConfig(algo="list", ksplit=48, block_n=16, block_k=16))
+    _close(out, R.sparse_gemv_ref(x, wt, t, (19, 59)), torch.float16, seed, "ksplit 48")
 
 
-def test_high_sparsity_dispatch(monkeypatch):
-    """A projection calibrated for >= LIST_FROM takes its shape's kept-row-list config (if
-    the high-sparsity table has one); below, or for other shapes, the usual table; results
-    equal the float64 reference either way."""
-    from teal.kernels import configs as C
-
-    cfg, _, _ = C.pick_config("seg", 14336, 4096, lambda bn: 4096 // bn, 132, None, 0.9)
-    assert cfg.algo == "list"
-    cfg, _, _ = C.pick_config("seg", 14336, 4096, lambda bn: 4096 // bn, 132, None, 0.5)
-    assert cfg.algo == "dot"
-    cfg, _, _ = C.pick_config("gated", 4096, 14336, lambda bn: 14336 // bn, 132, None, C.LIST_FROM)
-    assert cfg.algo == "list"
-    cfg, _, _ = C.pick_config("seg", 4096, 6144, lambda bn: 6144 // bn, 132, None, 0.95)
-    assert cfg.algo == "ilist"
-    cfg, _, _ = C.pick_config("seg", 576, 960, lambda bn: 960 // bn, 132, None, 0.95)  # no entry
-    assert cfg.algo == "mask"
-    # through the public op at a small shape given a high-sparsity entry
+def test_policy_chooses_by_calibrated_sparsity(monkeypatch):
+    """Through the public ops: a table row for this device's key at a small shape is taken
+    in its sparsity range (kept-row lists from 80%), the generic rule elsewhere, and a
+    forced config wins over the table; results equal the float64 reference either way."""
     seed = _seed()
     K, sizes = 77, (19, 40)
-    monkeypatch.setitem(C._TABLE_HIGH, ("seg", K, sum(sizes)),
-                        GemvConfig(algo="ilist", block_n=16, block_k=16, ksplit=32))
-    monkeypatch.setitem(C._TABLE_HIGH, ("gated", K, 21), GemvConfig(algo="list", block_n=16, block_k=16, ksplit=32))
+    key = D.device_key(DEV)
+    lst = GemvConfig(algo="list", inline=True, block_n=16, block_k=16, ksplit=32)
+    table = D.DEFAULT_TABLE.with_rows([
+        TableRow(key, "seg", K, sum(sizes), lst, sparsity=(0.8, 1.0), source="test"),
+        TableRow(key, "gated", K, 21, replace(lst, inline=False), sparsity=(0.8, 1.0), source="test")])
+    policy = replace(POLICY, table=table)
     calls = []
-    real = C.pick_config
+    real = launch.launch_gemv
 
     def spy(*a, **k):
-        out = real(*a, **k)
-        calls.append(out[0].algo)
-        return out
-    monkeypatch.setattr(launch, "pick_config", spy)
+        calls.append(a[7].algo_name + ("-inline" if a[7].inline else ""))
+        return real(*a, **k)
+    import teal.kernels.ops as ops
+    monkeypatch.setattr(ops, "launch_gemv", spy)
     x, wt = _x(K, torch.bfloat16), _w(K, 59, torch.bfloat16)
     t = _thresholds(x, "q50", 2)
-    y = tk.sparse_gemv_segments(x, wt, t, (19, 59), expected_sparsity=0.85)
-    _close(y, R.sparse_gemv_segments_ref(x, wt, t, (19, 59)), torch.bfloat16, seed, "ilist via hint")
+    y = tk.sparse_gemv(x, wt, t, (19, 59), sparsity=0.85, policy=policy)
+    _close(y, R.sparse_gemv_ref(x, wt, t, (19, 59)), torch.bfloat16, seed, "list via table")
     wg = _w(K, 42, torch.bfloat16)
-    yg = tk.sparse_gated_gemv(x, wg, t, expected_sparsity=0.9)
-    _close(yg, R.sparse_gated_gemv_ref(x, wg, t), torch.bfloat16, seed, "list via hint")
-    tk.sparse_gemv_segments(x, wt, t, (19, 59), expected_sparsity=0.5)
-    assert calls == ["ilist", "list", "mask"]
-    with pytest.raises(ValueError, match="expected_sparsity"):
-        tk.sparse_gemv(x, wt, t[0], expected_sparsity=1.5)
+    yg = tk.sparse_gated_gemv(x, wg, t, sparsity=0.9, policy=policy)
+    _close(yg, R.sparse_gated_gemv_ref(x, wg, t), torch.bfloat16, seed, "gated list via table")
+    tk.sparse_gemv(x, wt, t, (19, 59), sparsity=0.5, policy=policy)
+    tk.sparse_gemv(x, wt, t, (19, 59), sparsity=0.5, policy=replace(policy, config=_DOT))
+    assert calls == ["list-inline", "list", "mask", "dot"]

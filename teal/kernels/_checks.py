@@ -1,100 +1,118 @@
-"""Layout / dtype / device validation shared by the public API (pure torch, no Triton)."""
+"""Validation of the public kernel API's inputs, in one place (pure torch, no Triton)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-_ACT_DTYPES = (torch.bfloat16, torch.float16)
+from .formats import get_format
+
+ACT_DTYPES = (torch.bfloat16, torch.float16)
+MAX_ROWS = 1  # rows (M) per call the kernels implement today
 
 
-def flatten_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """(K,) or (1, ..., 1, K) -> (K,) contiguous; batch > 1 raises ValueError."""
+def rows_of(x: torch.Tensor, name: str = "x") -> tuple[torch.Tensor, int]:
+    """(x as a contiguous (M, K) matrix, M) for x of shape (M, K) or (..., K).
+
+    Raises:
+        ValueError: not a tensor, 0-d, K = 0, dtype not bf16/fp16, or more rows than the
+            kernels implement.
+    """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
-        raise ValueError(f"{name} must have shape (K,) or (1, ..., 1, K), got a 0-d tensor")
-    if x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"{name} must have shape (M, K) (or (..., K)), got a 0-d tensor")
+    if x.dtype not in ACT_DTYPES:
         raise ValueError(f"{name}.dtype must be torch.bfloat16 or torch.float16, got {x.dtype}")
-    lead = 1
-    for d in x.shape[:-1]:
-        lead *= d
-    if lead != 1:
-        raise ValueError(
-            f"sparse GEMV kernels handle one token: {name} must have shape (K,) or (1, ..., 1, K), "
-            f"got {tuple(x.shape)} (batch {lead}); use a dense masked matmul for batch > 1"
-        )
-    if x.shape[-1] == 0:
+    K = x.shape[-1]
+    if K == 0:
         raise ValueError(f"{name} has K = 0 input channels")
-    return x.reshape(x.shape[-1]).contiguous()
-
-
-def check_wt(x: torch.Tensor, wt: torch.Tensor) -> None:
-    if not isinstance(wt, torch.Tensor):
-        raise ValueError(f"wt must be a torch.Tensor, got {type(wt).__name__}")
-    if wt.dim() != 2:
-        raise ValueError(f"wt must be 2-D (K, N) = W.t() (input-channel major), got shape {tuple(wt.shape)}")
-    if wt.dtype != x.dtype:
-        raise ValueError(f"wt.dtype ({wt.dtype}) must equal x.dtype ({x.dtype})")
-    if wt.device != x.device:
-        raise ValueError(f"device mismatch: wt is on {wt.device} but x is on {x.device}")
-    K, N = wt.shape
-    if K != x.shape[0]:
+    m = x.numel() // K if x.numel() else 0
+    if m != MAX_ROWS:
         raise ValueError(
-            f"K mismatch: x has {x.shape[0]} input channels but wt has shape {tuple(wt.shape)} "
-            f"(expected (K, N) = W.t(), i.e. wt.shape[0] == x.shape[-1])"
-        )
-    if N == 0:
-        raise ValueError("wt has N = 0 output columns")
-    if not wt.is_contiguous():
-        raise ValueError(
-            f"wt must be contiguous (K, N) row-major (= W.t().contiguous()); got strides {wt.stride()} "
-            f"for shape {tuple(wt.shape)}"
-        )
+            f"the sparse GEMV kernels take M = {MAX_ROWS} row per call (one decode token): {name} "
+            f"has shape {tuple(x.shape)} ({m} rows); use the torch path (mask, then matmul) for "
+            f"several rows")
+    return x.reshape(m, K).contiguous(), m
 
 
-def check_thresholds(t: torch.Tensor, x: torch.Tensor, n_rows: int | None, what: str) -> None:
-    """n_rows None: t must be () or (K,); else (n_rows,) or (n_rows, K)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{what} must be a float32 torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise ValueError(f"{what}.dtype must be torch.float32, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"device mismatch: {what} is on {t.device} but x is on {x.device}")
-    K = x.shape[0]
-    shape = tuple(t.shape)
-    if n_rows is None:
-        ok = shape in ((), (K,))
-        want = f"() or ({K},)"
-    else:
-        ok = shape in ((n_rows,), (n_rows, K))
-        want = f"({n_rows},) or ({n_rows}, {K})"
-    if not ok:
-        raise ValueError(f"{what} must have shape {want} (scalar or per-input-channel), got {shape}")
+def check_device(x: torch.Tensor, interpreted: bool, *tensors: tuple) -> None:
+    """Every (name, tensor) is on x's device, and that device can run the kernels.
 
-
-def check_segments(segments: Sequence[int], N: int) -> list[int]:
-    """segments = exclusive END offsets of the column blocks, e.g. (Nq, Nq + Nk, N_total).
-
-    Strictly increasing, first > 0, last == N_total.  Returns the block sizes.
+    Raises:
+        ValueError: a device mismatch, or a CPU tensor without the Triton interpreter.
     """
+    for name, t in tensors:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"device mismatch: {name} is on {t.device} but x is on {x.device}")
+    if x.device.type == "cpu" and not interpreted:
+        raise ValueError("the sparse GEMV kernels run on CUDA; on CPU only through the Triton "
+                         "interpreter (set TRITON_INTERPRET=1 before importing triton). Check "
+                         "kernels_available(device) first.")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the sparse GEMV kernels run on CUDA, not {x.device.type}")
+
+
+def check_weight(weight: torch.Tensor, scales: Optional[torch.Tensor], wformat: str, K: int,
+                 dtype: torch.dtype) -> int:
+    """Validate the weight in its format; return N. Raises ValueError (see WeightFormat)."""
+    return get_format(wformat).check(weight, scales, K, dtype)
+
+
+def thresholds_rows(t: torch.Tensor, K: int, n_rows: int, name: str = "thresholds") -> torch.Tensor:
+    """Thresholds as (n_rows,) (one per row) or (n_rows, K) (per input channel), float32.
+
+    With n_rows == 1 a 0-d tensor or a (K,) vector is accepted too (one projection).
+
+    Raises:
+        ValueError: not a float32 tensor, or another shape.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a float32 torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}.dtype must be torch.float32, got {t.dtype}")
+    shape = tuple(t.shape)
+    if n_rows == 1 and shape in ((), (K,)):
+        return t.reshape(1, *shape)
+    if shape not in ((n_rows,), (n_rows, K)):
+        extra = f", () or ({K},)" if n_rows == 1 else ""
+        raise ValueError(f"{name} must have shape ({n_rows},) or ({n_rows}, {K}){extra} "
+                         f"(scalar or per-input-channel), got {shape}")
+    return t
+
+
+def segment_sizes(segments: Optional[Sequence[int]], N: int) -> list:
+    """Sizes of the column segments given by their exclusive END offsets, e.g.
+    (Nq, Nq + Nk, N_total); None: one segment.
+
+    Raises:
+        ValueError: not 1 to 4 strictly increasing positive ints ending at N.
+    """
+    if segments is None:
+        return [N]
     try:
         bounds = [int(s) for s in segments]
     except TypeError:
         raise ValueError(f"segments must be a sequence of ints (segment end offsets), got {segments!r}") from None
     if not 1 <= len(bounds) <= 4:
         raise ValueError(f"segments: 1 to 4 segments are supported, got {len(bounds)}")
-    prev = 0
-    sizes = []
+    prev, sizes = 0, []
     for b in bounds:
         if b <= prev:
-            raise ValueError(
-                f"segments must be strictly increasing positive END offsets (e.g. (Nq, Nq+Nk, N_total)); got {bounds}"
-            )
+            raise ValueError(f"segments must be strictly increasing positive END offsets "
+                             f"(e.g. (Nq, Nq+Nk, N_total)); got {bounds}")
         sizes.append(b - prev)
         prev = b
     if prev != N:
         hint = " (looks like sizes: pass the cumulative end offsets instead)" if sum(bounds) == N else ""
         raise ValueError(f"segments' last end offset must equal wt.shape[1] = {N}; got {bounds}{hint}")
     return sizes
+
+
+def check_sparsity(s: float) -> float:
+    """The calibrated sparsity hint in [0, 1]. Raises ValueError otherwise."""
+    s = float(s)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {s}")
+    return s

@@ -4,19 +4,18 @@ The interpreter stores every scalar as a 1-element 1-D numpy array and implement
 ``tensor.__index__`` as ``int(array)``; NumPy 2.4 turned that deprecated conversion into a
 TypeError, which breaks any kernel with a run-time loop bound (``range(lo, hi, STEP)``).
 We wrap the interpreter's patch hook so ``__index__`` reads the single element instead.
-Only applied in interpreter mode; a no-op when the interpreter already works.
+Applied by teal.kernels.launch only when our kernels were decorated for the interpreter;
+a no-op when the interpreter already works.
 """
 
 from __future__ import annotations
-
-import os
 
 _APPLIED = False
 
 
 def apply() -> None:
     global _APPLIED
-    if _APPLIED or os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if _APPLIED:
         return
     _APPLIED = True
     try:

@@ -1,6 +1,6 @@
 """Plain-PyTorch twins of the fused sparse GEMV kernels.
 
-These compute exactly what the Triton kernels in :mod:`teal.kernels.triton_gemv`
+These compute exactly what the Triton kernels (teal/kernels/masked.py, dot.py, lists.py)
 compute, but densely and (by default) in float64, so tests can compare against them.
 They need no Triton and run on any device.
 
@@ -12,7 +12,7 @@ weight stored input-channel major: ``wt = W.t()`` of shape (K, N).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +20,15 @@ import torch.nn.functional as F
 __all__ = [
     "channel_mask",
     "sparse_gemv_ref",
-    "sparse_gemv_segments_ref",
     "sparse_gated_gemv_ref",
+    "decode_attention_ref",
 ]
 
 
 def channel_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Boolean keep-mask of shape (K,): ``|x| > threshold`` compared in float32.
+    """Boolean keep-mask ``|x| > threshold`` compared in float32, exactly as the kernels do.
 
-    ``threshold`` is a float32 scalar tensor (shape ()) or a per-channel vector (K,).
-    The comparison is done in float32, exactly as the kernel does it.
+    x: (..., K); threshold: float32, () (one threshold) or (K,) (per channel).
     """
     return x.float().abs() > threshold.float()
 
@@ -39,50 +38,43 @@ def _masked_x(x: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype) -> t
     return torch.where(m, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
 
 
-def sparse_gemv_ref(
-    x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """Reference for :func:`teal.kernels.sparse_gemv`.
+def _segment_rows(thresholds: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Thresholds as one row per segment ((S,) or (S, K)); one segment also from () or (K,)."""
+    if thresholds.dim() == 0 or (n_segments == 1 and thresholds.dim() == 1
+                                 and thresholds.numel() != 1):
+        return thresholds.reshape(1, *thresholds.shape)
+    return thresholds
 
-    x: (K,); wt: (K, N) (= W.t()); threshold: () or (K,) float32.
-    Returns ``wt.T @ (x * [|x| > t])`` of shape (N,) in ``dtype`` (float64 by default).
+
+def sparse_gemv_ref(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
+                    segments: Optional[Sequence[int]] = None,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Reference for `teal.kernels.sparse_gemv`: every row of x masked on its own.
+
+    x: (..., K); wt: (K, N) (= W.t()); segments: exclusive end offsets of the column blocks
+    (None: one block); thresholds: (S,) or (S, K) float32 (one block: also () or (K,)).
+    Returns (..., N) in `dtype` (float64 by default): block s is
+    ``(x * [|x| > t_s]) @ wt[:, block s]``.
     """
-    xm = _masked_x(x.reshape(-1), threshold, dtype)
-    return xm @ wt.to(dtype)
-
-
-def sparse_gemv_segments_ref(
-    x: torch.Tensor,
-    wt: torch.Tensor,
-    thresholds: torch.Tensor,
-    segments: Sequence[int],
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Reference for :func:`teal.kernels.sparse_gemv_segments`.
-
-    wt: (K, N_total); ``segments`` are the exclusive end offsets of its column blocks
-    (e.g. (Nq, Nq+Nk, N_total)); block s uses thresholds[s] (thresholds: (S,) or (S, K)
-    float32).  Returns (N_total,) in ``dtype``.
-    """
-    outs = []
-    a = 0
-    for s, b in enumerate(segments):
-        outs.append(sparse_gemv_ref(x, wt[:, a:b], thresholds[s], dtype))
+    bounds = list(segments) if segments is not None else [wt.shape[1]]
+    t = _segment_rows(thresholds, len(bounds))
+    outs, a = [], 0
+    for s, b in enumerate(bounds):
+        outs.append(_masked_x(x, t[s], dtype) @ wt[:, a:b].to(dtype))
         a = b
-    return torch.cat(outs)
+    return torch.cat(outs, dim=-1)
 
 
-def sparse_gated_gemv_ref(
-    x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """Reference for :func:`teal.kernels.sparse_gated_gemv`.
+def sparse_gated_gemv_ref(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
+                          dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Reference for `teal.kernels.sparse_gated_gemv`.
 
-    wt: (K, 2F), gate = columns [0, F), up = [F, 2F); thresholds (2,) or (2, K).
-    Returns ``silu(gate) * up`` of shape (F,) in ``dtype``.
+    x: (..., K); wt: (K, 2F), gate = columns [0, F), up = [F, 2F); thresholds (2,) or (2, K).
+    Returns ``silu(gate) * up`` of shape (..., F) in `dtype`.
     """
     f = wt.shape[1] // 2
-    g = sparse_gemv_ref(x, wt[:, :f], thresholds[0], dtype)
-    u = sparse_gemv_ref(x, wt[:, f:], thresholds[1], dtype)
+    g = _masked_x(x, thresholds[0], dtype) @ wt[:, :f].to(dtype)
+    u = _masked_x(x, thresholds[1], dtype) @ wt[:, f:].to(dtype)
     return F.silu(g) * u
 
 

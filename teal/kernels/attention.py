@@ -1,6 +1,6 @@
-"""Triton kernel: single-query GQA attention over a static KV cache (decode step).
+"""Single-query GQA attention over a static KV cache (decode step): kernel and launcher.
 
-Imported lazily by :mod:`teal.kernels.attention_launch` (imports Triton at top level).
+Imports Triton at top level (imported lazily by teal.kernels.ops).
 
 One program per (KV head g, slice of cache positions).  The REP = n_head / n_kv_head query
 heads of group g are the rows of a [BLOCK_R, D] operand (rows >= REP are zero and ignored),
@@ -19,10 +19,13 @@ writes the output, then resets its counter (the GEMV kernels' scheme, same count
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import _arrive_last
+from .common import arrive_last
+from .dispatch import cdiv, num_sms
+from .launch import counters, interpreted
 
 
 @triton.jit
@@ -88,7 +91,7 @@ def decode_attention_kernel(
         tl.store(part_ptr + slot * (BLOCK_R * D) + rr[:, None] * D + dd[None, :], acc)
         tl.store(ml_ptr + slot * (2 * BLOCK_R) + rr, m_i)
         tl.store(ml_ptr + slot * (2 * BLOCK_R) + BLOCK_R + rr, l_i)
-        if _arrive_last(cnt_ptr, g, split):
+        if arrive_last(cnt_ptr, g, split):
             # merge the slices in a fixed order: global max first (some slice attends a
             # position, so it is finite), then rescaled sums
             mx = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -107,3 +110,35 @@ def decode_attention_kernel(
             tl.store(o_ptr + (g * REP + rr)[:, None] * D + dd[None, :], out.to(o_ptr.dtype.element_ty),
                      mask=rmask[:, None])
             tl.atomic_xchg(cnt_ptr + g, 0, sem="relaxed", scope="gpu")
+
+
+BLOCK_S = 64      # cache positions per step
+MIN_SLICE = 256   # positions per program before the cache is split over programs
+
+
+def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            out=None) -> torch.Tensor:
+    """q: (H, D) contiguous, H = n_kv_head * rep; k, v: (n_kv_head, S, D) with unit last
+    stride; mask: (S,) bool, contiguous.  Returns (H, D) in q's dtype."""
+    H, D = q.shape
+    G, S, _ = k.shape
+    rep = H // G
+    block_r = max(16, 1 << (rep - 1).bit_length())
+    split = max(1, min(cdiv(S, MIN_SLICE), max(1, 2 * num_sms(q.device) // G)))
+    sps = cdiv(cdiv(S, split), BLOCK_S) * BLOCK_S
+    split = cdiv(S, sps)
+    if out is None:
+        out = torch.empty_like(q)
+    if split > 1:
+        part = torch.empty(G * split * block_r * D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(G * split * 2 * block_r, dtype=torch.float32, device=q.device)
+        cnt = counters(q.device, G)
+    else:
+        part = ml = cnt = out
+    decode_attention_kernel[(G, split)](
+        q, k, v, mask.view(torch.uint8), out, part, ml, cnt,
+        S, sps, split, k.stride(0), k.stride(1), v.stride(0), v.stride(1), D ** -0.5,
+        REP=rep, D=D, BLOCK_R=block_r, BLOCK_S=BLOCK_S, HAS_SPLIT=split > 1, DOT_F32=interpreted(),
+        num_warps=4,
+    )
+    return out

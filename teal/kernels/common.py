@@ -1,0 +1,184 @@
+"""Triton helpers shared by every sparse-GEMV algorithm (imports Triton at top level).
+
+Layout.  The weight is stored input-channel major, ``wt = W.t()`` of shape (K, N): row k
+holds the weights of input channel k for every output column.  A program owns a K range of
+input channels (split-K) times a BLOCK_N column tile.
+
+Prologue (`load_keep`, `range_kept`): x and its TEAL keep-mask ``|x_k| > t`` (Section 4,
+Eq. 2-3; scalar threshold, or one per channel for weight-informed scoring), compared in fp32.
+
+Weight-format seam (`load_weight_tile`, `scale_output`): the only place that knows how a
+weight tile is stored.  A tile's rows whose keep flag is False issue no memory transaction.
+WFMT 0 is the dense format (wt stored in the activation dtype, no scales).  A quantized
+format adds a branch to these two helpers and nothing else: int8 with one scale per output
+column (codes loaded and widened here, ``scale_output`` multiplies the fp32 sums by
+s[cols]), int4 with scales per group of GROUP input channels (codes unpacked and scaled by
+their group's row of s here).  Every kernel takes (s_ptr, stride_s, WFMT, GROUP) for it.
+
+Segments (`seg_tile`): one launch computes up to four column blocks of one buffer, each with
+its own threshold (fused q/k/v); a column tile never straddles two blocks.
+
+Split-K tail (`store_output`): with SPLIT > 1 programs along K, each program writes its fp32
+partial sums to a workspace ``part[SPLIT, ncols]`` and bumps a per-column-tile arrival
+counter (acq_rel atomic); the program that arrives last sums the partials in a fixed order
+(deterministic), applies the epilogue (cast, or silu(gate) * up), stores y and resets its
+counter to zero, so the counters stay zero between launches: one launch per projection.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_threshold(t_ptr, t_off, offs_k, kin, stride_tk, PER_CHANNEL: tl.constexpr):
+    """Thresholds of channels offs_k: the scalar at t_ptr + t_off, or (PER_CHANNEL) one per
+    channel with stride stride_tk (+inf outside kin, so nothing there is kept)."""
+    if PER_CHANNEL:
+        tk = tl.load(t_ptr + t_off + offs_k * stride_tk, mask=kin, other=float("inf"))
+    else:
+        tk = tl.load(t_ptr + t_off)
+    return tk
+
+
+@triton.jit
+def load_keep(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL: tl.constexpr):
+    """x[offs_k] (input dtype, 0 where offs_k >= k_end) and its keep-mask |x_k| > t_k
+    (compared in fp32)."""
+    kin = offs_k < k_end
+    xr = tl.load(x_ptr + offs_k, mask=kin, other=0.0)
+    tk = load_threshold(t_ptr, t_off, offs_k, kin, stride_tk, PER_CHANNEL)
+    return xr, (tl.abs(xr.to(tl.float32)) > tk) & kin
+
+
+@triton.jit
+def range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL: tl.constexpr,
+               WARM: tl.constexpr):
+    """Number of kept channels in the program's K range [k_lo, k_end), read WARM at a time.
+
+    Besides letting a program skip a range with no kept channel, this pulls the range's x
+    (and per-channel thresholds) into L1 up front, so the mask of each tile in the main loop
+    is an L1 hit instead of one L2 round trip per trip.
+    """
+    n = 0
+    for c0 in range(k_lo, k_end, WARM):
+        offs = c0 + tl.arange(0, WARM)
+        m = offs < k_end
+        xw = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tw = load_threshold(t_ptr, t_off, offs, m, stride_tk, PER_CHANNEL)
+        n += tl.sum(((tl.abs(xw) > tw) & m).to(tl.int32), axis=0)
+    return n
+
+
+@triton.jit
+def load_weight_tile(w_ptr, s_ptr, rows_k, cols, nmask, stride_wk, stride_s, keep,
+                     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr,
+                     GROUP: tl.constexpr):
+    """Weight tile of input channels rows_k (BLOCK_K,) x columns cols (BLOCK_N,), as the
+    operand dtype of the products; rows with keep == False are not read (zeros).
+
+    WFMT 0 (dense): wt[rows_k, cols] as stored (s_ptr, stride_s, GROUP unused).
+    """
+    tl.static_assert(WFMT == 0, "only the dense weight format is implemented")
+    if BIG:
+        rows = rows_k.to(tl.int64) * stride_wk
+    else:
+        rows = rows_k * stride_wk
+    ptrs = w_ptr + rows[:, None] + cols[None, :]
+    if EVEN_N:
+        m = keep[:, None]
+    else:
+        m = keep[:, None] & nmask[None, :]
+    return tl.load(ptrs, mask=m, other=0.0)
+
+
+@triton.jit
+def scale_output(acc, s_ptr, cols, nmask, WFMT: tl.constexpr):
+    """fp32 sums (BLOCK_N,) of the columns cols times their per-output-column weight scale
+    (formats with one); WFMT 0 (dense): unchanged."""
+    return acc
+
+
+@triton.jit
+def seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N: tl.constexpr):
+    """(segment, columns, column mask) of column tile pid_n; segment s spans [c_s, c_{s+1})
+    (c0 = 0) and its tiles start at tile index tile_s (tile0 = 0). Scalar arithmetic only."""
+    seg = (pid_n >= tile1).to(tl.int32) + (pid_n >= tile2).to(tl.int32) + (pid_n >= tile3).to(tl.int32)
+    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, c1, tl.where(seg == 2, c2, c3)))
+    seg_end = tl.where(seg == 0, c1, tl.where(seg == 1, c2, tl.where(seg == 2, c3, c4)))
+    t_first = tl.where(seg == 0, 0, tl.where(seg == 1, tile1, tl.where(seg == 2, tile2, tile3)))
+    cols = seg_start + (pid_n - t_first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return seg, cols, cols < seg_end
+
+
+@triton.jit
+def program_columns(pid_n, ncols, c1, c2, c3, c4, tile1, tile2, tile3, stride_ts,
+                    GATED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(segment, columns, column mask, threshold offset) of column tile pid_n.
+
+    GATED: segment 0, the columns of the gate half (ncols = F; gate and up share them, up's
+    threshold row is the next one); otherwise the tile's segment decides the columns and the
+    threshold row (seg_tile)."""
+    if GATED:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return 0, cols, cols < ncols, 0
+    seg, cols, nmask = seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N)
+    return seg, cols, nmask, seg * stride_ts
+
+
+@triton.jit
+def arrive_last(cnt_ptr, pid_n, split):
+    """After this program's partials are stored: True for the last of the split programs of
+    column tile pid_n (acq_rel: it then sees every partial)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    return arrived == split - 1
+
+
+@triton.jit
+def _reduce_partials(part_ptr, stride_p, cols, nmask, split, BLOCK_N: tl.constexpr,
+                     RCHUNK: tl.constexpr):
+    """Sum part[0:split, cols] in a fixed order (deterministic), reading from L2 (.cg)."""
+    tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+    offs_r = tl.arange(0, RCHUNK)
+    for s0 in range(0, split, RCHUNK):
+        rr = s0 + offs_r
+        p = tl.load(part_ptr + rr[:, None] * stride_p + cols[None, :],
+                    mask=(rr[:, None] < split) & nmask[None, :], other=0.0, cache_modifier=".cg")
+        tot += tl.sum(p, axis=0)
+    return tot
+
+
+@triton.jit
+def store_output(acc, acc_u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split,
+                 ncols, GATED: tl.constexpr, HAS_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 RCHUNK: tl.constexpr):
+    """Store y[cols] = acc (GATED: silu(acc) * acc_u), or (split-K) this program's fp32
+    partial(s); the last-arriving program sums all partials in a fixed order, stores y and
+    resets its counter to zero.
+
+    ncols: the workspace row length (N_total; GATED: F, the up partials sit at F + cols of
+    rows 2F wide).
+    """
+    if not HAS_SPLIT:
+        if GATED:
+            out = acc * tl.sigmoid(acc) * acc_u
+        else:
+            out = acc
+        tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        if GATED:
+            tl.store(part_ptr + pid_k * (2 * ncols) + cols, acc, mask=nmask)
+            tl.store(part_ptr + pid_k * (2 * ncols) + ncols + cols, acc_u, mask=nmask)
+        else:
+            tl.store(part_ptr + pid_k * ncols + cols, acc, mask=nmask)
+        if arrive_last(cnt_ptr, pid_n, split):
+            if GATED:
+                g = _reduce_partials(part_ptr, 2 * ncols, cols, nmask, split, BLOCK_N, RCHUNK)
+                u = _reduce_partials(part_ptr, 2 * ncols, ncols + cols, nmask, split, BLOCK_N, RCHUNK)
+                out = g * tl.sigmoid(g) * u
+            else:
+                out = _reduce_partials(part_ptr, ncols, cols, nmask, split, BLOCK_N, RCHUNK)
+            tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")

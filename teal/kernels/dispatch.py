@@ -1,0 +1,387 @@
+"""Which sparse-GEMV kernel runs a call: configs, the measured dispatch table, the policy.
+
+Pure Python (no Triton), so it can be read and tested anywhere.
+
+- `GemvConfig`: an algorithm and its block sizes (what a table row holds).
+- `Launch`: a config resolved for one call (grid split, constexprs): plain ints, passed to
+  the registered op, so a compiled decode step captures exactly one kernel per projection.
+- `DispatchTable`: rows keyed by GPU, call kind ("seg": one or more column segments with
+  their own thresholds; "gated": gate/up with the SwiGLU epilogue), K, N, activation dtype,
+  weight format and a range of calibrated sparsity, each row with its provenance (command,
+  commit). Calls no row matches take `generic_config` (a rule, also tuned on the H200).
+- `KernelPolicy`: the explicit object a model, a benchmark or a test hands over to choose
+  kernels: on/off for the GEMV and attention kernels, the CPU interpreter, the table, or one
+  forced config. Nothing here reads environment variables or mutable module state.
+
+No run-time autotuning: the first (eager) call already uses the final kernel, and CUDA-graph
+capture never triggers benchmarking.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["ALGORITHMS", "GemvConfig", "Launch", "TableRow", "DispatchTable", "KernelPolicy",
+           "DEFAULT_TABLE", "DEFAULT_POLICY", "generic_config", "resolve", "cdiv", "next_pow2",
+           "device_key", "num_sms"]
+
+ALGORITHMS = ("mask", "dot", "list")
+_KSPLIT_MAX = 4096  # list: the x range a program loads at once (registers)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """An algorithm and its tunables.
+
+    Attributes:
+        algo: "mask" (masked slab loop on CUDA cores: a program walks its K range BLOCK_K rows
+            at a time, loading only kept rows), "dot" (the same product as a 16-row tensor-core
+            tile whose row 0 holds the masked x, so Triton pipelines the masked weight loads
+            through cp.async), or "list" (kept-row lists: programs loop over gathered kept rows
+            only, so instructions and bytes follow the kept rows).
+        block_n: output columns per program (power of 2).
+        block_k: input channels per loop step (power of 2).
+        split: programs along K (0: from `waves`).
+        num_warps, num_stages: Triton launch options (num_stages: cp.async ring depth of dot
+            and list).
+        acc2d: mask: 2-D fp32 accumulator reduced once at the end (else reduced per step).
+        pipe: mask: 1 prefetches the next step's mask, 2 also its weight tile.
+        waves: target programs per SM when split == 0.
+        ksplit: list: channels per program (rounded up to a power of 2; 0: from waves).
+        inline: list: every program builds its range's kept list itself (no pre-pass launch).
+        rchunk: split-K partial rows the last program sums per step (0: all at once).
+        warm: dot: the prologue reads the K range's x into L1 this many at a time (0: off).
+    """
+
+    algo: str = "mask"
+    block_n: int = 256
+    block_k: int = 32
+    split: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+    acc2d: bool = True
+    pipe: int = 1
+    waves: float = 4.0
+    ksplit: int = 0
+    inline: bool = False
+    rchunk: int = 8
+    warm: int = 2048
+
+    def __post_init__(self):
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"unknown kernel algorithm {self.algo!r}; choose from {ALGORITHMS}")
+        if not (_pow2(self.block_n) and _pow2(self.block_k) and self.block_n >= 16
+                and self.block_k >= 8):
+            raise ValueError(f"block_n ({self.block_n}) and block_k ({self.block_k}) must be "
+                             f"powers of 2, block_n >= 16 and block_k >= 8")
+        if self.pipe not in (1, 2):
+            raise ValueError(f"pipe must be 1 or 2, got {self.pipe}")
+        if self.split < 0 or self.ksplit < 0 or self.rchunk < 0 or self.warm < 0 or self.waves <= 0:
+            raise ValueError(f"split, ksplit, rchunk and warm must be >= 0 and waves > 0: {self}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A `GemvConfig` resolved for one call: every field an int (see GemvConfig).
+
+    split programs along K own k_per_split channels each (the last one may own fewer).
+    """
+
+    algo: int
+    block_n: int
+    block_k: int
+    split: int
+    k_per_split: int
+    num_warps: int
+    num_stages: int
+    acc2d: int
+    pipe: int
+    inline: int
+    rchunk: int
+    warm: int
+
+    def encode(self) -> list:
+        return [int(getattr(self, f)) for f in self.__dataclass_fields__]
+
+    @classmethod
+    def decode(cls, values: Sequence[int]) -> "Launch":
+        return cls(*[int(v) for v in values])
+
+    @property
+    def algo_name(self) -> str:
+        return ALGORITHMS[self.algo]
+
+
+def _split_for(K: int, n_tiles: int, cfg: GemvConfig, sms: int) -> tuple[int, int]:
+    """(split, k_per_split): k_per_split a multiple of block_k, no empty range; list: a
+    power of 2 (the x range the kernel loads as one arange)."""
+    if cfg.algo == "list":
+        if cfg.ksplit > 0:
+            ks = next_pow2(cfg.ksplit)
+        else:
+            split = cfg.split if cfg.split > 0 else max(1, round(cfg.waves * sms / max(1, n_tiles)))
+            ks = next_pow2(cdiv(K, max(1, split)))
+        ks = max(16, cfg.block_k, min(ks, _KSPLIT_MAX, next_pow2(K)))
+        return cdiv(K, ks), ks
+    slabs = cdiv(K, cfg.block_k)
+    split = cfg.split if cfg.split > 0 else max(1, round(cfg.waves * sms / max(1, n_tiles)))
+    split = max(1, min(split, slabs, 256))
+    kps = cdiv(slabs, split) * cfg.block_k
+    return cdiv(K, kps), kps
+
+
+def resolve(cfg: GemvConfig, kind: str, K: int, sizes: Sequence[int], sms: int) -> Launch:
+    """Resolve `cfg` for a call of `kind` ("seg": column segments `sizes`; "gated": sizes =
+    (F, F)) over K input channels on a device with `sms` multiprocessors."""
+    n_cols = sizes[0] if kind == "gated" else sum(sizes)
+    bn = cfg.block_n
+    while bn > 16 and bn // 2 >= n_cols:  # never tiles much wider than the problem
+        bn //= 2
+    cfg = replace(cfg, block_n=bn)
+    n_tiles = cdiv(sizes[0], bn) if kind == "gated" else sum(cdiv(n, bn) for n in sizes)
+    split, kps = _split_for(K, n_tiles, cfg, sms)
+    rchunk = cfg.rchunk or max(1, min(next_pow2(split), max(1, 8192 // bn)))
+    warm = max(16, min(next_pow2(cfg.warm), next_pow2(kps))) if cfg.warm > 0 else 0
+    return Launch(ALGORITHMS.index(cfg.algo), bn, cfg.block_k, split, kps, cfg.num_warps,
+                  cfg.num_stages, int(cfg.acc2d), cfg.pipe, int(cfg.inline), rchunk, warm)
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One measured dispatch decision.
+
+    Attributes:
+        gpu: device name as torch reports it (e.g. "NVIDIA H200").
+        kind: "seg" or "gated".
+        K: input channels; N: output columns (seg: all segments together; gated: F).
+        config: the kernel to run.
+        dtypes: activation dtypes the row applies to.
+        wformat: weight format ("dense": stored in the activation dtype).
+        sparsity: [lo, hi) range of the call's calibrated sparsity (the lowest of a fused
+            call's projections).
+        source: how the row was chosen and measured (command, commit, raw data).
+    """
+
+    gpu: str
+    kind: str
+    K: int
+    N: int
+    config: GemvConfig
+    dtypes: tuple = ("bfloat16", "float16")
+    wformat: str = "dense"
+    sparsity: tuple = (0.0, 1.0)
+    source: str = ""
+
+    def matches(self, gpu: str, kind: str, K: int, N: int, dtype: str, wformat: str,
+                sparsity: float) -> bool:
+        lo, hi = self.sparsity
+        return (self.gpu == gpu and self.kind == kind and self.K == K and self.N == N
+                and dtype in self.dtypes and self.wformat == wformat and lo <= sparsity < hi)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dtypes"], d["sparsity"] = list(self.dtypes), list(self.sparsity)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TableRow":
+        d = dict(d)
+        d["config"] = GemvConfig(**d["config"])
+        d["dtypes"], d["sparsity"] = tuple(d.get("dtypes", cls.dtypes)), tuple(d.get("sparsity", cls.sparsity))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DispatchTable:
+    """Ordered rows; the first row that matches a call decides it (`lookup`)."""
+
+    rows: tuple = ()
+
+    def lookup(self, gpu: str, kind: str, K: int, N: int, dtype: str, wformat: str,
+               sparsity: float) -> Optional[TableRow]:
+        return next((r for r in self.rows if r.matches(gpu, kind, K, N, dtype, wformat, sparsity)),
+                    None)
+
+    def with_rows(self, rows: Sequence[TableRow]) -> "DispatchTable":
+        """A table whose given rows take precedence over this one's."""
+        return DispatchTable(tuple(rows) + self.rows)
+
+    def to_json(self) -> list:
+        return [r.to_dict() for r in self.rows]
+
+    @classmethod
+    def from_json(cls, rows: list) -> "DispatchTable":
+        return cls(tuple(TableRow.from_dict(r) for r in rows))
+
+    @classmethod
+    def load(cls, path) -> "DispatchTable":
+        """Read a table written by `to_json` (e.g. `bench_gemv.py --compare --table-out`).
+
+        Raises:
+            ValueError: missing or malformed file.
+        """
+        try:
+            with open(path) as f:
+                return cls.from_json(json.load(f))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"cannot read the kernel table {path} ({e.__class__.__name__}: {e}); "
+                             f"pass a file written by scripts/bench_gemv.py --table-out") from None
+
+
+# --------------------------------------------------------------------------- the rules
+# Masked slab loop: run 1's sweep winners (H200, bench_gemv --sweep at aa58eaa): wide rows
+# for plain projections; 256 B gate + 256 B up rows with a register double buffer.
+_MASK_SEG = GemvConfig(block_n=512, block_k=16, num_warps=4, acc2d=True, pipe=1, waves=4)
+_MASK_GATED = GemvConfig(block_n=128, block_k=32, num_warps=4, acc2d=True, pipe=2, waves=4)
+# Tensor-core tiles: round 3's compare winners (bench_gemv --compare at bb21dee).
+_DOT_QKV = GemvConfig(algo="dot", block_n=256, block_k=64, num_warps=8, num_stages=3, waves=2, rchunk=0)
+_DOT_O = GemvConfig(algo="dot", block_n=128, block_k=128, num_warps=4, num_stages=3, waves=2, rchunk=0)
+_DOT_DOWN = replace(_DOT_O, waves=3)
+_DOT_GATED = GemvConfig(algo="dot", block_n=128, block_k=64, num_warps=4, num_stages=3, waves=2, rchunk=0)
+# Kept-row lists: rounds 4-5's compare winners at 90% (bench_gemv --compare at 8c4e11e).
+_LIST_QKV_O = GemvConfig(algo="list", inline=True, block_n=128, block_k=64, num_warps=4, num_stages=5,
+                         ksplit=512, rchunk=0)
+_LIST_DOWN = GemvConfig(algo="list", block_n=128, block_k=64, num_warps=4, num_stages=5, ksplit=1024, rchunk=0)
+_LIST_GATED = GemvConfig(algo="list", block_n=128, block_k=32, num_warps=4, num_stages=6, ksplit=512, rchunk=0)
+
+
+def generic_config(kind: str, K: int, n_cols: int) -> GemvConfig:
+    """Calls no table row matches: large shapes (K and N >= 2048) take the tensor-core
+    family of the Llama shapes' winners; small ones the masked slab loop."""
+    if K >= 2048 and n_cols >= 2048:
+        if kind == "gated":
+            return _DOT_GATED
+        return _DOT_DOWN if K > n_cols else (_DOT_O if n_cols <= 4096 else _DOT_QKV)
+    return _MASK_GATED if kind == "gated" else _MASK_SEG
+
+
+_H200 = "NVIDIA H200"
+_R3 = ("bench_gemv.py --compare (score t0 + 2 t50 + t90) at bb21dee, notes/kernels.md round 3; "
+       "re-timed by bench_gemv.py at 8c4e11e")
+_HIGH = ("bench_gemv.py --compare at 8c4e11e (1.5-2x faster than dot at 90%, slower at 50%; "
+         "the 80% cut-off is interpolated between the two points), notes/kernels.md rounds 4-5")
+_LOW, _TOP = (0.0, 0.8), (0.8, 1.0)
+H200_ROWS = (
+    # Llama-3-8B: fused q/k/v, o, fused gate/up, down
+    TableRow(_H200, "seg", 4096, 6144, _DOT_QKV, sparsity=_LOW, source=_R3),
+    TableRow(_H200, "seg", 4096, 6144, _LIST_QKV_O, sparsity=_TOP, source=_HIGH),
+    TableRow(_H200, "seg", 4096, 4096, _DOT_O, sparsity=_LOW, source=_R3),
+    TableRow(_H200, "seg", 4096, 4096, _LIST_QKV_O, sparsity=_TOP, source=_HIGH),
+    TableRow(_H200, "gated", 4096, 14336, _DOT_GATED, sparsity=_LOW, source=_R3),
+    TableRow(_H200, "gated", 4096, 14336, _LIST_GATED, sparsity=_TOP, source=_HIGH),
+    TableRow(_H200, "seg", 14336, 4096, _DOT_DOWN, sparsity=_LOW, source=_R3),
+    TableRow(_H200, "seg", 14336, 4096, _LIST_DOWN, sparsity=_TOP, source=_HIGH),
+    # Llama-2-7B (o is the Llama-3 row): q/k/v stays on the masked loop (dot measured slower
+    # there: 24.2 vs 20.2 us at 50%, 3e626ef); gate/up and down take their family's dot.
+    TableRow(_H200, "seg", 4096, 12288, _MASK_SEG,
+             source="bench_gemv.py --compare at bb21dee (dot 24.2 vs mask 20.2 us at 50%), 3e626ef"),
+    TableRow(_H200, "gated", 4096, 11008, _DOT_GATED,
+             source="the Llama-3 gate/up winner; bench_gemv.py --baseline at bb21dee: 29.7 vs 32.2 us (mask) at 50%"),
+    TableRow(_H200, "seg", 11008, 4096, _DOT_DOWN,
+             source="the Llama-3 down winner; bench_gemv.py --baseline at bb21dee: 17.7 vs 20.6 us (mask) at 50%"),
+)
+DEFAULT_TABLE = DispatchTable(H200_ROWS)
+
+
+# --------------------------------------------------------------------------- devices
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int) -> tuple[str, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.name, p.multi_processor_count
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def device_key(device) -> str:
+    """The table's GPU key of a device: its CUDA name, or "cpu" (the Triton interpreter)."""
+    device = torch.device(device)
+    return _cuda_props(_cuda_index(device))[0] if device.type == "cuda" else device.type
+
+
+def num_sms(device) -> int:
+    """Multiprocessors of a CUDA device; 4 for the CPU interpreter (enough programs along K
+    to exercise the split-K paths)."""
+    device = torch.device(device)
+    return _cuda_props(_cuda_index(device))[1] if device.type == "cuda" else 4
+
+
+# --------------------------------------------------------------------------- the policy
+@dataclass(frozen=True)
+class KernelPolicy:
+    """How a model (or a benchmark, or a test) chooses its decode kernels.
+
+    Attributes:
+        gemv: run TEAL decode projections through the sparse GEMV kernels where they apply
+            (CUDA, fp16/bf16, one token); False: the exact torch path (mask, then matmul).
+        attention: run single-query decode attention through the fused Triton kernel where it
+            applies; False: the torch path.
+        interpreter: also run the kernels on CPU tensors through Triton's interpreter (tests;
+            slow; Triton must have been imported with TRITON_INTERPRET=1).
+        table: the dispatch table (default: the H200 measurements).
+        config: force this config for every GEMV call (benchmarks, tests); None: the table.
+
+    `set_kernel_policy(model, policy)` (teal.sparse_linear) hands one to every module.
+    """
+
+    gemv: bool = True
+    attention: bool = True
+    interpreter: bool = False
+    table: DispatchTable = field(default=DEFAULT_TABLE, repr=False)
+    config: Optional[GemvConfig] = None
+
+    def allows(self, device) -> bool:
+        """Kernels may run on this device under this policy (availability aside)."""
+        device = torch.device(device)
+        return device.type == "cuda" or (device.type == "cpu" and self.interpreter)
+
+    def choose(self, kind: str, K: int, sizes: Sequence[int], dtype: torch.dtype,
+               wformat: str, sparsity: float, device) -> tuple[GemvConfig, Optional[TableRow]]:
+        """(config, the table row it came from or None) for a call; see `launch`."""
+        if self.config is not None:
+            return self.config, None
+        n_cols = sizes[0] if kind == "gated" else sum(sizes)
+        dname = str(dtype).removeprefix("torch.")
+        row = self.table.lookup(device_key(device), kind, K, n_cols, dname, wformat, sparsity)
+        return (row.config if row is not None else generic_config(kind, K, n_cols)), row
+
+    def launch(self, kind: str, K: int, sizes: Sequence[int], dtype: torch.dtype,
+               wformat: str, sparsity: float, device) -> Launch:
+        """The resolved launch of a call.
+
+        Args:
+            kind: "seg" (column segments `sizes`, one threshold each) or "gated" (gate/up,
+                sizes = (F, F)).
+            K: input channels. dtype: activation dtype. wformat: weight format ("dense").
+            sparsity: the calibrated sparsity of the call (the lowest of its projections').
+            device: where it runs.
+        """
+        return _launch(self, kind, int(K), tuple(int(s) for s in sizes), dtype, wformat,
+                       round(float(sparsity), 6), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch(policy, kind, K, sizes, dtype, wformat, sparsity, device) -> Launch:
+    cfg, _ = policy.choose(kind, K, sizes, dtype, wformat, sparsity, device)
+    return resolve(cfg, kind, K, sizes, num_sms(device))
+
+
+DEFAULT_POLICY = KernelPolicy()

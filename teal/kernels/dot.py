@@ -1,0 +1,98 @@
+"""Algorithm "dot": the sparse GEMV as tensor-core tiles (imports Triton).
+
+Triton software-pipelines (cp.async ring buffers in shared memory, num_stages deep) only the
+loads that feed ``tl.dot``.  So the GEMV is written as a [BLOCK_M, BLOCK_K] x [BLOCK_K,
+BLOCK_N] product whose A operand holds the masked x in row 0 and zeros elsewhere (BLOCK_M =
+16, the smallest MMA tile: the extra rows cost tensor-core cycles, not bytes).  The weight
+tile is loaded with the keep-mask as its row mask: a dropped row is a zero-filled async copy
+(no DRAM read), so bytes follow the kept rows while num_stages tiles stay in flight per
+program.  A prologue (`range_kept`) reads the program's x range into L1 and skips ranges
+with no kept channel.
+
+Numerics: bf16/fp16 products are exact in fp32 and accumulate in fp32; rows 1..BLOCK_M-1
+of the accumulator are exact zeros.  Deterministic (fixed order, same split-K tail).
+Measured (notes/kernels.md): the winner on the Llama shapes below ~80% sparsity.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import load_keep, load_weight_tile, program_columns, range_kept, scale_output, store_output
+
+BLOCK_M = 16  # rows of the A operand (smallest MMA tile; x in row 0)
+
+
+@triton.jit
+def mma(acc, a, w, DOT_F32: tl.constexpr):
+    """acc + a @ w.  DOT_F32 (the CPU interpreter, whose bf16 dot is broken): the same exact
+    products in fp32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, w, acc)
+
+
+@triton.jit
+def _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, offs_k, k_end, cols, nmask, rm, stride_wk,
+              stride_s, stride_tk, PER_CHANNEL: tl.constexpr, EVEN_N: tl.constexpr,
+              BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] += A(masked x in row 0) @ wt[offs_k, cols] (dropped rows not read)."""
+    xr, keep = load_keep(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL)
+    w = load_weight_tile(w_ptr, s_ptr, offs_k, cols, nmask, stride_wk, stride_s, keep, EVEN_N, BIG,
+                         WFMT, GROUP)
+    a = tl.where((rm[:, None] == 0) & keep[None, :], xr[None, :], 0.0).to(w.dtype)
+    return mma(acc, a, w, DOT_F32)
+
+
+@triton.jit
+def dot_gemv_kernel(
+    x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr,
+    K, stride_wk, stride_ts, stride_tk, k_per_split, split, ncols,
+    c1, c2, c3, c4, tile1, tile2, tile3, s_ptr, stride_s,
+    GATED: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, WARM: tl.constexpr,
+):
+    """Tensor-core version of masked_gemv_kernel (same math, same outputs)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    _, cols, nmask, t_off = program_columns(pid_n, ncols, c1, c2, c3, c4, tile1, tile2, tile3, stride_ts,
+                                         GATED, BLOCK_N)
+    if GATED:
+        cols_u = ncols + cols
+    k_lo = pid_k * k_per_split
+    k_end = tl.minimum(K, k_lo + k_per_split)
+    ar = tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_stop = k_lo + k_per_split
+    if WARM > 0:
+        n_kept = range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL, WARM)
+        if GATED:
+            n_kept += range_kept(x_ptr, t_ptr, t_off + stride_ts, k_lo, k_end, stride_tk,
+                                 PER_CHANNEL, WARM)
+        k_stop = tl.where(n_kept > 0, k_stop, k_lo)
+    for k0 in range(k_lo, k_stop, BLOCK_K):
+        acc = _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0 + ar, k_end, cols, nmask, rm,
+                        stride_wk, stride_s, stride_tk, PER_CHANNEL, EVEN_N, BIG, WFMT, GROUP, DOT_F32)
+        if GATED:
+            acc_u = _dot_step(acc_u, x_ptr, w_ptr, s_ptr, t_ptr, t_off + stride_ts, k0 + ar, k_end,
+                              cols_u, nmask, rm, stride_wk, stride_s, stride_tk, PER_CHANNEL, EVEN_N,
+                              BIG, WFMT, GROUP, DOT_F32)
+    accv = scale_output(tl.sum(acc, axis=0), s_ptr, cols, nmask, WFMT)
+    if GATED:
+        accu = scale_output(tl.sum(acc_u, axis=0), s_ptr, cols_u, nmask, WFMT)
+    else:
+        accu = accv
+    store_output(accv, accu, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, ncols,
+                 GATED, HAS_SPLIT, BLOCK_N, RCHUNK)
+
+
+def launch(plan, lc) -> None:
+    """Launch over `plan` (teal.kernels.launch.Plan) with the resolved launch `lc`."""
+    dot_gemv_kernel[plan.grid](*plan.args, **plan.meta, BLOCK_M=BLOCK_M, DOT_F32=plan.interpreted,
+                               WARM=lc.warm, num_warps=lc.num_warps, num_stages=lc.num_stages)
