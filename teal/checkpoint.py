@@ -9,11 +9,12 @@ to a temp file and renamed, so an interrupted conversion leaves no partial check
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from teal.io import atomic_torch_save
 
 FORMAT = "teal-fast/1"
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.pth")
@@ -25,16 +26,12 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save to `path` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save `obj` to `path` atomically, creating missing parent folders.
+
+    Raises:
+        OSError: the folder cannot be created or written (nothing is left behind).
+    """
+    atomic_torch_save(obj, path, make_parents=True)
 
 
 def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] = None) -> None:
