@@ -114,11 +114,18 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int = 1,
 def atomic_torch_save(obj: Any, path: PathLike, make_parents: bool = False) -> Path:
     """`torch.save(obj, ...)` to `path` atomically.
 
+    torch.save gets an open file, not the temp file's (random) name, which it would record
+    inside the archive: the same `obj` gives the same bytes on every run.
+
     Raises:
         OSError: as `atomic_write`; whatever torch.save raises (e.g. pickling errors).
     """
     import torch
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), make_parents)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return atomic_write(path, save, make_parents)
 
 
 def atomic_copy_stream(src: BinaryIO, path: PathLike, make_parents: bool = False) -> Path:

@@ -120,6 +120,14 @@ def test_helpers_write_their_formats(tmp_path):
                                                           "m.pth", "t"]
 
 
+def test_torch_save_is_reproducible(tmp_path):
+    """The temp file's random name must not end up inside the archive."""
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "meta": {"name": "x"}}
+    atomic_torch_save(obj, tmp_path / "a.pth")
+    atomic_torch_save(obj, tmp_path / "b.pth")
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
+
+
 def test_unserialisable_json_writes_nothing(tmp_path):
     (tmp_path / "j.json").write_text("{}")
     with pytest.raises(TypeError):
