@@ -21,7 +21,8 @@ from scripts.convert_gguf_checkpoint import GGUFError, convert_gguf
 from scripts.convert_hf_checkpoint import (HFConversionError, convert_hf, hf_to_interleaved,
                                            interleaved_to_hf)
 from scripts.export_hf_from_gguf import export_hf
-from teal.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from teal.checkpoint import (CheckpointError, load_checkpoint, load_model, save_checkpoint,
+                             state_dict_shapes)
 from teal.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +187,37 @@ def test_hf_export_config(smollm2_hf):
     assert cfg["num_key_value_heads"] == 3 and cfg["rope_theta"] == 100000.0
     assert "chatml" in "".join(["chatml" if "<|im_start|>" in json.loads(
         (smollm2_hf / "tokenizer_config.json").read_text())["chat_template"] else ""])
+
+
+# ----------------------------------------------------------------------------- state-dict format
+
+_SMALL_CONFIGS = [
+    dict(n_layer=2, n_head=4, n_local_heads=2, dim=16, intermediate_size=24),  # GQA
+    dict(n_layer=1, n_head=2, n_local_heads=2, dim=16, intermediate_size=40,
+         tie_embeddings=True),
+    dict(n_layer=3, n_head=3, n_local_heads=1, dim=12, head_dim=8, intermediate_size=20),
+]
+
+
+@pytest.mark.parametrize("small", _SMALL_CONFIGS)
+def test_state_dict_shapes_match_the_model(small):
+    cfg = ModelArgs(block_size=32, vocab_size=50, **small).to_dict()
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**cfg))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert state_dict_shapes(cfg) == want
+    assert "output.weight" in want and len(want) == 3 + 9 * cfg["n_layer"]
+
+
+def test_state_dict_shapes_rejects_invalid_configs():
+    cfg = ModelArgs(block_size=32, vocab_size=50, n_layer=1, n_head=4, n_local_heads=2,
+                    dim=16, intermediate_size=24).to_dict()
+    with pytest.raises(ValueError, match="not a multiple of n_local_heads=3"):
+        state_dict_shapes(dict(cfg, n_local_heads=3))
+    with pytest.raises(ValueError, match="dim=0 is not a positive integer"):
+        state_dict_shapes(dict(cfg, dim=0))
+    with pytest.raises(ValueError, match="lacks 'head_dim'"):
+        state_dict_shapes({k: v for k, v in cfg.items() if k != "head_dim"})
 
 
 # ----------------------------------------------------------------------------- RoPE permutation
