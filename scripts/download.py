@@ -4,15 +4,17 @@
 
 downloads config, weights (safetensors, or pytorch_model*.bin when the repo has none) and
 tokenizer files into `checkpoints/<repo>/hf` and, with `--convert`, writes
-`checkpoints/<repo>/model.pth` (scripts/convert_hf_checkpoint.py). Gated repos (Llama) need a
-token: set HF_TOKEN or run `huggingface-cli login`. The default model needs no hub at all:
-see scripts/prepare.py.
+`checkpoints/<repo>/model.pth` (`teal.convert.convert_hf`, as scripts/convert_hf_checkpoint.py
+does). Gated repos (Llama) need a token: set HF_TOKEN or run `huggingface-cli login`. The
+default model needs no hub at all: see scripts/prepare.py.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Optional
+
+from teal.convert import HF_DTYPE_CHOICES
 
 # Never needed for conversion: other frameworks' weights, Meta's original consolidated files.
 _IGNORE = ["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data",
@@ -80,8 +82,7 @@ def main(argv=None) -> None:
                    help="Hugging Face token (default: HF_TOKEN / `huggingface-cli login`)")
     p.add_argument("--convert", action="store_true",
                    help="also convert to model.pth with scripts/convert_hf_checkpoint.py")
-    p.add_argument("--dtype", default="auto",
-                   choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=HF_DTYPE_CHOICES,
                    help="weight dtype of the converted checkpoint (default: auto = as downloaded)")
     a = p.parse_args(argv)
     if a.repo_id.count("/") != 1:
@@ -92,9 +93,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}") from None
     print(f"downloaded {a.repo_id} to {folder}")
     if a.convert:
-        from scripts.convert_hf_checkpoint import DTYPES, HFConversionError, convert_hf
+        from teal.convert import HFConversionError, convert_hf, parse_hf_dtype
         try:
-            path = convert_hf(folder, folder.parent, a.repo_id.split("/")[-1], DTYPES[a.dtype])
+            path = convert_hf(folder, folder.parent, a.repo_id.split("/")[-1],
+                              parse_hf_dtype(a.dtype))
         except HFConversionError as e:
             raise SystemExit(f"error: {e}") from None
         print(f"wrote {path}")

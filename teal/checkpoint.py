@@ -3,17 +3,21 @@
     {"format": "teal-fast/1", "config": ModelArgs dict, "state_dict": {...},
      "meta": {"name": ..., "source": ..., "tokenizer": {...}, ...}}
 
-State-dict keys and layouts are documented on `model.Transformer`. Everything is plain
+State-dict keys and layouts are documented on `model.Transformer`; `state_dict_shapes` lists
+them with their shapes for a config (converters check against it). Everything is plain
 tensors, strings and numbers, so `torch.load(weights_only=True)` reads it. Files are written
 to a temp file and renamed, so an interrupted conversion leaves no partial checkpoint.
 """
 from __future__ import annotations
 
-import os
+import numbers
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
+
+from teal.io import atomic_torch_save
+from teal.projections import PROJECTION_SPECS, projection_shapes
 
 FORMAT = "teal-fast/1"
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.pth")
@@ -25,16 +29,62 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save to `path` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save `obj` to `path` atomically, creating missing parent folders.
+
+    Raises:
+        OSError: the folder cannot be created or written (nothing is left behind).
+    """
+    atomic_torch_save(obj, path, make_parents=True)
+
+
+_CONFIG_SIZES = ("vocab_size", "dim", "n_layer", "n_head", "n_local_heads", "head_dim",
+                 "intermediate_size")
+
+
+def _check_config(config: Mapping) -> None:
+    """Raise ValueError unless `config` has positive integer sizes and whole KV-head groups."""
+    for key in _CONFIG_SIZES:
+        if key not in config:
+            raise ValueError(f"config lacks {key!r}")
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"config {key}={value!r} is not a positive integer")
+    if config["n_head"] % config["n_local_heads"]:
+        raise ValueError(f"n_head={config['n_head']} is not a multiple of "
+                         f"n_local_heads={config['n_local_heads']}")
+
+
+def state_dict_shapes(config: Mapping) -> dict[str, tuple]:
+    """Every state-dict key of the checkpoint format and its shape, for a model config.
+
+    `tok_embeddings.weight` (vocab, dim); per block i `layers.i.attention_norm.weight` and
+    `layers.i.ffn_norm.weight` (dim,) and each projection of `teal.projections`
+    (`layers.i.<owner>.<name>.weight`, nn.Linear (out_features, in_features)); `norm.weight`
+    (dim,); `output.weight` (vocab, dim), present also with tied embeddings.
+
+    Args:
+        config: a `ModelArgs` dict as stored in a checkpoint (n_local_heads and head_dim
+            resolved, not -1 / 0): vocab_size, dim, n_layer, n_head, n_local_heads,
+            head_dim, intermediate_size.
+
+    Raises:
+        ValueError: a size is missing or not a positive integer, or n_head is not a
+            multiple of n_local_heads.
+    """
+    _check_config(config)
+    vocab, dim = config["vocab_size"], config["dim"]
+    projections = projection_shapes(config)
+    shapes = {"tok_embeddings.weight": (vocab, dim)}
+    for i in range(config["n_layer"]):
+        block = f"layers.{i}."
+        shapes[block + "attention_norm.weight"] = (dim,)
+        shapes[block + "ffn_norm.weight"] = (dim,)
+        for spec in PROJECTION_SPECS:
+            n_in, n_out = projections[spec.name]
+            shapes[f"{block}{spec.owner}.{spec.name}.weight"] = (n_out, n_in)
+    shapes["norm.weight"] = (dim,)
+    shapes["output.weight"] = (vocab, dim)
+    return shapes
 
 
 def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] = None) -> None:

@@ -28,7 +28,6 @@ step size. `teal.allocation.apply_config(..., allocation="greedy")` reads it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from teal.io import atomic_write_json
 from teal.thresholds import PROJECTIONS, Calibration
 
 FORMAT = "teal-greedy/1"
@@ -66,15 +66,12 @@ class GreedyAllocation:
         return dict(meta=self.meta, allocations=self.allocations, errors=self.errors)
 
     def save(self, path) -> None:
-        """Write JSON atomically (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        """Write JSON atomically (temp file + rename).
+
+        Raises:
+            OSError: the folder does not exist or is not writable (nothing is written).
+        """
+        atomic_write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path) -> "GreedyAllocation":

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from teal.io import atomic_write
 
 INPUTS = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -132,19 +133,18 @@ class Calibration:
         return histogram_quantile(h, sparsity, self.bins["lo"], self.bins["hi"])
 
     def save(self, path) -> None:
-        """Write atomically (temp file + rename) as safetensors with JSON metadata."""
+        """Write atomically (temp file + rename) as safetensors with JSON metadata.
+
+        The file gets the mode a plain open() would give (safetensors itself writes 0600).
+
+        Raises:
+            OSError: the folder does not exist or is not writable (nothing is written).
+        """
         from safetensors.torch import save_file
-        path = Path(path)
         tensors = {"hist": self.hist.contiguous(), **{k: v.contiguous() for k, v in
                                                        self.extra_tensors.items()}}
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={"teal": json.dumps(self.meta)})
-            _chmod_default(tmp)  # safetensors writes 0600; use the umask default like open()
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
+                                                 metadata={"teal": json.dumps(self.meta)}))
 
     @classmethod
     def load(cls, path, model_args: Optional[dict] = None) -> "Calibration":
@@ -187,13 +187,6 @@ class Calibration:
         if diffs:
             raise ThresholdsError(f"thresholds file {path} was made for another model "
                                   f"({'; '.join(diffs)}); re-run calibrate.py for this checkpoint")
-
-
-def _chmod_default(path) -> None:
-    """Give `path` the mode a plain open() would (0o666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _check_histograms(hist: Tensor, meta: dict, path) -> None:

@@ -46,7 +46,7 @@ def smollm2() -> SmolLM2Files:
 def smollm2_hf(smollm2, tmp_path_factory) -> Path:
     """A Hugging Face LlamaForCausalLM folder (float32) exported from the SmolLM2 GGUF."""
     if "hf" not in _CACHE:
-        from scripts.export_hf_from_gguf import export_hf
+        from teal.convert import export_hf
         _CACHE["hf"] = export_hf(smollm2.gguf, tmp_path_factory.mktemp("smollm2_hf"),
                                  progress=False)
     return _CACHE["hf"]

@@ -7,6 +7,7 @@ models are built and run by `transformers` itself.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,10 @@ import torch
 
 from fixtures_smollm2 import bytes_to_unicode, smollm2, smollm2_hf  # noqa: F401 (fixtures)
 from model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis
-from scripts.convert_gguf_checkpoint import GGUFError, convert_gguf
-from scripts.convert_hf_checkpoint import (HFConversionError, convert_hf, hf_to_interleaved,
-                                           interleaved_to_hf)
-from scripts.export_hf_from_gguf import export_hf
-from teal.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from teal.checkpoint import (CheckpointError, load_checkpoint, load_model, save_checkpoint,
+                             state_dict_shapes)
+from teal.convert import (GGUFError, HFConversionError, convert_gguf, convert_hf, export_hf,
+                          hf_to_interleaved, interleaved_to_hf)
 from teal.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +86,12 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = False, seed: i
 
 
 def run_cli(script: str, *args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run scripts/<script> on this checkout's code: a script's sys.path[0] is scripts/, so
+    without ROOT on PYTHONPATH `import teal` would find whatever copy is installed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
+                          capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -186,6 +190,56 @@ def test_hf_export_config(smollm2_hf):
     assert cfg["num_key_value_heads"] == 3 and cfg["rope_theta"] == 100000.0
     assert "chatml" in "".join(["chatml" if "<|im_start|>" in json.loads(
         (smollm2_hf / "tokenizer_config.json").read_text())["chat_template"] else ""])
+
+
+# ----------------------------------------------------------------------------- state-dict format
+
+_SMALL_CONFIGS = [
+    dict(n_layer=2, n_head=4, n_local_heads=2, dim=16, intermediate_size=24),  # GQA
+    dict(n_layer=1, n_head=2, n_local_heads=2, dim=16, intermediate_size=40,
+         tie_embeddings=True),
+    dict(n_layer=3, n_head=3, n_local_heads=1, dim=12, head_dim=8, intermediate_size=20),
+]
+
+
+@pytest.mark.parametrize("small", _SMALL_CONFIGS)
+def test_state_dict_shapes_match_the_model(small):
+    cfg = ModelArgs(block_size=32, vocab_size=50, **small).to_dict()
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**cfg))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert state_dict_shapes(cfg) == want
+    assert "output.weight" in want and len(want) == 3 + 9 * cfg["n_layer"]
+
+
+def test_state_dict_shapes_rejects_invalid_configs():
+    cfg = ModelArgs(block_size=32, vocab_size=50, n_layer=1, n_head=4, n_local_heads=2,
+                    dim=16, intermediate_size=24).to_dict()
+    with pytest.raises(ValueError, match="not a multiple of n_local_heads=3"):
+        state_dict_shapes(dict(cfg, n_local_heads=3))
+    with pytest.raises(ValueError, match="dim=0 is not a positive integer"):
+        state_dict_shapes(dict(cfg, dim=0))
+    with pytest.raises(ValueError, match="lacks 'head_dim'"):
+        state_dict_shapes({k: v for k, v in cfg.items() if k != "head_dim"})
+
+
+def test_check_state_dict_messages():
+    from teal.convert import check_state_dict
+    cfg = ModelArgs(block_size=32, vocab_size=50, n_layer=1, n_head=4, n_local_heads=2,
+                    dim=16, intermediate_size=24).to_dict()
+    sd = {k: torch.zeros(shape) for k, shape in state_dict_shapes(cfg).items()}
+    check_state_dict(sd, cfg, "GGUF", GGUFError)
+    with pytest.raises(GGUFError, match=r"GGUF lacks tensors for \['norm.weight'\]"):
+        check_state_dict({k: v for k, v in sd.items() if k != "norm.weight"}, cfg, "GGUF",
+                         GGUFError)
+    bad = dict(sd, **{"layers.0.attention.k_proj.weight": torch.zeros(16, 16)})
+    with pytest.raises(HFConversionError, match=r"k_proj.weight has shape \(16, 16\), "
+                                                r"expected \(8, 16\)"):
+        check_state_dict(bad, cfg, "checkpoint", HFConversionError)
+    with pytest.raises(GGUFError, match="the GGUF config is invalid .*n_local_heads=3"):
+        check_state_dict(sd, dict(cfg, n_local_heads=3), "GGUF", GGUFError)
+    with pytest.raises(GGUFError, match=r"unexpected tensors \['extra.weight'\]"):
+        check_state_dict(dict(sd, **{"extra.weight": torch.zeros(1)}), cfg, "GGUF", GGUFError)
 
 
 # ----------------------------------------------------------------------------- RoPE permutation
@@ -467,7 +521,7 @@ def test_gguf_truncated_tensor_data(tmp_path):
 
 
 def test_gguf_cli_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
-    import scripts.convert_gguf_checkpoint as cg
+    import scripts.convert_gguf_checkpoint as cg  # the command line itself
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt

@@ -1,0 +1,163 @@
+"""teal.io (atomic writes) and teal.dtypes (dtype names)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from teal.dtypes import DTYPES, dtype_name, parse_dtype
+from teal.io import (atomic_copy_stream, atomic_torch_save, atomic_write, atomic_write_bytes,
+                     atomic_write_json, atomic_write_text)
+
+
+def _default_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _half_written(tmp):
+    """A writer that puts something on disk, then fails."""
+    tmp.write_bytes(b"partial")
+    raise RuntimeError("disk on fire")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def test_failing_write_leaves_neither_target_nor_temp(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(target, _half_written)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    def interrupted(tmp):
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "out.bin", interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_target_replaced_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        atomic_write(target, _half_written)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert atomic_write_text(target, "new") == target
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_temp_file_is_in_the_destination_folder(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "out.bin", lambda tmp: seen.append(tmp) or tmp.write_bytes(b"x"))
+    assert seen[0].parent == tmp_path and seen[0].name != "out.bin"
+    assert not seen[0].exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_mode_is_what_open_gives(tmp_path, umask):
+    """Even when the writer creates its file 0600 (as safetensors does)."""
+    def private_writer(tmp):
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"data")
+        os.close(fd)
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a", private_writer)
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert want == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == want
+    assert (tmp_path / "a").read_bytes() == b"data"
+
+
+def test_mode_of_safetensors_write(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = atomic_write(tmp_path / "t.safetensors",
+                        lambda tmp: save_file({"a": torch.arange(3.0)}, str(tmp)))
+    assert stat.S_IMODE(path.stat().st_mode) == _default_mode()
+    assert torch.equal(load_file(str(path))["a"], torch.arange(3.0))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        atomic_write_bytes(tmp_path / "no" / "such" / "f.bin", b"x")
+    assert not (tmp_path / "no").exists()
+    path = atomic_write_bytes(tmp_path / "no" / "such" / "f.bin", b"x", make_parents=True)
+    assert path.read_bytes() == b"x"
+
+
+def test_helpers_write_their_formats(tmp_path):
+    atomic_write_bytes(tmp_path / "b", bytearray(b"\x00\xff"))
+    assert (tmp_path / "b").read_bytes() == b"\x00\xff"
+    with pytest.raises(TypeError, match="atomic_write_text"):
+        atomic_write_bytes(tmp_path / "s", "text")
+    atomic_write_text(tmp_path / "t", "héllo")
+    assert (tmp_path / "t").read_bytes() == "héllo".encode("utf-8")
+    atomic_write_json(tmp_path / "j.json", {"a": [1, 2]})
+    assert (tmp_path / "j.json").read_text() == json.dumps({"a": [1, 2]}, indent=1)
+    atomic_write_json(tmp_path / "j2.json", {"a": 1}, indent=2)
+    assert (tmp_path / "j2.json").read_text() == '{\n  "a": 1\n}'
+    atomic_torch_save({"w": torch.ones(2)}, tmp_path / "m.pth")
+    assert torch.equal(torch.load(tmp_path / "m.pth", weights_only=True)["w"], torch.ones(2))
+    atomic_copy_stream(io.BytesIO(b"z" * 10_000), tmp_path / "c")
+    assert (tmp_path / "c").read_bytes() == b"z" * 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c", "j.json", "j2.json",
+                                                          "m.pth", "t"]
+
+
+def test_torch_save_is_reproducible(tmp_path):
+    """The temp file's random name must not end up inside the archive."""
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "meta": {"name": "x"}}
+    atomic_torch_save(obj, tmp_path / "a.pth")
+    atomic_torch_save(obj, tmp_path / "b.pth")
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
+
+
+def test_unserialisable_json_writes_nothing(tmp_path):
+    (tmp_path / "j.json").write_text("{}")
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "j.json", {"a": object()})
+    assert (tmp_path / "j.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["j.json"]
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+def test_parse_dtype():
+    assert parse_dtype("bfloat16") is torch.bfloat16
+    assert {n: parse_dtype(n) for n in DTYPES} == DTYPES
+    assert parse_dtype("float16", allowed=["float16"]) is torch.float16
+
+
+def test_parse_dtype_error_names_the_choices():
+    with pytest.raises(ValueError) as e:
+        parse_dtype("fp8")
+    msg = str(e.value)
+    assert "\n" not in msg and "'fp8'" in msg
+    assert all(name in msg for name in DTYPES)
+    with pytest.raises(ValueError, match=r"'float32'; choose one of bfloat16$"):
+        parse_dtype("float32", allowed=["bfloat16"])
+    with pytest.raises(ValueError, match="not in teal.dtypes.DTYPES"):
+        parse_dtype("auto", allowed=["auto", "float32"])
+
+
+def test_dtype_name():
+    assert [dtype_name(d) for d in DTYPES.values()] == list(DTYPES)
+    assert dtype_name(torch.int8) == "int8"
+    with pytest.raises(TypeError):
+        dtype_name("float32")
