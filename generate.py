@@ -13,192 +13,24 @@ Runs under `torchrun --nproc_per_node N generate.py ...` for tensor parallelism 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 import teal
-from teal.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_model
-from teal.thresholds import PROJECTIONS, ThresholdsError
+from model import load_model
+from teal.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from teal.dtypes import DTYPES
+from teal.generation import (bytes_per_decode_step, decode_one_token, generate,  # noqa: F401
+                             measure_effective_sparsity)
+from teal.projections import PROJECTIONS
+from teal.thresholds import ThresholdsError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CALIB_TEXT = (Path(__file__).resolve().parent.parent / "shared" / "data"
                       / "wikitext-2-valid-tokenized.txt")
-
-
-# ----------------------------------------------------------------------------- sampling
-def argmax_last(x: Tensor, chunk: int = 512) -> Tensor:
-    """torch.argmax(x, dim=-1, keepdim=True) as int32, in two stages for a long last dim.
-
-    x: (B, V) floating point (anything else: plain torch.argmax). Compiled, a single argmax
-    over a 128K vocabulary runs as one ~30 us reduction per token; here row chunks of `chunk`
-    entries are reduced in parallel first (max + index), then the chunk maxima. First index
-    of the maximum, as torch.argmax.
-    """
-    if x.dim() != 2 or not x.is_floating_point() or x.shape[0] == 0 or x.shape[1] <= 4 * chunk:
-        return torch.argmax(x, dim=-1, keepdim=True).to(dtype=torch.int)
-    B, V = x.shape
-    pad = -V % chunk
-    xp = F.pad(x, (0, pad), value=float("-inf")) if pad else x
-    m, i = xp.view(B, -1, chunk).max(dim=-1)               # (B, R)
-    j = torch.argmax(m, dim=-1, keepdim=True)             # (B, 1): first chunk with the max
-    return (j * chunk + i.gather(-1, j)).to(dtype=torch.int)
-
-
-def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
-    """Sample one index per row without a host sync (exponential-race trick)."""
-    q = torch.empty_like(probs).exponential_(1)
-    return argmax_last(probs / q)
-
-
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None):
-    logits = logits / max(temperature, 1e-5)
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
-    return torch.softmax(logits, dim=-1)
-
-
-def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """Next token id (B, 1) from logits (B, T, V) at the last position; greedy if temp 0."""
-    last = logits[:, -1]
-    if temperature <= 0:
-        return argmax_last(last)
-    return multinomial_sample_one_no_sync(logits_to_probs(last, temperature, top_k))
-
-
-# ----------------------------------------------------------------------------- decoding
-def prefill(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
-    return sample(model(x, input_pos), temperature, top_k)
-
-
-def decode_one_token(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
-    # x: (B, 1), input_pos: (1,)
-    return sample(model(x, input_pos), temperature, top_k)
-
-
-def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
-                    decode_fn, temperature: float, top_k, stop_ids=()) -> list[Tensor]:
-    new_tokens = []
-    for _ in range(num_new_tokens):
-        with _sdpa_math():
-            next_token = decode_fn(model, cur_token, input_pos, temperature, top_k)
-        input_pos += 1
-        new_tokens.append(next_token.clone())
-        cur_token = next_token.clone()
-        if stop_ids and int(next_token[0, 0]) in stop_ids:
-            break
-    return new_tokens
-
-
-def _sdpa_math():
-    if torch.cuda.is_available():
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            return sdpa_kernel([SDPBackend.MATH])
-        except ImportError:  # torch < 2.3
-            pass
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def generate(model, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.8,
-             top_k: Optional[int] = 200, stop_ids=()) -> tuple[Tensor, dict]:
-    """Prefill `prompt` (T,) int and decode up to `max_new_tokens`; returns (ids, timings)."""
-    device = prompt.device
-    t = prompt.numel()
-    max_seq = min(t + max_new_tokens, model.config.block_size)
-    with torch.device(device):
-        model.setup_caches(max_batch_size=1, max_seq_length=max_seq)
-    seq = torch.empty(max_seq, dtype=torch.int, device=device)
-    seq[:t] = prompt
-    input_pos = torch.arange(0, t, device=device)
-    _sync(device)
-    t0 = time.perf_counter()
-    next_token = prefill(model, prompt.view(1, -1), input_pos, temperature, top_k).clone()
-    _sync(device)
-    t1 = time.perf_counter()
-    seq[t] = next_token[0, 0]
-    input_pos = torch.tensor([t], device=device, dtype=torch.int)
-    tokens = decode_n_tokens(model, next_token.view(1, -1), input_pos, max_new_tokens - 1,
-                             decode_fn, temperature, top_k, stop_ids)
-    _sync(device)
-    t2 = time.perf_counter()
-    n = len(tokens)
-    if n:
-        seq[t + 1:t + 1 + n] = torch.cat(tokens).view(-1)
-    return seq[:t + 1 + n], {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": n}
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------- reporting
-def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int:
-    """Weight bytes read for one decode token: every parameter except the embedding table
-    (only one row is read; a tied output head still reads it), with each projection's bytes
-    scaled by its kept fraction (1 - effective sparsity)."""
-    sparsity_by_proj = sparsity_by_proj or {}
-    total = 0.0
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if name == "tok_embeddings.weight" and not model.config.tie_embeddings:
-            continue
-        nbytes = p.numel() * p.element_size()
-        proj = name.split(".")[-2] if name.endswith("_proj.weight") else None
-        if proj is not None and not getattr(_module_of(model, name), "sparse", False):
-            proj = None
-        total += nbytes * (1.0 - sparsity_by_proj.get(proj, 0.0))
-    return int(total)
-
-
-def _module_of(model, param_name: str):
-    mod = model
-    for part in param_name.split(".")[:-1]:
-        mod = getattr(mod, part)
-    return mod
-
-
-@torch.no_grad()
-def measure_effective_sparsity(model, ids: Tensor, prompt_len: int, aggregate=None) -> dict:
-    """Per-projection-type fraction of zeroed inputs over the generated tokens.
-
-    Teacher-forced in eager mode over the whole sequence with every token sparsified; the
-    counts of the prompt positions are removed by a second pass over the prompt alone.
-    `aggregate(model)`, if given, sums the counters across tensor-parallel ranks.
-    """
-    def run(x):
-        teal.configure(model, sparsify_prefill=True, track=True)
-        model(x.view(1, -1))
-        if aggregate is not None:
-            aggregate(model)
-        counts = {}
-        for _, proj, lin in model.sparse_linears():
-            if lin.sparse:
-                c = counts.setdefault(proj, torch.zeros(2, dtype=torch.float64))
-                c += lin.counts.cpu()
-        return counts
-
-    if ids.numel() - 1 <= prompt_len:
-        return {}  # no decode step ran (only the prefill's token)
-    try:  # decode steps consumed positions prompt_len .. len-2 (the last token is never fed)
-        full = run(ids[:-1])
-        pre = run(ids[:prompt_len])
-    finally:
-        teal.configure(model, sparsify_prefill=False, track=False)
-    return {p: ((full[p][0] - pre[p][0]) / max((full[p][1] - pre[p][1]).item(), 1)).item()
-            for p in full}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -233,31 +65,21 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
         fail(str(e))
     if sparsity > 0 or allocation != "uniform" or scoring != "magnitude":
         path = Path(thresholds) if thresholds else Path(checkpoint_path).parent / "thresholds.safetensors"
+        from teal.allocation import apply_config, calibrate_sequentially
+        from teal.calibration import load_token_ids
+        from teal.thresholds import Calibration
         try:
-            from teal.allocation import apply_config
-        except ImportError:  # allocation module not present: uniform magnitude only
-            apply_config = None
-        try:
-            from teal.thresholds import Calibration, apply_uniform_sparsity
             calib = Calibration.load(path, model.config.to_dict())
-            if apply_config is not None:
-                applied = apply_config(model, calib, sparsity, allocation=allocation,
-                                       scoring=scoring, greedy=path.parent / "greedy.json"
-                                       if allocation == "greedy" else None)
-                if calibration == "sequential" and sparsity > 0:
-                    from teal.allocation import calibrate_sequentially
-                    from teal.calibration import load_token_ids
-                    text = Path(calib_text or DEFAULT_CALIB_TEXT)
-                    if not text.exists():
-                        fail(f"calibration text {text} not found; pass --calib_text")
-                    ids = load_token_ids(text, checkpoint_path, meta)
-                    seq_len = min(2048, model.config.block_size, ids.numel())
-                    calibrate_sequentially(model, calib, ids, applied, scoring,
-                                           seq_len=seq_len, n_tokens=calib_tokens)
-            else:
-                if allocation != "uniform" or scoring != "magnitude":
-                    fail("--allocation/--scoring need teal.allocation, which is not installed")
-                apply_uniform_sparsity(model, calib, sparsity)
+            applied = apply_config(model, calib, sparsity, allocation=allocation, scoring=scoring,
+                                   greedy=path.parent / "greedy.json" if allocation == "greedy" else None)
+            if calibration == "sequential" and sparsity > 0:
+                text = Path(calib_text or DEFAULT_CALIB_TEXT)
+                if not text.exists():
+                    fail(f"calibration text {text} not found; pass --calib_text")
+                ids = load_token_ids(text, checkpoint_path, meta)
+                seq_len = min(2048, model.config.block_size, ids.numel())
+                calibrate_sequentially(model, calib, ids, applied, scoring,
+                                       seq_len=seq_len, n_tokens=calib_tokens)
         except (ThresholdsError, ValueError, FileNotFoundError) as e:
             fail(str(e))
     return model, meta
@@ -345,6 +167,9 @@ def main(argv=None) -> None:
                     help="torch.compile the decode step (CUDA graphs on GPU)")
     ap.add_argument("--device", default=default_device(), help="cpu or cuda")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype")
+    ap.add_argument("--kernels", choices=["on", "off"], default="on",
+                    help="decode through the Triton sparse GEMV and attention kernels where they "
+                         "apply (on), or the exact torch path everywhere (off)")
     ap.add_argument("--seed", type=int, default=1234, help="random seed")
     args = ap.parse_args(argv)
     check_args(args)
@@ -369,8 +194,8 @@ def main(argv=None) -> None:
             apply_tp(model)
         except ValueError as e:
             fail(str(e))
-    if torch.device(device).type == "cuda":
-        teal.fuse_shared_inputs(model)
+    if args.kernels == "off":
+        teal.set_kernel_policy(model, teal.KernelPolicy(gemv=False, attention=False))
     model.eval()
     out(f"Loaded {args.checkpoint_path} ({args.dtype}, {device}) in "
         f"{time.perf_counter() - t0:.2f} s; sparsity {args.sparsity:.0%} "
@@ -418,7 +243,7 @@ def main(argv=None) -> None:
         return
     tok_s, _, seq, plen = stats[-1]
     eff = {}
-    if any(lin.sparse for _, _, lin in model.sparse_linears()):
+    if any(p.sparse for _, _, p in model.projections()):
         eff = measure_effective_sparsity(model, seq, plen,
                                          aggregate_counts if rank is not None else None)
     gbytes = bytes_per_decode_step(model, eff) / 1e9
@@ -441,8 +266,8 @@ def main(argv=None) -> None:
         parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)
         out(f"Effective sparsity (generated tokens): {parts}")
         sizes = {}
-        for _, proj, lin in model.sparse_linears():
-            sizes[proj] = sizes.get(proj, 0) + lin.weight.numel()
+        for _, proj, p in model.projections():
+            sizes[proj] = sizes.get(proj, 0) + p.weight.numel()
         total = sum(sizes.values())
         pw = sum(eff.get(p, 0.0) * n for p, n in sizes.items()) / total
         out(f"Parameter-weighted model-level sparsity: {pw:.1%} (target {args.sparsity:.0%})")

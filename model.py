@@ -4,9 +4,11 @@ One `ModelArgs` dataclass, one table of known configs (`transformer_configs`), a
 `Transformer` with a static KV cache, GQA, RMSNorm and RoPE (interleaved pairs, the Meta /
 gpt-fast convention; Hugging Face checkpoints are permuted into it at conversion).
 
-Every projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) is a
-`teal.SparseLinear`. Attention and MLP only call `teal.project` / `teal.gated_mlp`; all
-sparsity logic (thresholds, decode vs prefill dispatch, fused kernels) lives in `teal/`.
+The seven projections of a block (q_proj ... down_proj) are four `teal.SparseLinear` modules,
+one per distinct input, built from the spec in `teal.projections`: `attention.qkv` (q, k, v),
+`attention.o_proj`, `feed_forward.gate_up` (gate, up, SwiGLU epilogue) and
+`feed_forward.down_proj`. Attention and MLP only call them; all sparsity logic (thresholds,
+decode vs prefill dispatch, fused kernels) lives in `teal/`.
 
 References:
 - gpt-fast (PyTorch team): model layout, static KV cache, interleaved RoPE.
@@ -15,7 +17,6 @@ References:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -24,7 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from teal.sparse_linear import SparseLinear, gated_mlp, project
+from teal import kernels
+from teal.checkpoint import load_model as _load_model
+from teal.kernels import DEFAULT_POLICY, KernelPolicy
+from teal.projections import build_input_module, model_projections
+from teal.rope import apply_rotary_emb, precompute_freqs_cis
+from teal.sparse_linear import install_state_dict_hooks
 
 
 @dataclass
@@ -163,22 +169,24 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal GQA self-attention with q/k/v/o TEAL sparse projections."""
+    """Causal GQA self-attention with TEAL sparse q/k/v (one fused module) and o projections.
+
+    `kernel_policy` decides whether single-query decode attention runs on the fused kernel.
+    """
 
     def __init__(self, config: ModelArgs):
         super().__init__()
         self.n_head = config.n_head
         self.n_local_heads = config.n_local_heads
         self.head_dim = config.head_dim
-        self.q_proj = SparseLinear(config.dim, config.n_head * config.head_dim)
-        self.k_proj = SparseLinear(config.dim, config.n_local_heads * config.head_dim)
-        self.v_proj = SparseLinear(config.dim, config.n_local_heads * config.head_dim)
-        self.o_proj = SparseLinear(config.n_head * config.head_dim, config.dim)
+        self.qkv = build_input_module("attn_in", config)      # q_proj | k_proj | v_proj
+        self.o_proj = build_input_module("attn_out", config)
         self.kv_cache: Optional[KVCache] = None
+        self.kernel_policy: KernelPolicy = DEFAULT_POLICY
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         bsz, seqlen, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.qkv(x).split(self.qkv.sizes, dim=-1)
         q = q.view(bsz, seqlen, self.n_head, self.head_dim)
         k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -189,7 +197,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
         if seqlen == 1 and self.kv_cache is not None:
-            y = decode_attention(q, k, v, mask)
+            y = decode_attention(q, k, v, mask, self.kernel_policy)
         else:
             rep = self.n_head // self.n_local_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -199,25 +207,13 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-# Decode attention through the fused Triton kernel (teal.kernels.decode_attention) where it
-# applies (CUDA, batch 1, fp16/bf16, power-of-two head_dim); False forces the torch path.
-ATTENTION_KERNEL = True
-
-
-def _attention_kernel_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
-    from teal import sparse_linear
-    if not ATTENTION_KERNEL or not (q.is_cuda or sparse_linear.KERNELS_ON_CPU):
-        return False
-    from teal import kernels
-    return mask.dtype == torch.bool and mask.numel() == k.shape[2] and \
-        kernels.decode_attention_supported(q, k, v)
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
+                     policy: KernelPolicy = DEFAULT_POLICY) -> Tensor:
     """Single-query GQA attention without repeating the KV heads.
 
     Runs as one Triton kernel (`teal.kernels.decode_attention`: online softmax in fp32,
-    skipping the unfilled cache tail) when `_attention_kernel_ok`; otherwise in torch as below.
+    skipping the unfilled cache tail) where `policy` allows it and the kernel supports the
+    operands (batch 1, fp16/bf16, power-of-two head_dim); otherwise in torch as below.
 
     q: (B, n_head, 1, D); k, v: (B, n_kv_head, S, D) (the KV cache, S = cache length);
     mask: bool, broadcastable to (B, 1, 1, S), True where a position may be attended.
@@ -226,8 +222,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     (softmax(q k^T / sqrt(D)) v with scores in the input dtype, softmax in fp32, like the
     eager Hugging Face Llama attention).
     """
-    if _attention_kernel_ok(q, k, v, mask):
-        from teal import kernels
+    if (policy.attention and policy.allows(q.device) and mask.dtype == torch.bool
+            and mask.numel() == k.shape[2] and kernels.decode_attention_supported(q, k, v)):
         return kernels.decode_attention(q, k, v, mask)
     B, nh, T, D = q.shape
     kvh = k.shape[1]
@@ -239,16 +235,15 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: down_proj(silu(gate_proj(x)) * up_proj(x)), all TEAL sparse projections."""
+    """SwiGLU MLP down_proj(silu(gate_proj(x)) * up_proj(x)), gate/up fused in one module."""
 
     def __init__(self, config: ModelArgs):
         super().__init__()
-        self.gate_proj = SparseLinear(config.dim, config.intermediate_size)
-        self.up_proj = SparseLinear(config.dim, config.intermediate_size)
-        self.down_proj = SparseLinear(config.intermediate_size, config.dim)
+        self.gate_up = build_input_module("mlp_in", config)   # silu(gate_proj) * up_proj
+        self.down_proj = build_input_module("mlp_mid", config)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(gated_mlp(x, self.gate_proj, self.up_proj))
+        return self.down_proj(self.gate_up(x))
 
 
 class TransformerBlock(nn.Module):
@@ -271,7 +266,9 @@ class Transformer(nn.Module):
     `layers.i.attention.{q,k,v,o}_proj.weight`, `layers.i.ffn_norm.weight`,
     `layers.i.feed_forward.{gate,up,down}_proj.weight` (nn.Linear (out, in) shapes; q/k rows
     in interleaved-pair RoPE order); `norm.weight`; `output.weight` (vocab, dim), the same
-    tensor as `tok_embeddings.weight` when `tie_embeddings`.
+    tensor as `tok_embeddings.weight` when `tie_embeddings`. In memory q/k/v and gate/up are
+    fused (`attention.qkv`, `feed_forward.gate_up`); the state dict is split and merged on
+    save and load (`teal.sparse_linear.install_state_dict_hooks`).
     """
 
     def __init__(self, config: ModelArgs):
@@ -287,6 +284,7 @@ class Transformer(nn.Module):
         self.causal_mask: Optional[Tensor] = None
         self.max_batch_size = -1
         self.max_seq_length = -1
+        install_state_dict_hooks(self)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int,
                      dtype: Optional[torch.dtype] = None) -> None:
@@ -351,44 +349,17 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return self.output(x).float()
 
-    def sparse_linears(self):
-        """Yield (layer_index, projection_name, SparseLinear) for every projection."""
-        for i, b in enumerate(self.layers):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                yield i, name, getattr(b.attention, name)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                yield i, name, getattr(b.feed_forward, name)
+    def projections(self):
+        """Yield (layer index, projection name, `teal.sparse_linear.Projection`) for every
+        projection, layer by layer in `teal.projections.PROJECTIONS` order."""
+        return model_projections(self)
 
 
-def precompute_freqs_cis(seq_len: int, n_elem: int, base: float = 10000.0,
-                         rope_scaling: Optional[dict] = None) -> Tensor:
-    """RoPE table (seq_len, n_elem // 2, 2) of (cos, sin) in fp32.
+def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
+    """`Transformer` from a checkpoint made by scripts/convert_*.py: (model, checkpoint meta).
 
-    `rope_scaling` applies Llama-3.1's frequency-dependent scaling of the inverse frequencies.
+    Raises:
+        teal.checkpoint.CheckpointError: missing, corrupt or mismatched checkpoint (one line
+            naming the fix).
     """
-    freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2)[: n_elem // 2].double() / n_elem))
-    if rope_scaling is not None:
-        freqs = _apply_llama31_scaling(freqs, rope_scaling)
-    t = torch.arange(seq_len, dtype=torch.float64)
-    angles = torch.outer(t, freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
-
-
-def _apply_llama31_scaling(freqs: Tensor, s: dict) -> Tensor:
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_ctx = s["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    scaled = torch.where(wavelen > low_wavelen, freqs / factor, freqs)
-    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return torch.where(mid, (1 - smooth) * freqs / factor + smooth * freqs, scaled)
-
-
-def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles (T, D/2, 2)."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
+    return _load_model(path, lambda config: Transformer(ModelArgs.from_dict(config)), device, dtype)

@@ -18,16 +18,18 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from teal.io import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 DEFAULT_CALIB_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-valid-tokenized.txt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# fp16 is not offered: calibration and scoring statistics need the fp32/bf16 range
+DTYPE_CHOICES = ("bfloat16", "float32")
 
 
 def _sparsity(value: str) -> float:
@@ -70,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--greedy", type=Path, default=None,
                    help="greedy allocation file (default: greedy.json next to the thresholds)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -114,7 +116,8 @@ def run(args) -> list[dict]:
     import teal
     from teal.allocation import apply_config, calibrate_sequentially
     from teal.calibration import load_token_ids
-    from teal.checkpoint import load_model
+    from model import load_model
+    from teal.dtypes import DTYPES
     from teal.evaluation import perplexity
     from teal.thresholds import Calibration
 
@@ -194,15 +197,9 @@ def _format_row(row: dict, rec: dict) -> str:
 
 
 def _write_json(args, seq_len: int, results: list) -> None:
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(dict(checkpoint=str(args.checkpoint_path), text=str(args.text),
-                                       thresholds=str(args.thresholds), seq_len=seq_len,
-                                       dtype=args.dtype, results=results), indent=1))
-        os.replace(tmp, args.output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_json(args.output, dict(checkpoint=str(args.checkpoint_path), text=str(args.text),
+                                        thresholds=str(args.thresholds), seq_len=seq_len,
+                                        dtype=args.dtype, results=results))
 
 
 def main(argv=None) -> int:

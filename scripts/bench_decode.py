@@ -24,13 +24,17 @@ from pathlib import Path
 import torch
 
 import teal
-from generate import (bytes_per_decode_step, decode_n_tokens, decode_one_token, generate,
-                      measure_effective_sparsity)
 from model import ModelArgs, Transformer
-from teal.thresholds import INPUT_OF, PROJECTIONS, Calibration, apply_uniform_sparsity
+from teal.generation import (bytes_per_decode_step, decode_n_tokens, decode_one_token, generate,
+                             measure_effective_sparsity)
+from teal.io import atomic_write_json
+from teal.kernels import DEFAULT_TABLE, DispatchTable, KernelPolicy
+from teal.projections import INPUT_SPECS, PROJECTIONS, input_module
+from teal.thresholds import Calibration, apply_uniform_sparsity
 
 
-def random_model(name: str, device, dtype, n_layer: int | None = None) -> Transformer:
+def random_model(name: str, device, dtype, n_layer: int | None = None,
+                 policy: KernelPolicy = KernelPolicy()) -> Transformer:
     """Transformer with the named config and random N(0, 1/in) weights, built on `device`."""
     args = ModelArgs.from_name(name)
     if n_layer:
@@ -55,7 +59,7 @@ def random_model(name: str, device, dtype, n_layer: int | None = None) -> Transf
             mod._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype, device=device)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    return teal.set_kernel_policy(model.eval(), policy)
 
 
 @torch.no_grad()
@@ -63,11 +67,11 @@ def calibrate_random(model: Transformer, tokens: int, device) -> Calibration:
     """Histograms of the four projection inputs for `tokens` random ids (dense forward)."""
     calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
     hooks = []
-    for layer, proj, lin in model.sparse_linears():
-        if proj in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-            def hook(_mod, inp, layer=layer, name=INPUT_OF[proj]):
+    for layer, block in enumerate(model.layers):
+        for spec in INPUT_SPECS:
+            def hook(_mod, inp, layer=layer, name=spec.name):
                 calib.update(layer, name, inp[0])
-            hooks.append(lin.register_forward_pre_hook(hook))
+            hooks.append(input_module(block, spec.name).register_forward_pre_hook(hook))
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
         model(ids)
@@ -130,10 +134,11 @@ def profile_decode(model, decode_fn, prompt, steps: int = 16) -> dict:
     return dict(groups=groups, kernels=kernels[:30], steps=steps)
 
 
-def load_real(checkpoint, thresholds, device, dtype):
+def load_real(checkpoint, thresholds, device, dtype, policy: KernelPolicy):
     """(model, calibration, name) of a converted checkpoint and its calibration file;
     SystemExit with a one-line message when either is missing, corrupt or mismatched."""
-    from teal.checkpoint import CheckpointError, load_model
+    from model import load_model
+    from teal.checkpoint import CheckpointError
     from teal.thresholds import ThresholdsError
 
     path = Path(thresholds) if thresholds else Path(checkpoint).parent / "thresholds.safetensors"
@@ -142,18 +147,18 @@ def load_real(checkpoint, thresholds, device, dtype):
         calib = Calibration.load(path, model.config.to_dict())
     except (CheckpointError, ThresholdsError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    return model.eval(), calib, str(meta.get("name") or Path(checkpoint).parent.name)
+    model = teal.set_kernel_policy(model.eval(), policy)
+    return model, calib, str(meta.get("name") or Path(checkpoint).parent.name)
 
 
-def bench_model(name, args, device, dtype, progress, rows: list, save) -> None:
+def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -> None:
     """Time dense and every sparsity of one model (a config name: random weights; a path:
     a real checkpoint); appends a dict per configuration to `rows`, calls `save()` after each."""
     if isinstance(name, Path):
-        model, calib, name = load_real(name, args.thresholds, device, dtype)
+        model, calib, name = load_real(name, args.thresholds, device, dtype, policy)
     else:
-        model = random_model(name, device, dtype, args.n_layer)
+        model = random_model(name, device, dtype, args.n_layer, policy)
         calib = calibrate_random(model, args.calib_tokens, device)
-    teal.fuse_shared_inputs(model)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), device=device,
                            dtype=torch.int)
     compiled = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) \
@@ -245,13 +250,23 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--attention", choices=["kernel", "torch"], default="kernel",
                     help="decode attention: the fused Triton kernel (default) or the torch ops")
+    ap.add_argument("--gemv", choices=["kernel", "torch"], default="kernel",
+                    help="sparse projections: the Triton GEMV kernels (default) or the torch path")
+    ap.add_argument("--kernel-table", dest="kernel_table", type=Path, default=None,
+                    help="dispatch table JSON (scripts/bench_gemv.py --table-out) in front of the "
+                         "built-in one")
     ap.add_argument("--profile", nargs="*", type=float, default=None,
                     help="also profile the dense step and these sparsities (kernel time per token)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
-    import model as model_mod
-    model_mod.ATTENTION_KERNEL = args.attention == "kernel"
+    table = DEFAULT_TABLE
+    if args.kernel_table is not None:
+        try:
+            table = DEFAULT_TABLE.with_rows(DispatchTable.load(args.kernel_table).rows)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    policy = KernelPolicy(gemv=args.gemv == "kernel", attention=args.attention == "kernel", table=table)
     dtype = getattr(torch, args.dtype)
     env = environment()
     print(json.dumps(env))
@@ -259,19 +274,15 @@ def main(argv=None):
 
     def save():  # after every configuration, so a run cut short keeps what it measured
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.json.with_name(args.json.name + ".tmp")
             cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-            tmp.write_text(json.dumps(dict(env=env, args=cli,
-                                           rows=rows), indent=1))
-            tmp.replace(args.json)
+            atomic_write_json(args.json, dict(env=env, args=cli, rows=rows), make_parents=True)
 
     if args.models is None:
         args.models = [] if args.checkpoint else ["Meta-Llama-3-8B", "Llama-2-7b"]
     targets = list(args.models) + ([args.checkpoint] if args.checkpoint else [])
     with tqdm(total=len(targets) * (1 + len(args.sparsities)), desc="decode bench") as bar:
         for name in targets:
-            bench_model(name, args, args.device, dtype, bar, rows, save)
+            bench_model(name, args, args.device, dtype, policy, bar, rows, save)
     print(f"\n{'model':18s} {'config':>6s} {'tok/s':>8s} {'x dense':>8s} {'GB/s':>7s}  eff. sparsity")
     for r in rows:
         dense = next(x for x in rows if x["model"] == r["model"] and x["config"] == "dense")

@@ -1,11 +1,15 @@
 """TEAL: training-free activation sparsity (arXiv 2408.14690) for GPT-Fast-style decoding.
 
-Submodules: `sparse_linear` (the projection module and its dispatch), `thresholds`
-(histograms, inverse CDF, calibration file), `checkpoint` (our checkpoint format),
-`kernels` (Triton sparse GEMV kernels for CUDA decode).
+Submodules: `projections` (the specification of a block's projections), `sparse_linear`
+(the fused projection module, its handles and dispatch), `kernels` (Triton sparse GEMV and
+decode-attention kernels, their dispatch table and `KernelPolicy`), `thresholds`
+(histograms, inverse CDF, calibration file), `calibration`, `greedy`, `allocation`,
+`evaluation`, `generation` (the decode loop), `tp` (tensor parallelism), `checkpoint`,
+`convert`, `tokenizer`, `io`, `dtypes`.
 """
-from teal.sparse_linear import (SparseLinear, configure, fuse_shared_inputs, gated_mlp, project,
-                                sparse_linears, to_kernel_layout)
+from teal.kernels.dispatch import KernelPolicy
+from teal.sparse_linear import (Projection, SparseLinear, configure, set_kernel_policy,
+                                set_thresholds, sparse_linears)
 
-__all__ = ["SparseLinear", "configure", "fuse_shared_inputs", "gated_mlp", "project",
-           "sparse_linears", "to_kernel_layout"]
+__all__ = ["SparseLinear", "Projection", "KernelPolicy", "configure", "set_kernel_policy",
+           "set_thresholds", "sparse_linears"]

@@ -1,15 +1,16 @@
-"""Apply a sparsity configuration (allocation x scoring) to a model's SparseLinear thresholds.
+"""Apply a sparsity configuration (allocation x scoring) to a model's projection thresholds.
 
 Allocation: how a model-level target sparsity is split among the projections.
 - "uniform": every projection at the target (TEAL's uniform baseline).
 - "greedy": per-layer, per-projection sparsities found by TEAL's block-wise greedy search
   (`teal.greedy`, file `greedy.json`), linearly interpolated between the grid's targets.
 
-Scoring: which entries of an input x are zeroed for a projection with weight W.
-- "magnitude": |x_i| <= t, t the s-quantile of |x| of that input (TEAL).
-- "weight": |x_i| * ||W[:, i]||_2 <= t_w (WINA, arXiv 2505.19427), t_w the s-quantile of the
-  score over calibration tokens; applied as the per-channel threshold t_w / ||W[:, i]||_2,
-  which SparseLinear and the kernels read like a scalar one.
+Scoring: which entries of an input x are zeroed for a projection with weight W (see
+`teal.thresholds`): "magnitude" (|x_i| <= t, TEAL) or "weight" (|x_i| * ||W[:, i]||_2 <= t_w,
+WINA, arXiv 2505.19427, applied as the per-channel threshold t_w / ||W[:, i]||_2).
+
+Calibration: thresholds from the dense model's histograms (TEAL's recipe) or, with
+`calibrate_sequentially`, re-derived on the sparsified model's own activations.
 """
 from __future__ import annotations
 
@@ -17,33 +18,13 @@ from pathlib import Path
 
 import torch
 
-from teal.thresholds import INPUT_OF, PROJECTIONS, Calibration, histogram_quantile
+from teal.calibration import block_inputs
+from teal.greedy import AllocationError, GreedyAllocation
+from teal.projections import PROJECTIONS
+from teal.sparse_linear import configured
+from teal.thresholds import SCORINGS, Calibration, apply_sparsities, histogram_quantile, update_histogram
 
 ALLOCATIONS = ("uniform", "greedy")
-SCORINGS = ("magnitude", "weight")
-
-
-def weighted_threshold(calib: Calibration, layer: int, proj: str, sparsity: float,
-                       norms: torch.Tensor) -> torch.Tensor:
-    """Per-input-channel threshold t_w / ||W[:, i]||_2 (fp32, (in_features,)) for `sparsity`
-    under weight-informed scoring; `norms` are the projection's column norms."""
-    from teal.calibration import weighted_histograms
-    hist = weighted_histograms(calib)[layer, PROJECTIONS.index(proj)]
-    t = histogram_quantile(hist, sparsity, calib.bins["lo"], calib.bins["hi"])
-    # A zero column never contributes: any threshold is exact, keep it finite.
-    return t / norms.float().clamp_min(1e-30)
-
-
-def projection_threshold(calib: Calibration, layer: int, proj: str, sparsity: float,
-                         scoring: str = "magnitude", lin=None):
-    """Threshold of projection `proj` of block `layer` for `sparsity` under `scoring`:
-    a float (magnitude) or a (in_features,) tensor (weight; needs the module `lin`)."""
-    if scoring == "magnitude":
-        return calib.threshold(layer, INPUT_OF[proj], sparsity)
-    if scoring == "weight":
-        from teal.calibration import column_norms
-        return weighted_threshold(calib, layer, proj, sparsity, column_norms(lin))
-    raise ValueError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
 
 
 def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "uniform",
@@ -60,7 +41,7 @@ def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "
         checkpoint_dir: where to look for `greedy.json` when `greedy` is None.
 
     Returns:
-        {(layer, proj): sparsity} applied (projections at 0 run dense, `sparse=False`).
+        {(layer, proj): sparsity} applied (modules whose projections are all at 0 run dense).
 
     Raises:
         ValueError: sparsity outside [0, 1), unknown allocation/scoring, missing greedy file
@@ -76,7 +57,6 @@ def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "
         def get(layer, proj):
             return sparsity
     elif allocation == "greedy":
-        from teal.greedy import AllocationError, GreedyAllocation
         if greedy is None and checkpoint_dir is not None:
             greedy = Path(checkpoint_dir) / "greedy.json"
         if greedy is None:
@@ -92,28 +72,18 @@ def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "
             return float(table[layer][PROJECTIONS.index(proj)])
     else:
         raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-    applied = {}
-    for layer, proj, lin in model.sparse_linears():
-        s = get(layer, proj)
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity of layer {layer} {proj} must be in [0, 1), got {s}")
-        lin.set_threshold(projection_threshold(calib, layer, proj, s, scoring, lin))
-        lin.sparse = s > 0.0
-        lin.target_sparsity = s
-        applied[(layer, proj)] = s
-    return applied
+    apply_sparsities(model, calib, get, scoring)
+    return {(layer, proj): get(layer, proj) for layer, proj, _ in model.projections()}
 
 
 def configured_sparsity(model, applied: dict) -> float:
     """Parameter-weighted mean of the target sparsities in `applied` (from `apply_config`)."""
     num = den = 0.0
-    for layer, proj, lin in model.sparse_linears():
-        n = lin.in_features * lin.out_features
+    for layer, proj, p in model.projections():
+        n = p.in_features * p.out_features
         num += applied[(layer, proj)] * n
         den += n
     return num / den
-
-
 
 
 @torch.no_grad()
@@ -128,9 +98,9 @@ def calibrate_sequentially(model, calib: Calibration, token_ids: torch.Tensor, a
     overshoots the target (on SmolLM2-135M at 65% uniform: down_proj 76%, model-level 71%).
     Here every projection's threshold is set, in forward order, to the quantile of its input
     in the model as sparsified so far: all calibration windows go through the model as one
-    batch, and a forward pre-hook on each projection computes its threshold from the batch it
-    is about to see (histogram quantile, as `Calibration`). Exact for every position because
-    the model is causal and sparsification is per token.
+    batch, and a forward pre-hook on each projection module computes its projections'
+    thresholds from the batch it is about to see (histogram quantile, as `Calibration`).
+    Exact for every position because the model is causal and sparsification is per token.
 
     Args:
         model: a `model.Transformer`, configured by `apply_config` (its thresholds are replaced).
@@ -142,49 +112,42 @@ def calibrate_sequentially(model, calib: Calibration, token_ids: torch.Tensor, a
     Returns:
         {(layer, proj): threshold (float, or (in_features,) tensor for weight scoring)}.
     """
-    import teal
-    from teal.calibration import block_inputs, column_norms
-    from teal.thresholds import update_histogram
-
     device = device or model.tok_embeddings.weight.device
     n_win = min(n_tokens, token_ids.numel()) // seq_len
     if n_win < 1:
         raise ValueError(f"sequential calibration needs at least {seq_len} tokens")
     ids = token_ids[:n_win * seq_len].view(n_win, seq_len).to(device)
     lo, hi, n_bins = calib.bins["lo"], calib.bins["hi"], calib.bins["n"]
-    out, handles = {}, []
-
-    def make_hook(layer, proj, s):
-        norms = column_norms(projection_module(model, layer, proj)) if scoring == "weight" else None
-
-        def hook(mod, args):
-            x = args[0].detach().float().abs()
-            h = torch.zeros(n_bins, dtype=torch.float64, device=x.device)
-            update_histogram(h, x if norms is None else x * norms.to(x.device), lo, hi)
-            t = histogram_quantile(h, s, lo, hi)
-            t = t if norms is None else t / norms.clamp_min(1e-30)
-            mod.set_threshold(t)
-            out[(layer, proj)] = t
-        return hook
-
-    for layer, proj, lin in model.sparse_linears():
+    out, handles, by_module = {}, [], {}
+    for layer, proj, p in model.projections():
         s = applied[(layer, proj)]
         if s > 0:
-            handles.append(lin.register_forward_pre_hook(make_hook(layer, proj, s)))
-    teal.configure(model, sparsify_prefill=True, track=False)
+            norms = p.column_norms() if scoring == "weight" else None
+            by_module.setdefault(id(p.module), (p.module, []))[1].append((layer, p, s, norms))
+
+    def make_hook(members):
+        def hook(_module, args):
+            x = args[0].detach().float().abs()
+            for layer, p, s, norms in members:
+                h = torch.zeros(n_bins, dtype=torch.float64, device=x.device)
+                update_histogram(h, x if norms is None else x * norms.to(x.device), lo, hi)
+                t = histogram_quantile(h, s, lo, hi)
+                t = t if norms is None else t / norms.clamp_min(1e-30)
+                p.set_threshold(t)
+                out[(layer, p.name)] = t
+        return hook
+
+    for module, members in by_module.values():
+        handles.append(module.register_forward_pre_hook(make_hook(members)))
     try:
-        for _ in block_inputs(model, ids):  # runs every block on the whole batch
-            pass
+        with configured(model, sparsify_prefill=True, track=False):
+            for _ in block_inputs(model, ids):  # runs every block on the whole batch
+                pass
     finally:
         for h in handles:
             h.remove()
     return out
 
 
-def projection_module(model, layer: int, proj: str):
-    from teal.calibration import projection
-    return projection(model, layer, proj)
-
-
-__all__ = ["apply_config", "calibrate_sequentially", "projection_threshold",
-           "weighted_threshold", "configured_sparsity", "ALLOCATIONS", "SCORINGS"]
+__all__ = ["apply_config", "calibrate_sequentially", "configured_sparsity", "ALLOCATIONS",
+           "SCORINGS"]

@@ -24,12 +24,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from teal.thresholds import INPUTS, PROJECTIONS, Calibration, update_histogram
-
-# The SparseLinear whose input is each histogrammed tensor (module path inside a block).
-INPUT_PROBES = {"attn_in": ("attention", "q_proj"), "attn_out": ("attention", "o_proj"),
-                "mlp_in": ("feed_forward", "gate_proj"), "mlp_mid": ("feed_forward", "down_proj")}
-WEIGHTED_KEY = "hist_weighted"
+from teal.projections import INPUT_SPECS, PROJECTIONS, input_module
+from teal.rope import precompute_freqs_cis
+from teal.sparse_linear import configured
+from teal.thresholds import WEIGHTED_KEY, Calibration, update_histogram
 
 
 class TextTooShortError(ValueError):
@@ -69,18 +67,6 @@ def token_windows(token_ids: Tensor, seq_len: int, max_tokens: Optional[int] = N
     return [w for w in ids.split(seq_len) if w.numel() >= min_len]
 
 
-def projection(model, layer: int, proj: str):
-    """The SparseLinear `proj` (e.g. "q_proj") of block `layer`."""
-    b = model.layers[layer]
-    return getattr(b.attention if proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-                   else b.feed_forward, proj)
-
-
-def column_norms(lin) -> Tensor:
-    """||W[:, i]||_2 for every input channel i of a projection: fp32 (in_features,)."""
-    return lin.weight.detach().float().norm(dim=0)
-
-
 @contextlib.contextmanager
 def _no_kv_cache(model):
     caches = [b.attention.kv_cache for b in model.layers]
@@ -95,7 +81,6 @@ def _no_kv_cache(model):
 
 def rope_and_mask(model, seqlen: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(input_pos, freqs_cis, causal mask) of a plain causal forward over `seqlen` tokens."""
-    from model import precompute_freqs_cis
     cfg = model.config
     freqs = precompute_freqs_cis(seqlen, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
     pos = torch.arange(seqlen, device=device)
@@ -138,33 +123,30 @@ class HistogramCollector:
                 projections=list(PROJECTIONS),
                 score="|x_i| * ||W[:, i]||_2 (WINA, arXiv 2505.19427)")
 
-    def _hook_input(self, layer: int, name: str):
-        def hook(module, args):
-            self.calib.update(layer, name, args[0])
-        return hook
-
-    def _hook_weighted(self, layer: int, p: int, norms: Tensor):
-        hist = self.calib.extra_tensors[WEIGHTED_KEY][layer, p]
+    def _hook(self, layer: int, spec, module):
+        """Pre-hook of one input's module: its input's |x| histogram and, with `weighted`,
+        each of its projections' score histograms."""
         lo, hi = self.calib.bins["lo"], self.calib.bins["hi"]
+        weighted = []
+        if self.weighted:
+            for proj in module.projections():
+                hist = self.calib.extra_tensors[WEIGHTED_KEY][layer, PROJECTIONS.index(proj.name)]
+                weighted.append((hist, proj.column_norms()))
 
-        def hook(module, args):
+        def hook(_module, args):
             x = args[0]
-            local = torch.zeros(hist.numel(), dtype=torch.float64, device=x.device)
-            update_histogram(local, x.float().abs() * norms.to(x.device), lo, hi)
-            hist.add_(local.cpu())
+            self.calib.update(layer, spec.name, x)
+            for hist, norms in weighted:
+                local = torch.zeros(hist.numel(), dtype=torch.float64, device=x.device)
+                update_histogram(local, x.float().abs() * norms.to(x.device), lo, hi)
+                hist.add_(local.cpu())
         return hook
 
     def __enter__(self):
-        for layer in range(len(self.model.layers)):
-            for name in INPUTS:
-                mod = getattr(getattr(self.model.layers[layer], INPUT_PROBES[name][0]),
-                              INPUT_PROBES[name][1])
-                self._handles.append(mod.register_forward_pre_hook(self._hook_input(layer, name)))
-            if self.weighted:
-                for p, proj in enumerate(PROJECTIONS):
-                    lin = projection(self.model, layer, proj)
-                    self._handles.append(lin.register_forward_pre_hook(
-                        self._hook_weighted(layer, p, column_norms(lin))))
+        for layer, block in enumerate(self.model.layers):
+            for spec in INPUT_SPECS:
+                module = input_module(block, spec.name)
+                self._handles.append(module.register_forward_pre_hook(self._hook(layer, spec, module)))
         return self
 
     def __exit__(self, *exc):
@@ -196,41 +178,19 @@ def collect_histograms(model, token_ids: Tensor, seq_len: int = 2048, *,
         The Calibration, with `meta["tokens"]` increased by the number of tokens seen.
     """
     from tqdm import tqdm
-    from teal.sparse_linear import sparse_linears
 
     device = device or model.tok_embeddings.weight.device
     if calib is None:
         calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
     windows = token_windows(token_ids, seq_len, max_tokens)
-    flags = [(m.sparse, m.track) for m in sparse_linears(model)]
-    for m in sparse_linears(model):
-        m.sparse, m.track = False, False
-    try:
-        with HistogramCollector(model, calib, weighted=weighted):
-            for w in tqdm(windows, desc="calibrate", unit="win", disable=not progress):
-                for _ in block_inputs(model, w[None].to(device)):
-                    pass
-                calib.meta["tokens"] = calib.meta.get("tokens", 0) + w.numel()
-    finally:
-        for m, (s, t) in zip(sparse_linears(model), flags):
-            m.sparse, m.track = s, t
+    with configured(model, sparse=False, track=False), HistogramCollector(model, calib, weighted):
+        for w in tqdm(windows, desc="calibrate", unit="win", disable=not progress):
+            for _ in block_inputs(model, w[None].to(device)):
+                pass
+            calib.meta["tokens"] = calib.meta.get("tokens", 0) + w.numel()
     if text_meta is not None:
         calib.meta["text"] = text_meta
     return calib
-
-
-def weighted_histograms(calib: Calibration) -> Tensor:
-    """The (n_layer, 7, n_bins) weight-informed score histograms of a calibration file.
-
-    Raises:
-        ThresholdsError: the file was calibrated without them.
-    """
-    from teal.thresholds import ThresholdsError
-    h = calib.extra_tensors.get(WEIGHTED_KEY)
-    if h is None or h.dim() != 3 or h.shape[:2] != (calib.hist.shape[0], len(PROJECTIONS)):
-        raise ThresholdsError("the thresholds file has no weight-informed histograms "
-                              f"({WEIGHTED_KEY}); re-run calibrate.py (without --no-weighted)")
-    return h
 
 
 def load_token_ids(text_path, checkpoint_path, ckpt_meta: dict) -> Tensor:
@@ -261,7 +221,7 @@ def source_meta(text_path, n_tokens: int, **extra) -> dict:
 
 
 __all__: Sequence[str] = ["collect_histograms", "HistogramCollector", "block_inputs",
-                          "token_windows", "column_norms", "projection", "weighted_histograms",
+                          "token_windows",
                           "TextTooShortError", "TextFileError", "check_text_file", "load_token_ids",
                           "source_meta", "sha256_file",
-                          "rope_and_mask", "check_enough_tokens", "WEIGHTED_KEY"]
+                          "rope_and_mask", "check_enough_tokens"]

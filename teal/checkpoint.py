@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -132,27 +132,29 @@ def _looks_like_torch_file(path: Path) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80" or head == b""
 
 
-def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
-    """Build a `model.Transformer` from a checkpoint, on `device`, cast to `dtype` if given.
+def load_model(path, build: Callable[[dict], torch.nn.Module], device="cpu",
+               dtype: Optional[torch.dtype] = None):
+    """Build a model from a checkpoint, on `device`, cast to `dtype` if given.
 
-    Returns (model, ckpt_meta). Weights are laid out input-channel major for the kernels.
-
+    Args:
+        path: the checkpoint (`model.pth`).
+        build: config dict -> an untrained model of that architecture (called under the meta
+            device; `model.load_model` passes `Transformer(ModelArgs.from_dict(config))`).
+    Returns:
+        (model, ckpt_meta). Projection weights are laid out input-channel major for the kernels.
     Raises:
-        CheckpointError: missing, corrupt, or shape-mismatched checkpoint.
+        CheckpointError: missing, corrupt, or shape-mismatched checkpoint, or an invalid config.
     """
-    from model import ModelArgs, Transformer
-    from teal.sparse_linear import to_kernel_layout
-
     ckpt = load_checkpoint(path)
     try:
-        args = ModelArgs.from_dict(ckpt["config"])
         with torch.device("meta"):
-            model = Transformer(args)
+            model = build(ckpt["config"])
     except Exception as e:  # noqa: BLE001 - ZeroDivisionError, ValueError, TypeError, ...
         raise CheckpointError(f"checkpoint {path} has an invalid config "
                               f"({e.__class__.__name__}: {e}); convert it again") from None
     sd = ckpt["state_dict"]
-    if args.tie_embeddings:
+    tied = bool(ckpt["config"].get("tie_embeddings"))
+    if tied:
         sd = {k: v for k, v in sd.items() if k != "output.weight"}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
@@ -160,7 +162,7 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
         raise CheckpointError(f"checkpoint {path} does not match its config "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
                               f"; convert it again") from None
-    if args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
         missing = [k for k in missing if k != "output.weight"]
     if missing or unexpected:
@@ -171,5 +173,4 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None):
             if buf.is_meta:
                 mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
-    to_kernel_layout(model)
     return model, ckpt.get("meta", {})

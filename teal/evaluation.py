@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from teal.calibration import token_windows
-from teal.thresholds import PROJECTIONS
+from teal.projections import PROJECTIONS
 
 
 @torch.no_grad()
@@ -69,7 +69,7 @@ def _layer_projection_sparsity(model) -> dict:
     """{(layer, proj): measured fraction zeroed} (0.0 for projections running dense;
     NaN for sparse ones that saw no input while tracking)."""
     out = {}
-    for layer, proj, lin in model.sparse_linears():
+    for layer, proj, lin in model.projections():
         out[(layer, proj)] = lin.effective_sparsity() if lin.sparse else 0.0
     return out
 
@@ -96,7 +96,7 @@ def parameter_weighted_sparsity(model) -> float:
     The output head is not counted (TEAL's model-wide figure covers the block projections)."""
     num = den = 0.0
     by = _layer_projection_sparsity(model)
-    for layer, proj, lin in model.sparse_linears():
+    for layer, proj, lin in model.projections():
         n = lin.in_features * lin.out_features
         num += by[(layer, proj)] * n
         den += n

@@ -36,8 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from teal.calibration import rope_and_mask
 from teal.io import atomic_write_json
-from teal.thresholds import PROJECTIONS, Calibration
+from teal.projections import PROJECTIONS, block_projections
+from teal.rope import apply_rotary_emb
+from teal.sparse_linear import configured
+from teal.thresholds import Calibration
 
 FORMAT = "teal-greedy/1"
 TARGETS = tuple(round(0.05 * i, 2) for i in range(1, 19))  # 0.05 ... 0.90
@@ -164,13 +168,11 @@ class BlockProblem:
     STAGES = ("q", "k", "v", "o", "gate", "up", "down")
 
     def __init__(self, layer_module, x: Tensor, idx: Tensor, freqs: Tensor, threshold):
-        from model import apply_rotary_emb
         self._rope = apply_rotary_emb
         self.b = layer_module
-        att, ff = layer_module.attention, layer_module.feed_forward
-        self.w = dict(q=att.q_proj.weight, k=att.k_proj.weight, v=att.v_proj.weight,
-                      o=att.o_proj.weight, gate=ff.gate_proj.weight, up=ff.up_proj.weight,
-                      down=ff.down_proj.weight)
+        att = layer_module.attention
+        projs = block_projections(layer_module)
+        self.w = {st: projs[p].weight for st, p in zip(self.STAGES, PROJECTIONS)}
         self.n_head, self.n_kv, self.hd = att.n_head, att.n_local_heads, att.head_dim
         self.threshold = threshold
         W, L, _ = x.shape
@@ -264,10 +266,7 @@ class BlockProblem:
 
 def param_counts(block) -> dict:
     """Parameter count of each projection of a block (order `PROJECTIONS`)."""
-    att, ff = block.attention, block.feed_forward
-    mods = dict(q_proj=att.q_proj, k_proj=att.k_proj, v_proj=att.v_proj, o_proj=att.o_proj,
-                gate_proj=ff.gate_proj, up_proj=ff.up_proj, down_proj=ff.down_proj)
-    return {p: mods[p].in_features * mods[p].out_features for p in PROJECTIONS}
+    return {name: p.in_features * p.out_features for name, p in block_projections(block).items()}
 
 
 @torch.no_grad()
@@ -318,14 +317,14 @@ def greedy_block(problem: BlockProblem, params: dict, step: float,
 
 def threshold_fn(model, calib: Calibration, layer: int, scoring: str):
     """(proj, s) -> threshold for block `layer` under `scoring`, memoised."""
-    from teal.allocation import projection_threshold
-    from teal.calibration import projection
     cache = {}
+    norms = {name: p.column_norms() for name, p in block_projections(model.layers[layer]).items()} \
+        if scoring == "weight" else {}
 
     def get(proj, s):
         key = (proj, round(s, 9))
         if key not in cache:
-            t = projection_threshold(calib, layer, proj, s, scoring, projection(model, layer, proj))
+            t = calib.projection_threshold(layer, proj, s, scoring, norms.get(proj))
             cache[key] = t.to(model.tok_embeddings.weight.device) if torch.is_tensor(t) else t
         return cache[key]
     return get
@@ -354,7 +353,6 @@ def greedy_search(model, calib: Calibration, token_ids: Tensor, *, n_tokens: int
         ValueError: fewer tokens than one window.
     """
     from tqdm import tqdm
-    from teal.calibration import rope_and_mask
 
     calib.check_model(model.config.to_dict())
     device = device or model.tok_embeddings.weight.device
@@ -380,14 +378,8 @@ def greedy_search(model, calib: Calibration, token_ids: Tensor, *, n_tokens: int
         out.errors[sc] = {_key(t): [None] * n_layer for t in targets}
     bar = tqdm(total=n_layer * len(scorings), desc="greedy", unit="block", disable=not progress)
     x = model.tok_embeddings(ids)  # (W, L, D) dense block input
-    flags = [(m.sparse, m.track) for _, _, m in model.sparse_linears()]
-    for _, _, m in model.sparse_linears():
-        m.sparse, m.track = False, False
-    try:
+    with configured(model, sparse=False, track=False):
         _search_blocks(model, calib, x, idx, pos, freqs, mask, step, targets, scorings, out, bar)
-    finally:
-        for (_, _, m), (s, t) in zip(model.sparse_linears(), flags):
-            m.sparse, m.track = s, t
     bar.close()
     return out
 

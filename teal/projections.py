@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["ProjectionSpec", "InputSpec", "PROJECTION_SPECS", "INPUT_SPECS", "PROJECTIONS",
-           "INPUTS", "INPUT_OF", "SPEC_OF", "INPUT_SPEC_OF", "projection_shapes"]
+           "INPUTS", "INPUT_OF", "SPEC_OF", "INPUT_SPEC_OF", "projection_shapes",
+           "build_input_module", "input_module", "block_projections", "model_projections",
+           "model_projection"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,45 @@ def projection_shapes(config: Any) -> dict:
     f = _get(config, "intermediate_size")
     return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+# --------------------------------------------------------------------------- modules
+def build_input_module(input_name: str, config: Any, device=None, dtype=None):
+    """The fused `teal.SparseLinear` of one input of a block (e.g. "attn_in" -> q/k/v), with
+    the widths of `config` (a `model.ModelArgs` or its dict)."""
+    from teal.sparse_linear import SparseLinear
+    spec = INPUT_SPEC_OF[input_name]
+    shapes = projection_shapes(config)
+    k = shapes[spec.projections[0]][0]
+    return SparseLinear(k, [shapes[p][1] for p in spec.projections], names=spec.projections,
+                        gated=spec.gated, device=device, dtype=dtype)
+
+
+def input_module(block, input_name: str):
+    """The fused module of `input_name` in a transformer block (by its `InputSpec.path`)."""
+    spec = INPUT_SPEC_OF[input_name]
+    return getattr(getattr(block, spec.owner), spec.module)
+
+
+def block_projections(block) -> dict:
+    """{projection name: `teal.sparse_linear.Projection`} of a block, in `PROJECTIONS` order."""
+    out = {}
+    for spec in INPUT_SPECS:
+        module = input_module(block, spec.name)
+        for i, name in enumerate(spec.projections):
+            out[name] = module.projection(i)
+    return out
+
+
+def model_projections(model):
+    """Yield (layer index, projection name, Projection) for every projection of `model`
+    (anything with a `layers` list of blocks), layer by layer in `PROJECTIONS` order."""
+    for layer, block in enumerate(model.layers):
+        for name, proj in block_projections(block).items():
+            yield layer, name, proj
+
+
+def model_projection(model, layer: int, name: str):
+    """The Projection `name` (e.g. "q_proj") of block `layer`."""
+    spec = SPEC_OF[name]
+    return input_module(model.layers[layer], spec.input).projection(name)

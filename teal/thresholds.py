@@ -14,7 +14,13 @@ File format (`thresholds.safetensors`, written atomically next to the checkpoint
     tensor `hist`: float64 (n_layer, 4, n_bins) counts, inputs in the order of `INPUTS`;
     metadata `teal`: JSON with `format`, `model` (ModelArgs dict), `n_layer`, `tokens`,
     `text` (calibration source), `bins` ({lo, hi, n}), and free-form `extra`.
-Other tensors (e.g. weight-informed score histograms) may be added by other tools.
+    tensor `hist_weighted` (optional): float64 (n_layer, 7, n_bins) histograms of the
+    weight-informed score |x_i| * ||W[:, i]||_2 of every projection (order `PROJECTIONS`).
+
+Scoring (which entries of x a projection with weight W zeroes, `projection_threshold`):
+- "magnitude": |x_i| <= t, t the s-quantile of |x| of that input (TEAL);
+- "weight": |x_i| * ||W[:, i]||_2 <= t_w (WINA, arXiv 2505.19427), t_w the s-quantile of the
+  score, applied as the per-channel threshold t_w / ||W[:, i]||_2 that the kernels read.
 """
 from __future__ import annotations
 
@@ -28,13 +34,12 @@ import torch
 from torch import Tensor
 
 from teal.io import atomic_write
+from teal.projections import INPUT_OF, INPUTS, PROJECTIONS
+from teal.sparse_linear import set_thresholds
 
-INPUTS = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-            "o_proj": "attn_out", "gate_proj": "mlp_in", "up_proj": "mlp_in",
-            "down_proj": "mlp_mid"}
 FORMAT = "teal-thresholds/1"
+WEIGHTED_KEY = "hist_weighted"
+SCORINGS = ("magnitude", "weight")
 
 # Log-spaced bins of |x| in [LO, HI): 12 decades in 8192 bins, ~0.34% relative width.
 # Bin 0 also holds everything below LO (including exact zeros), the last bin everything >= HI.
@@ -132,6 +137,39 @@ class Calibration:
                                   f"--max_tokens >= 1")
         return histogram_quantile(h, sparsity, self.bins["lo"], self.bins["hi"])
 
+    def weighted_histograms(self) -> Tensor:
+        """The (n_layer, 7, n_bins) weight-informed score histograms (order `PROJECTIONS`).
+
+        Raises:
+            ThresholdsError: the file was calibrated without them.
+        """
+        h = self.extra_tensors.get(WEIGHTED_KEY)
+        if h is None or h.dim() != 3 or h.shape[:2] != (self.hist.shape[0], len(PROJECTIONS)):
+            raise ThresholdsError("the thresholds file has no weight-informed histograms "
+                                  f"({WEIGHTED_KEY}); re-run calibrate.py (without --no-weighted)")
+        return h
+
+    def projection_threshold(self, layer: int, proj: str, sparsity: float,
+                             scoring: str = "magnitude", norms: Optional[Tensor] = None):
+        """Threshold of projection `proj` of block `layer` for `sparsity` under `scoring`:
+        a float (magnitude), or the fp32 (in_features,) tensor t_w / ||W[:, i]||_2 (weight;
+        `norms` are the projection's column norms, `Projection.column_norms()`).
+
+        Raises:
+            ValueError: unknown scoring, or weight scoring without norms.
+            ThresholdsError: empty histograms, or no weight-informed histograms.
+        """
+        if scoring == "magnitude":
+            return self.threshold(layer, INPUT_OF[proj], sparsity)
+        if scoring != "weight":
+            raise ValueError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
+        if norms is None:
+            raise ValueError("weight-informed scoring needs the projection's column norms")
+        hist = self.weighted_histograms()[layer, PROJECTIONS.index(proj)]
+        t = histogram_quantile(hist, sparsity, self.bins["lo"], self.bins["hi"])
+        # A zero column never contributes: any threshold is exact, keep it finite.
+        return t / norms.float().clamp_min(1e-30)
+
     def save(self, path) -> None:
         """Write atomically (temp file + rename) as safetensors with JSON metadata.
 
@@ -220,34 +258,40 @@ def _check_histograms(hist: Tensor, meta: dict, path) -> None:
                               f" re-run calibrate.py with --max_tokens >= 1")
 
 
-def apply_uniform_sparsity(model, calib: Calibration, sparsity: float) -> dict:
-    """Set every projection's threshold to the `sparsity`-quantile of its input's |x|.
+def apply_uniform_sparsity(model, calib: Calibration, sparsity: float,
+                           scoring: str = "magnitude") -> dict:
+    """Set every projection's threshold for `sparsity` (TEAL's uniform allocation).
 
     With sparsity 0 the model is left dense (`sparse=False`). Returns {(layer, proj): t}.
 
     Raises:
         ValueError: sparsity outside [0, 1).
     """
-    return apply_sparsities(model, calib, {p: sparsity for p in PROJECTIONS})
+    return apply_sparsities(model, calib, {p: sparsity for p in PROJECTIONS}, scoring)
 
 
-def apply_sparsities(model, calib: Calibration, sparsity) -> dict:
-    """Set thresholds from per-projection sparsities.
+def apply_sparsities(model, calib: Calibration, sparsity, scoring: str = "magnitude") -> dict:
+    """Set thresholds (and calibrated sparsities) from per-projection sparsities.
 
     Args:
+        model: a `model.Transformer` (anything with `projections()`).
         sparsity: a mapping proj -> s (same for every layer) or a callable (layer, proj) -> s.
+        scoring: "magnitude" or "weight" (see `Calibration.projection_threshold`).
 
-    Returns {(layer, proj): threshold}. A projection with s == 0 runs dense.
+    Returns {(layer, proj): threshold}. A module whose projections are all at 0 runs dense.
+
+    Raises:
+        ValueError: a sparsity outside [0, 1), an unknown scoring.
     """
     get = sparsity if callable(sparsity) else (lambda layer, proj: sparsity[proj])
-    out = {}
-    for layer, proj, lin in model.sparse_linears():
+    values, out = {}, {}
+    for layer, proj, p in model.projections():
         s = float(get(layer, proj))
         if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {s}")
-        t = calib.threshold(layer, INPUT_OF[proj], s)
-        lin.set_threshold(t)
-        lin.sparse = s > 0.0
-        lin.target_sparsity = s
+            raise ValueError(f"sparsity of layer {layer} {proj} must be in [0, 1), got {s}")
+        norms = p.column_norms() if scoring == "weight" else None
+        t = calib.projection_threshold(layer, proj, s, scoring, norms)
+        values[p] = (t, s)
         out[(layer, proj)] = t
+    set_thresholds(values)
     return out

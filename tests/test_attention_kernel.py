@@ -121,12 +121,11 @@ def test_bad_inputs_raise_one_line_errors():
 
 
 def test_model_dispatches_decode_attention_to_the_kernel(monkeypatch):
-    """model.decode_attention uses the kernel where it applies (the interpreter on CPU) and
-    gives the torch path's answer; ATTENTION_KERNEL = False forces the torch path."""
+    """model.decode_attention uses the kernel where its policy allows it (the interpreter on
+    CPU) and gives the torch path's answer; a policy with attention off takes the torch path."""
     import model
-    import teal.sparse_linear as sl
+    from teal.kernels import KernelPolicy
 
-    monkeypatch.setattr(sl, "KERNELS_ON_CPU", DEV == "cpu")
     calls = []
     real = tk.decode_attention
 
@@ -138,10 +137,12 @@ def test_model_dispatches_decode_attention_to_the_kernel(monkeypatch):
     m = torch.zeros(1, 1, 1, 24, dtype=torch.bool, device=DEV)
     m[..., :13] = True
     q, k, v = _case(8, 2, 24, 32, torch.bfloat16, m.view(-1))
-    y = model.decode_attention(q, k, v, m)
+    y = model.decode_attention(q, k, v, m, KernelPolicy(interpreter=DEV == "cpu"))
     assert calls == [1]
-    monkeypatch.setattr(model, "ATTENTION_KERNEL", False)
-    y_torch = model.decode_attention(q, k, v, m)
+    y_torch = model.decode_attention(q, k, v, m, KernelPolicy(attention=False, interpreter=True))
     assert calls == [1]
+    if DEV == "cpu":  # the default policy never runs kernels on CPU tensors
+        model.decode_attention(q, k, v, m)
+        assert calls == [1]
     err = ((y.double() - y_torch.double()).norm() / y_torch.double().norm()).item()
     assert err < 2 * TOL[torch.bfloat16], f"seed={seed}"

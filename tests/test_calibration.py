@@ -8,10 +8,10 @@ import torch
 import calibrate
 import teal
 from teal.allocation import apply_config
-from teal.calibration import (INPUT_PROBES, HistogramCollector, collect_histograms,
-                              token_windows)
+from teal.calibration import HistogramCollector, collect_histograms, token_windows
 from teal.evaluation import effective_sparsity
-from teal.thresholds import INPUTS, PROJECTIONS, Calibration, ThresholdsError
+from teal.projections import INPUTS, PROJECTIONS, input_module, model_projection
+from teal.thresholds import Calibration, ThresholdsError
 
 from tiny_models import random_tokens, tiny_args, tiny_model, write_checkpoint, write_text
 
@@ -22,10 +22,10 @@ def _raw_inputs(model, ids):
     """|x| of each (layer, input) of a dense forward, captured independently of the collector."""
     raw, handles = {}, []
     for i, b in enumerate(model.layers):
-        for name, (sub, proj) in INPUT_PROBES.items():
+        for name in INPUTS:
             def hook(mod, args, key=(i, name)):
                 raw.setdefault(key, []).append(args[0].detach().abs().reshape(-1))
-            handles.append(getattr(getattr(b, sub), proj).register_forward_pre_hook(hook))
+            handles.append(input_module(b, name).register_forward_pre_hook(hook))
     with torch.no_grad():
         for w in token_windows(ids, SEQ):
             model(w[None])
@@ -70,12 +70,12 @@ def test_thresholds_give_target_sparsity_on_calibration_data(calibrated, scoring
         teal.configure(model, sparse=False)
         zeroed = {p: [0, 0] for p in PROJECTIONS}
         handles = []
-        for _, proj, lin in model.sparse_linears():
-            def hook(mod, args, proj=proj):
-                keep = args[0].abs() > mod.threshold
+        for _, proj, p in model.projections():
+            def hook(mod, args, proj=proj, p=p):
+                keep = args[0].abs() > p.threshold
                 zeroed[proj][0] += (~keep).sum().item()
                 zeroed[proj][1] += keep.numel()
-            handles.append(lin.register_forward_pre_hook(hook))
+            handles.append(p.module.register_forward_pre_hook(hook))
         with torch.no_grad():
             for w in token_windows(ids, SEQ):
                 model(w[None])
@@ -108,8 +108,8 @@ def test_weighted_histograms_score_definition(calibrated):
 
     def grab(mod, args):
         x_seen["x"] = args[0].detach().clone()
-    lin = model.layers[1].feed_forward.up_proj
-    h = lin.register_forward_pre_hook(grab)
+    lin = model_projection(model, 1, "up_proj")
+    h = lin.module.register_forward_pre_hook(grab)
     with HistogramCollector(model, calib, weighted=True), torch.no_grad():
         model(ids[:SEQ][None])
     h.remove()
@@ -184,9 +184,9 @@ def test_calibrate_cli_rejects_nonpositive_counts(tmp_path, capsys, flag, value)
 
 
 def test_calibrate_cli_bad_paths(tmp_path, capsys, monkeypatch):
-    import teal.checkpoint
+    import model
     loads = []
-    monkeypatch.setattr(teal.checkpoint, "load_model",
+    monkeypatch.setattr(model, "load_model",
                         lambda *a, **kw: loads.append(1) or (_ for _ in ()).throw(AssertionError))
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from fixtures_smollm2 import bytes_to_unicode, smollm2, smollm2_hf  # noqa: F401 (fixtures)
-from model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis
-from teal.checkpoint import (CheckpointError, load_checkpoint, load_model, save_checkpoint,
-                             state_dict_shapes)
+from model import ModelArgs, Transformer, load_model
+from teal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_dict_shapes
 from teal.convert import (GGUFError, HFConversionError, convert_gguf, convert_hf, export_hf,
                           hf_to_interleaved, interleaved_to_hf)
+from teal.rope import apply_rotary_emb, precompute_freqs_cis
 from teal.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

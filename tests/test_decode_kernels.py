@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 import teal
 import teal.kernels as K
-import teal.sparse_linear as sl
 from model import ModelArgs, Transformer
-from teal.kernels import kernels_available
+from teal.kernels import KernelPolicy, kernels_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels_available(torch.device(DEVICE)),
@@ -33,26 +32,17 @@ def _model(dtype, zero_thresholds=False):
                 vocab_size=1024, block_size=256))
     with torch.device(DEVICE):
         m = Transformer(ModelArgs(**cfg)).to(dtype).eval().requires_grad_(False)
-    teal.to_kernel_layout(m)
+    teal.set_kernel_policy(m, KernelPolicy(interpreter=DEVICE == "cpu"))
     teal.configure(m, sparse=True)
-    for _, proj, lin in m.sparse_linears():  # distinct thresholds, one projection per-channel
+    for _, proj, p in m.projections():  # distinct thresholds, one projection per-channel
         if zero_thresholds:
             t = 0.0
         elif proj == "up_proj":
-            t = torch.rand(lin.in_features, device=DEVICE) * 0.6
+            t = torch.rand(p.in_features, device=DEVICE) * 0.6
         else:
             t = torch.rand(()).item() * 0.8
-        lin.set_threshold(t)
-    teal.fuse_shared_inputs(m)
+        p.set_threshold(t)
     return m
-
-
-@pytest.fixture(autouse=True)
-def kernels_on_cpu():
-    old = sl.KERNELS_ON_CPU
-    sl.KERNELS_ON_CPU = DEVICE == "cpu"
-    yield
-    sl.KERNELS_ON_CPU = old
 
 
 @torch.no_grad()
@@ -78,11 +68,11 @@ def _rel(a, b):
 def test_every_kernel_call_in_a_decode_step(dtype, monkeypatch):
     m = _model(dtype)
     calls = []
-    for name in ("sparse_gemv", "sparse_gemv_segments", "sparse_gated_gemv"):
+    for name in ("sparse_gemv", "sparse_gated_gemv"):
         fn = getattr(K, name)
 
-        def rec(*args, _fn=fn, _name=name):
-            y = _fn(*args)
+        def rec(*args, _fn=fn, _name=name, **kw):
+            y = _fn(*args, **kw)
             calls.append((_name, args[0].clone(), y.clone()))
             return y
         monkeypatch.setattr(K, name, rec)
@@ -91,9 +81,9 @@ def test_every_kernel_call_in_a_decode_step(dtype, monkeypatch):
     expect = []
     for b in m.layers:
         a, f = b.attention, b.feed_forward
-        expect += [("sparse_gemv_segments", (a.q_proj, a.k_proj, a.v_proj)),
-                   ("sparse_gemv", (a.o_proj,)), ("sparse_gated_gemv", (f.gate_proj, f.up_proj)),
-                   ("sparse_gemv", (f.down_proj,))]
+        expect += [("sparse_gemv", tuple(a.qkv.projections())), ("sparse_gemv", tuple(a.o_proj.projections())),
+                   ("sparse_gated_gemv", tuple(f.gate_up.projections())),
+                   ("sparse_gemv", tuple(f.down_proj.projections()))]
     assert [c[0] for c in calls] == [e[0] for e in expect]
     for (name, x, y), (_, mods) in zip(calls, expect):
         if name == "sparse_gated_gemv":
@@ -109,7 +99,6 @@ def test_zero_thresholds_logits_match_torch_path(dtype):
     m = _model(dtype, zero_thresholds=True)
     ids = torch.randint(0, m.config.vocab_size, (1, 9), device=DEVICE)
     got = _decode_logits(m, ids, m)
-    sl.KERNELS_ON_CPU = False
     teal.configure(m, track=True)  # counters on: the exact torch path everywhere
     ref = _decode_logits(m, ids, m)
     assert _rel(got, ref.double()) < 2 * TOL[dtype]
@@ -128,8 +117,8 @@ def test_compiled_decode_in_cuda_graphs():
     ref = _decode_logits(m, ids, m)
     teal.configure(m, track=False)
     assert _rel(got, ref.double()) < 2 * TOL[torch.bfloat16]
-    for _, _, lin in m.sparse_linears():
-        lin.set_threshold(torch.rand(()).item() * 0.8)  # in place: same graph, new thresholds
+    for _, _, p in m.projections():
+        p.set_threshold(torch.rand(()).item() * 0.8)  # in place: same graph, new thresholds
     outs = [_decode_logits(m, ids, step) for _ in range(3)]
     assert torch.isfinite(outs[0]).all() and not torch.equal(outs[0], got)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])

@@ -85,10 +85,10 @@ def test_sparse_scoring_equals_sparse_decoding(setup):
 def test_effective_sparsity_bookkeeping():
     model = tiny_model()
     teal.configure(model, sparse=False, sparsify_prefill=True, track=True)
-    for layer, proj, lin in model.sparse_linears():
+    for layer, proj, p in model.projections():
         if proj == "down_proj":
-            lin.set_threshold(float("inf"))  # zero everything
-            lin.sparse = True
+            p.set_threshold(float("inf"))  # zero everything
+            p.module.sparse = True
     with torch.no_grad():
         model(random_tokens(16)[None])
     eff = effective_sparsity(model)
@@ -170,7 +170,7 @@ def test_smollm2_dense_and_sparse_perplexity(smollm2):
     from pathlib import Path
 
     from teal.calibration import load_token_ids
-    from teal.checkpoint import load_model
+    from model import load_model
 
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     model, meta = load_model(smollm2.checkpoint)

@@ -117,9 +117,9 @@ def test_single_new_token_reports_no_decode(tiny_ckpt, capsys):
 
 @pytest.mark.parametrize("V", [7, 2048, 5000, 49152, 128256])
 def test_two_stage_argmax_equals_torch_argmax(V):
-    """generate.argmax_last (chunked max, then argmax of the chunk maxima) is torch.argmax,
+    """teal.generation.argmax_last (chunked max, then argmax of the chunk maxima) is torch.argmax,
     including ties (first index wins) and a vocabulary that is not a multiple of the chunk."""
-    from generate import argmax_last
+    from teal.generation import argmax_last
 
     x = torch.randn(3, V)
     x[1, V // 3] = x[1, V - 1] = x[1].max() + 1.0        # tie: the first index must win
@@ -129,7 +129,7 @@ def test_two_stage_argmax_equals_torch_argmax(V):
 
 
 def test_two_stage_argmax_other_inputs_fall_back_to_torch_argmax():
-    from generate import argmax_last
+    from teal.generation import argmax_last
 
     for x in (torch.randint(0, 100, (2, 5000)), torch.randn(5000), torch.randn(2, 3, 5000),
               torch.randn(0, 5000)):

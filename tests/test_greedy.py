@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import teal
 from teal.allocation import apply_config, configured_sparsity
 from teal.calibration import collect_histograms, rope_and_mask
+from teal.projections import block_projections
 from teal.greedy import (AllocationError, BlockProblem, GreedyAllocation, greedy_block,
                          greedy_search, param_counts, threshold_fn)
 from teal.sparse_linear import SparseLinear
@@ -34,10 +35,8 @@ def _block_error_reference(model, calib, layer, x, idx, sparsities, scoring):
     teal.configure(block, sparse=False, sparsify_prefill=True)
     with torch.no_grad():
         dense = block(x, pos, freqs, mask)[:, idx]
-        for _, proj, lin in model.sparse_linears():
-            if lin in set(block.modules()) and sparsities[proj] > 0:
-                lin.set_threshold(get(proj, sparsities[proj]))
-                lin.sparse = True
+        teal.set_thresholds({p: (get(proj, sparsities[proj]) if sparsities[proj] > 0 else 0.0,
+                                 sparsities[proj]) for proj, p in block_projections(block).items()})
         out = block(x, pos, freqs, mask)[:, idx]
     teal.configure(block, sparse=False, sparsify_prefill=False)
     return (out - dense).double().pow(2).sum().item()
@@ -162,7 +161,7 @@ def test_weight_informed_threshold_matches_explicit_score():
     ref = F.linear(x * keep, lin.weight)
     torch.testing.assert_close(lin(x), ref)
     assert not torch.allclose(lin(x), F.linear(x * (x.abs() > x.abs().quantile(s)), lin.weight))
-    assert isinstance(lin, SparseLinear) and lin.threshold.shape == (lin.in_features,)
+    assert isinstance(lin, SparseLinear) and lin.projection(0).threshold.shape == (lin.in_features,)
 
 
 def test_calibrate_greedy_cli_and_perplexity_greedy(tmp_path):

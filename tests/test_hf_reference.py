@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fixtures_smollm2 import smollm2, smollm2_hf  # noqa: F401 (fixtures)
-from teal.checkpoint import load_checkpoint, load_model
+from model import load_model
+from teal.checkpoint import load_checkpoint
 from teal.tokenizer import load_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"

@@ -1,10 +1,12 @@
-"""SparseLinear and the model's dispatch against float64 masked-dense references."""
+"""SparseLinear (fused projections), its handles and the model's dispatch, against float64
+masked-dense references."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import teal
 from model import ModelArgs, Transformer
-from teal.sparse_linear import SparseLinear, fuse_shared_inputs, gated_mlp, project
+from teal.sparse_linear import SparseLinear, configured, set_thresholds
 
 
 def _ref(x, w, t):
@@ -16,13 +18,19 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
+def _single(k, n, t=None):
+    lin = SparseLinear(k, n)
+    if t is not None:
+        lin.projection(0).set_threshold(t)
+    lin.sparse = True
+    return lin
+
+
 @pytest.mark.parametrize("k,n", [(96, 80), (1000, 3), (7, 1)])
 def test_decode_matches_masked_dense(k, n):
-    lin = SparseLinear(k, n)
     x = torch.randn(1, 1, k)
     t = x.abs().median()
-    lin.set_threshold(t)
-    lin.sparse = True
+    lin = _single(k, n, t)
     y = lin(x)
     assert _rel(y, _ref(x, lin.weight, t)) < 1e-5
     # the mask matters: a dense product differs
@@ -30,10 +38,8 @@ def test_decode_matches_masked_dense(k, n):
 
 
 def test_prefill_dense_unless_sparsify_prefill():
-    lin = SparseLinear(64, 32)
+    lin = _single(64, 32, 1.0)
     x = torch.randn(1, 5, 64)
-    lin.set_threshold(1.0)
-    lin.sparse = True
     dense = x.double() @ lin.weight.double().t()
     assert _rel(lin(x), dense) < 1e-5
     lin.sparsify_prefill = True
@@ -41,134 +47,178 @@ def test_prefill_dense_unless_sparsify_prefill():
 
 
 def test_per_channel_threshold_and_extremes():
-    lin = SparseLinear(48, 16)
-    lin.sparse = True
+    lin = _single(48, 16)
     x = torch.randn(1, 1, 48)
     t = torch.rand(48)
-    lin.set_threshold(t)
+    lin.projection(0).set_threshold(t)
+    assert lin.threshold.shape == (1, 48)
     assert _rel(lin(x), _ref(x, lin.weight, t)) < 1e-5
-    lin.set_threshold(float("inf"))
+    lin.projection(0).set_threshold(float("inf"))
     assert torch.equal(lin(x), torch.zeros(1, 1, 16))
-    lin.set_threshold(0.0)
+    lin.set_thresholds([0.0])
+    assert lin.threshold.shape == (1,)  # all scalar again: the canonical (S,) buffer
     assert _rel(lin(x), x.double() @ lin.weight.double().t()) < 1e-5
 
 
-def test_bad_thresholds():
-    lin = SparseLinear(8, 4)
+def test_bad_thresholds_and_sparsities():
+    lin = SparseLinear(8, (4, 2), names=("a", "b"))
     with pytest.raises(ValueError, match="shape"):
-        lin.set_threshold(torch.ones(5))
+        lin.projection("a").set_threshold(torch.ones(5))
     with pytest.raises(ValueError, match="non-negative"):
-        lin.set_threshold(-1.0)
+        lin.projection(1).set_threshold(-1.0)
+    with pytest.raises(ValueError, match="2 thresholds"):
+        lin.set_thresholds([0.1])
+    with pytest.raises(ValueError, match="sparsities"):
+        lin.set_thresholds([0.1, 0.2], [0.5, 1.0])
+    with pytest.raises(ValueError):
+        SparseLinear(8, (4, 3), names=("gate", "up"), gated=True)
 
 
 def test_weight_layout_is_input_channel_major():
-    lin = SparseLinear(24, 40)
-    assert lin.weight.shape == (40, 24) and lin.weight.t().is_contiguous()
+    lin = SparseLinear(24, (40, 8))
+    assert lin.weight.shape == (48, 24) and lin.weight.t().is_contiguous()
+    lin.to(torch.bfloat16)  # moves keep the layout and the fp32 thresholds
+    assert lin.weight.t().is_contiguous() and lin.threshold.dtype == torch.float32
+    w = torch.randn(48, 24)  # a row-major nn.Linear-shaped tensor, assigned by a load
+    lin.load_state_dict({"weight": w}, assign=True)
+    assert lin.weight.t().is_contiguous() and torch.equal(lin.weight, w)
 
 
 def test_tracking_counts_zeroed_fraction():
-    lin = SparseLinear(1000, 4)
-    lin.sparse = True
-    lin.track = True
+    lin = SparseLinear(1000, (4, 3), names=("a", "b"))
+    lin.sparse = lin.track = True
     x = torch.randn(1, 1, 1000)
-    t = x.abs().quantile(0.3)
-    lin.set_threshold(t)
+    ta, tb = x.abs().quantile(0.3), x.abs().quantile(0.6)
+    lin.set_thresholds([ta, tb])
     lin(x)
-    assert lin.effective_sparsity() == pytest.approx((x.abs() <= t).float().mean().item())
+    a, b = lin.projections()
+    assert a.effective_sparsity() == pytest.approx((x.abs() <= ta).float().mean().item())
+    assert b.effective_sparsity() == pytest.approx((x.abs() <= tb).float().mean().item())
 
 
-def test_fused_groups_match_unfused():
-    cfg = ModelArgs(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
-                    vocab_size=97, block_size=32)
-    m = Transformer(cfg)
-    teal.configure(m, sparse=True)
-    for _, _, lin in m.sparse_linears():
-        lin.set_threshold(torch.rand(()).item() * 0.5)
-    x = torch.randint(0, 97, (1, 12))
-    teal.configure(m, sparsify_prefill=True)
-    ref = m(x)
-    fuse_shared_inputs(m)
-    att = m.layers[0].attention
-    assert att.q_proj._group is att.v_proj._group is not None
-    assert torch.allclose(m(x), ref, atol=1e-5)
-    # thresholds set after fusing reach the fused buffer
-    att.k_proj.set_threshold(0.3)
-    assert att.k_proj._group.thresholds[1].item() == pytest.approx(0.3)
-    assert m.state_dict()["layers.0.attention.k_proj.weight"].shape == (32, 64)
-
-
-def test_project_and_gated_mlp_torch_path():
-    a, b = SparseLinear(32, 16), SparseLinear(32, 16)
+@pytest.mark.parametrize("shared", [True, False])
+def test_fused_module_equals_its_projections(shared):
+    """Each projection of a fused module computes its own masked product with its own
+    threshold (one mask when they agree), dense and sparse; the handles are views."""
+    sizes = (20, 7, 7)
+    lin = SparseLinear(32, sizes, names=("q", "k", "v"))
     x = torch.randn(1, 1, 32)
-    for lin, t in ((a, 0.2), (b, 0.9)):
-        lin.sparse = True
-        lin.set_threshold(t)
-    ya, yb = project(x, a, b)
-    assert _rel(ya, _ref(x, a.weight, torch.tensor(0.2))) < 1e-5
-    assert _rel(yb, _ref(x, b.weight, torch.tensor(0.9))) < 1e-5
-    h = gated_mlp(x, a, b)
-    assert torch.allclose(h, torch.nn.functional.silu(ya) * yb)
+    ts = [0.4, 0.4, 0.4] if shared else [0.2, 0.9, 0.5]
+    lin.set_thresholds(ts, [0.3, 0.3, 0.3])
+    assert lin._shared == shared
+    projs = lin.projections()
+    assert [p.name for p in projs] == ["q", "k", "v"] and [p.out_features for p in projs] == list(sizes)
+    dense = torch.cat([F.linear(x, p.weight) for p in projs], dim=-1)
+    assert _rel(lin(x), dense.double()) < 1e-5  # sparse flag off: dense
+    lin.sparse = True
+    ref = torch.cat([_ref(x, p.weight, torch.tensor(t)) for p, t in zip(projs, ts)], dim=-1)
+    assert _rel(lin(x), ref) < 1e-5
+    projs[1].set_threshold(0.0)  # a handle writes the module's buffer in place
+    assert lin.threshold[1].item() == 0.0 and projs[1].threshold.item() == 0.0
+    assert projs[0].weight.data_ptr() == lin.weight.data_ptr()
 
 
-def test_fused_dense_path_matches_unfused():
-    """Sparsity off: q/k/v and gate/up run as one GEMM over the fused buffer, same logits."""
-    cfg = ModelArgs(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
-                    vocab_size=97, block_size=32)
-    m = Transformer(cfg)
+def test_gated_module_is_swiglu():
+    lin = SparseLinear(32, (16, 16), names=("gate_proj", "up_proj"), gated=True)
+    x = torch.randn(1, 1, 32)
+    lin.set_thresholds([0.2, 0.9], [0.2, 0.6])
+    lin.sparse = True
+    g, u = lin.projections()
+    ya, yb = _ref(x, g.weight, torch.tensor(0.2)), _ref(x, u.weight, torch.tensor(0.9))
+    assert lin(x).shape == (1, 1, 16) and lin.out_features == 16
+    assert _rel(lin(x), F.silu(ya) * yb) < 1e-5
+
+
+def _tiny():
+    return ModelArgs(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
+                     vocab_size=97, block_size=32)
+
+
+def test_state_dict_is_per_projection_and_round_trips():
+    """The fused modules save one nn.Linear-shaped weight per projection and load them back
+    (strict, and assigned from row-major tensors); replaced weights are the ones used."""
+    m, other = Transformer(_tiny()), Transformer(_tiny())
+    sd = m.state_dict()
+    assert "layers.0.attention.q_proj.weight" in sd and "layers.0.attention.qkv.weight" not in sd
+    assert sd["layers.1.feed_forward.up_proj.weight"].shape == (96, 64)
     x = torch.randint(0, 97, (1, 12))
-    ref = m(x)
-    fuse_shared_inputs(m)
-    assert torch.allclose(m(x), ref, atol=1e-5)
-    m.setup_caches(1, 16)
-    step = m(x[:, :1], torch.tensor([0]))
-    assert torch.allclose(step[0, 0], ref[0, 0], atol=1e-5)
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), m(x))
+    fresh = Transformer(_tiny())
+    fresh.load_state_dict({k: v.contiguous() for k, v in other.state_dict().items()}, assign=True)
+    assert torch.allclose(fresh(x), m(x), atol=1e-6)
+    assert all(mod.weight.t().is_contiguous() for mod in teal.sparse_linears(fresh))
+    assert list(Transformer(_tiny()).state_dict()) == list(sd)
 
 
-def test_fused_group_not_used_after_weight_replacement_or_with_hooks():
-    cfg = ModelArgs(n_layer=1, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
-                    vocab_size=97, block_size=32)
-    m, ref_model = Transformer(cfg), Transformer(cfg)
-    fuse_shared_inputs(m)
-    x = torch.randint(0, 97, (1, 8))
-    # a replaced Parameter (load_state_dict(assign=True)) must win over the stale fused buffer
-    m.load_state_dict(ref_model.state_dict(), assign=True)
-    assert torch.allclose(m(x), ref_model(x), atol=1e-5)
-    # hooks on a fused member see its own call
-    m2 = Transformer(cfg)
-    fuse_shared_inputs(m2)
+def test_hooks_see_each_fused_call():
+    m = Transformer(_tiny())
     seen = []
-    m2.layers[0].attention.k_proj.register_forward_pre_hook(lambda mod, inp: seen.append("k"))
-    m2.layers[0].feed_forward.up_proj.register_forward_hook(lambda mod, inp, out: seen.append("up"))
-    m2(x)
-    assert seen == ["k", "up"]
+    m.layers[0].attention.qkv.register_forward_pre_hook(lambda mod, inp: seen.append("qkv"))
+    m.layers[0].feed_forward.gate_up.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[-1]))
+    m(torch.randint(0, 97, (1, 8)))
+    assert seen == ["qkv", 96]
 
 
-def test_target_sparsity_set_by_calibration_and_passed_as_hint(monkeypatch):
-    """apply_sparsities records each projection's calibrated level; the fused q/k/v kernel gets
-    the lowest of its members' as its algorithm hint (the kernels themselves are mocked)."""
+def test_configured_restores_flags():
+    m = Transformer(_tiny())
+    teal.configure(m, sparse=True)
+    with configured(m, sparse=False, track=True):
+        assert not any(mod.sparse for mod in teal.sparse_linears(m))
+        assert all(mod.track for mod in teal.sparse_linears(m))
+    assert all(mod.sparse and not mod.track for mod in teal.sparse_linears(m))
+
+
+def test_set_thresholds_groups_by_module():
+    """set_thresholds: whole modules get their canonical buffer ((S,) when all scalar) and
+    sparse = any projection above 0; a module not fully given is set projection by
+    projection and stays per-channel once one is."""
+    m = Transformer(_tiny())
+    qkv = m.layers[0].attention.qkv
+    q, k, v = qkv.projections()
+    set_thresholds({q: (0.1, 0.5), k: (0.2, 0.0), v: (0.3, 0.4)})
+    assert qkv.threshold.tolist() == pytest.approx([0.1, 0.2, 0.3]) and qkv.sparse
+    assert qkv.sparsity == [0.5, 0.0, 0.4]
+    buf = qkv.threshold
+    set_thresholds({q: (0.0, 0.0), k: (0.0, 0.0), v: (0.0, 0.0)})
+    assert qkv.threshold is buf and not qkv.sparse  # same shape: updated in place
+    set_thresholds({k: (torch.rand(64), 0.5)})
+    assert qkv.threshold.shape == (3, 64) and qkv.sparse and qkv.sparsity[1] == 0.5
+
+
+def test_calibrated_sparsity_chooses_the_kernel(monkeypatch):
+    """apply_sparsities records each projection's calibrated sparsity; a fused module asks
+    its policy for the launch of the lowest of its projections' and hands it to the kernel
+    (the kernels themselves are replaced by a recorder here)."""
     import teal.kernels as K
-    import teal.sparse_linear as sl
+    from teal.kernels import KernelPolicy
     from teal.thresholds import apply_sparsities
     from tiny_models import noise_calibration
 
     args = ModelArgs(n_layer=1, n_head=4, n_local_heads=2, dim=64, intermediate_size=96,
                      vocab_size=50, block_size=16)
     m = Transformer(args)
-    calib = noise_calibration(args)
     levels = {"q_proj": 0.9, "k_proj": 0.85, "v_proj": 0.95, "o_proj": 0.5, "gate_proj": 0.8,
               "up_proj": 0.9, "down_proj": 0.0}
-    apply_sparsities(m, calib, levels)
-    for _, proj, lin in m.sparse_linears():
-        assert lin.target_sparsity == levels[proj]
-    fuse_shared_inputs(m)
+    apply_sparsities(m, noise_calibration(args), levels)
+    for _, proj, p in m.projections():
+        assert p.sparsity == levels[proj]
+    assert not m.layers[0].feed_forward.down_proj.sparse
+    monkeypatch.setattr(K, "kernels_available", lambda device: True)
+    monkeypatch.setattr(K, "prepare", lambda device: None)
+    teal.set_kernel_policy(m, KernelPolicy(interpreter=True))
     seen = []
-    monkeypatch.setattr(sl, "_kernel_ok", lambda x, lin: True)
-    monkeypatch.setattr(K, "sparse_gemv_segments", lambda x, wt, t, seg, s: seen.append(("qkv", s)) or
-                        torch.zeros(*x.shape[:-1], wt.shape[1]))
-    monkeypatch.setattr(K, "sparse_gated_gemv", lambda x, wt, t, s: seen.append(("gate_up", s)) or
-                        torch.zeros(*x.shape[:-1], wt.shape[1] // 2))
+    monkeypatch.setattr(K, "sparse_gemv", lambda x, wt, t, seg, sparsity, launch: seen.append(
+        ("seg", sparsity, launch)) or torch.zeros(*x.shape[:-1], wt.shape[1]))
+    monkeypatch.setattr(K, "sparse_gated_gemv", lambda x, wt, t, sparsity, launch: seen.append(
+        ("gated", sparsity, launch)) or torch.zeros(*x.shape[:-1], wt.shape[1] // 2))
     a, f = m.layers[0].attention, m.layers[0].feed_forward
-    x = torch.randn(1, 1, 64)
-    project(x, a.q_proj, a.k_proj, a.v_proj)
-    gated_mlp(x, f.gate_proj, f.up_proj)
-    assert seen == [("qkv", 0.85), ("gate_up", 0.8)]
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    a.qkv.to(torch.bfloat16)(x)
+    f.gate_up.to(torch.bfloat16)(x)
+    policy = a.qkv.kernel_policy
+    assert [s[:2] for s in seen] == [("seg", 0.85), ("gated", 0.8)]
+    assert seen[0][2] == policy.launch("seg", 64, a.qkv.sizes, torch.bfloat16, "dense", 0.85, "cpu")
+    assert seen[1][2] == policy.launch("gated", 64, f.gate_up.sizes, torch.bfloat16, "dense", 0.8, "cpu")
+    teal.set_kernel_policy(m, KernelPolicy(gemv=False))
+    assert a.qkv._launch is None

@@ -20,8 +20,9 @@ import torch.multiprocessing as mp
 
 import tp
 from model import ModelArgs, Transformer
-from teal.sparse_linear import configure, fuse_shared_inputs
-from teal.thresholds import INPUT_OF, Calibration, apply_uniform_sparsity
+from teal.projections import INPUTS, input_module, model_projection
+from teal.sparse_linear import configure, sparse_linears
+from teal.thresholds import Calibration, apply_uniform_sparsity
 
 from fixtures_smollm2 import smollm2  # noqa: F401 (pytest fixture: prepares the checkpoint)
 
@@ -64,10 +65,10 @@ def _calibrate(model: Transformer, tokens: torch.Tensor) -> Calibration:
     """Histograms of the four projection inputs of every block over one forward of tokens."""
     calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
     hooks = []
-    for layer, name, lin in model.sparse_linears():
-        if name in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-            hooks.append(lin.register_forward_pre_hook(
-                lambda m, a, layer=layer, name=name: calib.update(layer, INPUT_OF[name], a[0])))
+    for layer, block in enumerate(model.layers):
+        for name in INPUTS:
+            hooks.append(input_module(block, name).register_forward_pre_hook(
+                lambda m, a, layer=layer, name=name: calib.update(layer, name, a[0])))
     with torch.no_grad():
         model(tokens)
     for h in hooks:
@@ -78,16 +79,16 @@ def _calibrate(model: Transformer, tokens: torch.Tensor) -> Calibration:
 def _per_channel_thresholds(model: Transformer, tokens: torch.Tensor, s: float) -> None:
     """Per-input-channel thresholds: the s-quantile of |x_i| over the tokens, per projection."""
     acts = {}
-    hooks = [lin.register_forward_pre_hook(
-        lambda m, a, key=(layer, name): acts.__setitem__(key, a[0].reshape(-1, a[0].shape[-1])))
-        for layer, name, lin in model.sparse_linears()]
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, a: acts.__setitem__(id(mod), a[0].reshape(-1, a[0].shape[-1])))
+        for m in sparse_linears(model)]
     with torch.no_grad():
         model(tokens)
     for h in hooks:
         h.remove()
-    for layer, name, lin in model.sparse_linears():
-        lin.set_threshold(torch.quantile(acts[(layer, name)].abs(), s, dim=0))
-        lin.sparse = True
+    for layer, name, p in model.projections():
+        p.set_threshold(torch.quantile(acts[id(p.module)].abs(), s, dim=0))
+        p.module.sparse = True
 
 
 @torch.no_grad()
@@ -109,12 +110,9 @@ def _assert_logits_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> Non
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
 
 
-def _compare(ref_model: Transformer, prompt: torch.Tensor, n_new: int, what: str,
-             fuse: bool = False) -> None:
+def _compare(ref_model: Transformer, prompt: torch.Tensor, n_new: int, what: str) -> None:
     """Shard a copy of ref_model over the process group; logits, tokens and counts must match."""
     tp_model = copy.deepcopy(ref_model)
-    if fuse:
-        fuse_shared_inputs(tp_model)
     tp.apply_tp(tp_model)
     for m in (ref_model, tp_model):
         configure(m, track=True)  # also resets the counters
@@ -138,7 +136,7 @@ def _compare(ref_model: Transformer, prompt: torch.Tensor, n_new: int, what: str
 
 
 def _totals(model: Transformer) -> tuple[float, float]:
-    c = torch.stack([lin.counts for _, _, lin in model.sparse_linears()]).sum(0)
+    c = torch.cat([m.counts for m in sparse_linears(model)]).sum(0)
     return float(c[0]), float(c[1])
 
 
@@ -156,7 +154,7 @@ def _worker_tiny(cfg: dict, compile_check: bool) -> None:
     _compare(model, prompt, 6, "scalar 50%")
 
     _per_channel_thresholds(model, calib_tokens, 0.5)
-    _compare(model, prompt, 6, "per-channel 50%", fuse=True)
+    _compare(model, prompt, 6, "per-channel 50%")
 
     if compile_check:
         # fullgraph capture of the hooked functional collectives (aot_eager: no C++ build).
@@ -174,9 +172,9 @@ def _worker_checkpoint(model: Transformer, ref: dict, prompt: torch.Tensor, n_ne
     tp.apply_tp(model)
     model.setup_caches(1, prompt.shape[1] + n_new)
     for s, (thresholds, ref_logits, ref_tokens) in ref.items():
-        for layer, name, lin in model.sparse_linears():
-            lin.set_threshold(thresholds[(layer, name)])
-            lin.sparse = s > 0
+        for layer, name, p in model.projections():
+            p.set_threshold(thresholds[(layer, name)])
+            p.module.sparse = s > 0
         with torch.no_grad():
             _assert_logits_close(model(prompt), ref_logits, f"SmolLM2 sparsity {s} logits")
         got = _greedy(model, prompt, n_new)
@@ -186,7 +184,8 @@ def _worker_checkpoint(model: Transformer, ref: dict, prompt: torch.Tensor, n_ne
 # ----------------------------------------------------------------------------- tests
 def test_tp2_matches_single_process():
     """World size 2, GQA 4/2 heads, vocab-parallel lm_head; dense, scalar and per-channel 50%;
-    fused q/k/v + gate/up re-fused; torch.compile(fullgraph=True) traces the collectives."""
+    fused q/k/v and gate/up sharded per projection; torch.compile(fullgraph=True) traces the
+    collectives."""
     _spawn(2, _worker_tiny, TINY, True)
 
 
@@ -197,7 +196,7 @@ def test_tp3_smollm2_layout():
 
 def test_tp3_smollm2_checkpoint(smollm2):
     """The real SmolLM2-135M over 3 ranks: logits and a few greedy tokens, dense and 50%."""
-    from teal.checkpoint import load_model
+    from model import load_model
     model, _ = load_model(smollm2.checkpoint)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -207,8 +206,8 @@ def test_tp3_smollm2_checkpoint(smollm2):
     n_new, ref = 3, {}
     for s in (0.0, 0.5):
         apply_uniform_sparsity(model, calib, s)
-        thresholds = {(layer, name): lin.threshold.clone()
-                      for layer, name, lin in model.sparse_linears()}
+        thresholds = {(layer, name): p.threshold.clone()
+                      for layer, name, p in model.projections()}
         with torch.no_grad():
             logits = model(prompt)
         model.setup_caches(1, prompt.shape[1] + n_new)
@@ -263,18 +262,19 @@ def test_shard_shapes_without_process_group(monkeypatch):
     model = _small()
     down_t = torch.rand(TINY["intermediate_size"])
     q_t = torch.rand(TINY["dim"])
-    model.layers[0].feed_forward.down_proj.set_threshold(down_t)
-    model.layers[0].attention.q_proj.set_threshold(q_t)
+    model_projection(model, 0, "down_proj").set_threshold(down_t)
+    model_projection(model, 0, "q_proj").set_threshold(q_t)
     model.setup_caches(1, 16)
     tp.apply_tp(model, rank=1, world_size=2)
     a, f = model.layers[0].attention, model.layers[0].feed_forward
+    q, k, v = a.qkv.projections()
     assert (a.n_head, a.n_local_heads) == (2, 1)
-    assert tuple(a.q_proj.weight.shape) == (32, 64) and tuple(a.k_proj.weight.shape) == (16, 64)
+    assert tuple(q.weight.shape) == (32, 64) and tuple(k.weight.shape) == (16, 64)
     assert tuple(a.o_proj.weight.shape) == (64, 32)
     assert tuple(f.down_proj.weight.shape) == (64, 64) and f.down_proj.in_features == 64
-    assert all(lin.weight.t().is_contiguous() for _, _, lin in model.sparse_linears())
-    assert torch.equal(f.down_proj.threshold, down_t[64:])
-    assert torch.equal(a.q_proj.threshold, q_t)
+    assert all(m.weight.t().is_contiguous() for m in sparse_linears(model))
+    assert torch.equal(f.down_proj.projection(0).threshold, down_t[64:])
+    assert torch.equal(q.threshold, q_t)
     assert a.kv_cache.k_cache.shape == (1, 1, 16, 16)
     assert model.config.n_head == 2 and model.tp_info.full_config["n_head"] == 4
     assert tuple(model.output.weight.shape) == (64, 64)

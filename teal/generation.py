@@ -1,0 +1,189 @@
+"""The decode loop (GPT-Fast style): prefill, one-token decode steps, sampling, reporting.
+
+`generate` prefills the prompt densely (TEAL keeps prefill dense at inference) and decodes
+token by token through `decode_fn` (`decode_one_token`, or its `torch.compile`d form: one
+CUDA graph per step), with greedy or top-k sampling that never synchronises with the host.
+`bytes_per_decode_step` and `measure_effective_sparsity` turn a run into GB/s and the
+measured sparsity per projection type. Used by generate.py and scripts/bench_decode.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from teal.sparse_linear import configure, sparse_linears
+
+__all__ = ["argmax_last", "multinomial_sample_one_no_sync", "logits_to_probs", "sample",
+           "prefill", "decode_one_token", "decode_n_tokens", "generate",
+           "bytes_per_decode_step", "measure_effective_sparsity"]
+
+
+# ----------------------------------------------------------------------------- sampling
+def argmax_last(x: Tensor, chunk: int = 512) -> Tensor:
+    """torch.argmax(x, dim=-1, keepdim=True) as int32, in two stages for a long last dim.
+
+    x: (B, V) floating point (anything else: plain torch.argmax). Compiled, a single argmax
+    over a 128K vocabulary runs as one ~30 us reduction per token; here row chunks of `chunk`
+    entries are reduced in parallel first (max + index), then the chunk maxima. First index
+    of the maximum, as torch.argmax.
+    """
+    if x.dim() != 2 or not x.is_floating_point() or x.shape[0] == 0 or x.shape[1] <= 4 * chunk:
+        return torch.argmax(x, dim=-1, keepdim=True).to(dtype=torch.int)
+    B, V = x.shape
+    pad = -V % chunk
+    xp = F.pad(x, (0, pad), value=float("-inf")) if pad else x
+    m, i = xp.view(B, -1, chunk).max(dim=-1)               # (B, R)
+    j = torch.argmax(m, dim=-1, keepdim=True)             # (B, 1): first chunk with the max
+    return (j * chunk + i.gather(-1, j)).to(dtype=torch.int)
+
+
+def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
+    """Sample one index per row without a host sync (exponential-race trick)."""
+    q = torch.empty_like(probs).exponential_(1)
+    return argmax_last(probs / q)
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None):
+    logits = logits / max(temperature, 1e-5)
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    """Next token id (B, 1) from logits (B, T, V) at the last position; greedy if temp 0."""
+    last = logits[:, -1]
+    if temperature <= 0:
+        return argmax_last(last)
+    return multinomial_sample_one_no_sync(logits_to_probs(last, temperature, top_k))
+
+
+# ----------------------------------------------------------------------------- decoding
+def prefill(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
+    return sample(model(x, input_pos), temperature, top_k)
+
+
+def decode_one_token(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
+    # x: (B, 1), input_pos: (1,)
+    return sample(model(x, input_pos), temperature, top_k)
+
+
+def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
+                    decode_fn, temperature: float, top_k, stop_ids=()) -> list[Tensor]:
+    new_tokens = []
+    for _ in range(num_new_tokens):
+        with _sdpa_math():
+            next_token = decode_fn(model, cur_token, input_pos, temperature, top_k)
+        input_pos += 1
+        new_tokens.append(next_token.clone())
+        cur_token = next_token.clone()
+        if stop_ids and int(next_token[0, 0]) in stop_ids:
+            break
+    return new_tokens
+
+
+def _sdpa_math():
+    if torch.cuda.is_available():
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            return sdpa_kernel([SDPBackend.MATH])
+        except ImportError:  # torch < 2.3
+            pass
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(model, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.8,
+             top_k: Optional[int] = 200, stop_ids=()) -> tuple[Tensor, dict]:
+    """Prefill `prompt` (T,) int and decode up to `max_new_tokens`; returns (ids, timings)."""
+    device = prompt.device
+    t = prompt.numel()
+    max_seq = min(t + max_new_tokens, model.config.block_size)
+    with torch.device(device):
+        model.setup_caches(max_batch_size=1, max_seq_length=max_seq)
+    seq = torch.empty(max_seq, dtype=torch.int, device=device)
+    seq[:t] = prompt
+    input_pos = torch.arange(0, t, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    next_token = prefill(model, prompt.view(1, -1), input_pos, temperature, top_k).clone()
+    _sync(device)
+    t1 = time.perf_counter()
+    seq[t] = next_token[0, 0]
+    input_pos = torch.tensor([t], device=device, dtype=torch.int)
+    tokens = decode_n_tokens(model, next_token.view(1, -1), input_pos, max_new_tokens - 1,
+                             decode_fn, temperature, top_k, stop_ids)
+    _sync(device)
+    t2 = time.perf_counter()
+    n = len(tokens)
+    if n:
+        seq[t + 1:t + 1 + n] = torch.cat(tokens).view(-1)
+    return seq[:t + 1 + n], {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": n}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- reporting
+def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int:
+    """Weight bytes read for one decode token: every parameter except the embedding table
+    (only one row is read; a tied output head still reads it), with each sparse projection's
+    bytes scaled by its kept fraction (1 - effective sparsity of `sparsity_by_proj[name]`)."""
+    sparsity_by_proj = sparsity_by_proj or {}
+    projection_params = {}
+    for m in sparse_linears(model):
+        projection_params[id(m.weight)] = m
+    total, seen = 0.0, set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name == "tok_embeddings.weight" and not model.config.tie_embeddings:
+            continue
+        m = projection_params.get(id(p))
+        if m is None or not m.sparse:
+            total += p.numel() * p.element_size()
+            continue
+        for proj in m.projections():
+            nbytes = proj.out_features * proj.in_features * p.element_size()
+            total += nbytes * (1.0 - sparsity_by_proj.get(proj.name, 0.0))
+    return int(total)
+
+
+@torch.no_grad()
+def measure_effective_sparsity(model, ids: Tensor, prompt_len: int, aggregate=None) -> dict:
+    """Per-projection-type fraction of zeroed inputs over the generated tokens.
+
+    Teacher-forced in eager mode over the whole sequence with every token sparsified; the
+    counts of the prompt positions are removed by a second pass over the prompt alone.
+    `aggregate(model)`, if given, sums the counters across tensor-parallel ranks.
+    """
+    def run(x):
+        configure(model, sparsify_prefill=True, track=True)
+        model(x.view(1, -1))
+        if aggregate is not None:
+            aggregate(model)
+        counts = {}
+        for _, proj, p in model.projections():
+            if p.sparse:
+                c = counts.setdefault(proj, torch.zeros(2, dtype=torch.float64))
+                c += p.counts.cpu()
+        return counts
+
+    if ids.numel() - 1 <= prompt_len:
+        return {}  # no decode step ran (only the prefill's token)
+    try:  # decode steps consumed positions prompt_len .. len-2 (the last token is never fed)
+        full = run(ids[:-1])
+        pre = run(ids[:prompt_len])
+    finally:
+        configure(model, sparsify_prefill=False, track=False)
+    return {p: ((full[p][0] - pre[p][0]) / max((full[p][1] - pre[p][1]).item(), 1)).item()
+            for p in full}
