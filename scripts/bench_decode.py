@@ -29,7 +29,8 @@ from teal.generation import (bytes_per_decode_step, decode_n_tokens, decode_one_
                              measure_effective_sparsity)
 from teal.io import atomic_write_json
 from teal.kernels import DEFAULT_TABLE, DispatchTable, KernelPolicy
-from teal.projections import INPUT_SPECS, PROJECTIONS, input_module
+from teal.calibration import collect_histograms
+from teal.projections import PROJECTIONS
 from teal.thresholds import Calibration, apply_uniform_sparsity
 
 
@@ -65,22 +66,9 @@ def random_model(name: str, device, dtype, n_layer: int | None = None,
 @torch.no_grad()
 def calibrate_random(model: Transformer, tokens: int, device) -> Calibration:
     """Histograms of the four projection inputs for `tokens` random ids (dense forward)."""
-    calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
-    hooks = []
-    for layer, block in enumerate(model.layers):
-        for spec in INPUT_SPECS:
-            def hook(_mod, inp, layer=layer, name=spec.name):
-                calib.update(layer, name, inp[0])
-            hooks.append(input_module(block, spec.name).register_forward_pre_hook(hook))
-    try:
-        ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-        model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    calib.meta["tokens"] = tokens
-    calib.meta["text"] = "random token ids"
-    return calib
+    ids = torch.randint(0, model.config.vocab_size, (tokens,))
+    return collect_histograms(model, ids, tokens, weighted=False, device=device, progress=False,
+                              text_meta="random token ids")
 
 
 def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int) -> list[float]:

@@ -33,8 +33,10 @@ tp.set_safe_nccl_env()  # before torch/NCCL initialise anything
 import torch  # noqa: E402
 
 from model import ModelArgs, Transformer  # noqa: E402
-from teal.sparse_linear import configure, fuse_shared_inputs, to_kernel_layout  # noqa: E402
-from teal.thresholds import INPUT_OF, INPUTS, Calibration, apply_uniform_sparsity  # noqa: E402
+from teal.calibration import collect_histograms  # noqa: E402
+from teal.projections import INPUTS  # noqa: E402
+from teal.sparse_linear import configure, sparse_linears  # noqa: E402
+from teal.thresholds import apply_uniform_sparsity  # noqa: E402
 
 TINY = dict(block_size=512, vocab_size=512, n_layer=2, n_head=8, n_local_heads=4, dim=128,
             intermediate_size=384)
@@ -67,26 +69,16 @@ def build_model(cfg: ModelArgs, device: torch.device, dtype: torch.dtype, seed: 
             m.threshold = m.threshold.float()
     with torch.no_grad():  # nn.Embedding's N(0, 1) rows; the lm_head like a trained one
         model.output.weight.normal_(std=cfg.dim ** -0.5)
-    return to_kernel_layout(model.eval())
+    return model.eval()
 
 
 @torch.no_grad()
 def synthetic_calibration(model: Transformer, n_tokens: int, vocab: int, device, seed: int):
     """Histograms of the four projection inputs over one forward of random tokens."""
-    calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
-    calib.meta["text"] = f"random tokens (seed {seed}, {n_tokens} tokens)"
-    hooks = []
-    for layer, name, lin in model.sparse_linears():
-        if name in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-            hooks.append(lin.register_forward_pre_hook(
-                lambda m, a, layer=layer, name=name: calib.update(layer, INPUT_OF[name], a[0])))
     g = torch.Generator().manual_seed(seed + 1)
-    tokens = torch.randint(0, vocab, (1, n_tokens), generator=g).to(device)
-    try:
-        model(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
+    tokens = torch.randint(0, vocab, (n_tokens,), generator=g)
+    calib = collect_histograms(model, tokens, n_tokens, weighted=False, device=device, progress=False,
+                               text_meta=f"random tokens (seed {seed}, {n_tokens} tokens)")
     if tp.world_size() > 1:
         # o/down see input shards: sum their histograms over ranks so every rank (and a
         # 1-GPU run) gets the threshold of the full input. q/k/v and gate/up see the full
@@ -123,8 +115,7 @@ def generate(model, step, prompt: torch.Tensor, n_new: int) -> tuple[torch.Tenso
 
 def weight_bytes(model: Transformer) -> tuple[int, int]:
     """Bytes read per decode step on this rank: (block projections, lm_head + norms)."""
-    proj = sum(lin.weight.numel() * lin.weight.element_size()
-               for _, _, lin in model.sparse_linears())
+    proj = sum(m.weight.numel() * m.weight.element_size() for m in sparse_linears(model))
     other = model.output.weight.numel() * model.output.weight.element_size()
     other += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
     return proj, other
@@ -162,8 +153,6 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor",
                    help="e.g. aot_eager to check tracing quickly on CPU")
     p.add_argument("--no-shard-output", action="store_true", help="replicate the lm_head")
-    p.add_argument("--no-fuse", action="store_true",
-                   help="do not fuse q/k/v and gate/up (teal.fuse_shared_inputs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = p.parse_args(argv)
@@ -192,8 +181,6 @@ def main(argv=None) -> dict:
     model = build_model(cfg, device, dtype, args.seed)
     if ws > 1:
         tp.apply_tp(model, shard_output=not args.no_shard_output)
-    if not args.no_fuse:  # as generate.py: one kernel pass for q/k/v and for gate/up
-        fuse_shared_inputs(model)
     sync(device)
     build_s = time.perf_counter() - t0
     proj_bytes, other_bytes = weight_bytes(model)
@@ -215,7 +202,7 @@ def main(argv=None) -> dict:
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or "cpu", torch=torch.__version__, compile=use_compile,
         compile_mode=args.compile_mode if use_compile else None,
-        kernels=kernel_status(device), fused=not args.no_fuse, sharded_output=bool(getattr(model, "tp_info", None)
+        kernels=kernel_status(device), sharded_output=bool(getattr(model, "tp_info", None)
                                                             and model.tp_info.sharded_output),
         prompt_len=args.prompt_len, tokens=args.tokens, runs=args.runs,
         proj_bytes_per_rank=proj_bytes, other_bytes_per_rank=other_bytes, results=[])

@@ -20,7 +20,8 @@ import torch.multiprocessing as mp
 
 import tp
 from model import ModelArgs, Transformer
-from teal.projections import INPUTS, input_module, model_projection
+from teal.calibration import collect_histograms
+from teal.projections import model_projection
 from teal.sparse_linear import configure, sparse_linears
 from teal.thresholds import Calibration, apply_uniform_sparsity
 
@@ -63,17 +64,8 @@ def _spawn(world: int, fn, *args) -> None:
 
 def _calibrate(model: Transformer, tokens: torch.Tensor) -> Calibration:
     """Histograms of the four projection inputs of every block over one forward of tokens."""
-    calib = Calibration.empty(model.config.to_dict(), model.config.n_layer)
-    hooks = []
-    for layer, block in enumerate(model.layers):
-        for name in INPUTS:
-            hooks.append(input_module(block, name).register_forward_pre_hook(
-                lambda m, a, layer=layer, name=name: calib.update(layer, name, a[0])))
-    with torch.no_grad():
-        model(tokens)
-    for h in hooks:
-        h.remove()
-    return calib
+    return collect_histograms(model, tokens.reshape(-1), tokens.numel(), weighted=False,
+                              progress=False)
 
 
 def _per_channel_thresholds(model: Transformer, tokens: torch.Tensor, s: float) -> None:

@@ -101,6 +101,30 @@ def scale_output(acc, s_ptr, cols, nmask, WFMT: tl.constexpr):
 
 
 @triton.jit
+def finish(acc, acc_u, s_ptr, cols, cols_u, nmask, part_ptr, cnt_ptr, y_ptr, pid_n, pid_k, split,
+           ncols, GATED: tl.constexpr, HAS_SPLIT: tl.constexpr, WFMT: tl.constexpr,
+           FOLD: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr):
+    """The epilogue every GEMV shares: sum the accumulators over their rows (FOLD: 2-D),
+    apply per-column weight scales (`scale_output`), then `store_output`.  acc_u / cols_u
+    (up's) are read only when GATED."""
+    if FOLD:
+        v = tl.sum(acc, axis=0)
+    else:
+        v = acc
+    v = scale_output(v, s_ptr, cols, nmask, WFMT)
+    if GATED:
+        if FOLD:
+            u = tl.sum(acc_u, axis=0)
+        else:
+            u = acc_u
+        u = scale_output(u, s_ptr, cols_u, nmask, WFMT)
+    else:
+        u = v
+    store_output(v, u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, ncols, GATED,
+                 HAS_SPLIT, BLOCK_N, RCHUNK)
+
+
+@triton.jit
 def seg_tile(pid_n, c1, c2, c3, c4, tile1, tile2, tile3, BLOCK_N: tl.constexpr):
     """(segment, columns, column mask) of column tile pid_n; segment s spans [c_s, c_{s+1})
     (c0 = 0) and its tiles start at tile index tile_s (tile0 = 0). Scalar arithmetic only."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import load_keep, load_weight_tile, program_columns, range_kept, scale_output, store_output
+from .common import finish, load_keep, load_weight_tile, program_columns, range_kept
 
 BLOCK_M = 16  # rows of the A operand (smallest MMA tile; x in row 0)
 
@@ -60,15 +60,13 @@ def dot_gemv_kernel(
     pid_k = tl.program_id(1)
     _, cols, nmask, t_off = program_columns(pid_n, ncols, c1, c2, c3, c4, tile1, tile2, tile3, stride_ts,
                                          GATED, BLOCK_N)
-    if GATED:
-        cols_u = ncols + cols
+    cols_u = ncols + cols  # up's columns (GATED)
     k_lo = pid_k * k_per_split
     k_end = tl.minimum(K, k_lo + k_per_split)
     ar = tl.arange(0, BLOCK_K)
     rm = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if GATED:
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_stop = k_lo + k_per_split
     if WARM > 0:
         n_kept = range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL, WARM)
@@ -83,13 +81,8 @@ def dot_gemv_kernel(
             acc_u = _dot_step(acc_u, x_ptr, w_ptr, s_ptr, t_ptr, t_off + stride_ts, k0 + ar, k_end,
                               cols_u, nmask, rm, stride_wk, stride_s, stride_tk, PER_CHANNEL, EVEN_N,
                               BIG, WFMT, GROUP, DOT_F32)
-    accv = scale_output(tl.sum(acc, axis=0), s_ptr, cols, nmask, WFMT)
-    if GATED:
-        accu = scale_output(tl.sum(acc_u, axis=0), s_ptr, cols_u, nmask, WFMT)
-    else:
-        accu = accv
-    store_output(accv, accu, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, ncols,
-                 GATED, HAS_SPLIT, BLOCK_N, RCHUNK)
+    finish(acc, acc_u, s_ptr, cols, cols_u, nmask, part_ptr, cnt_ptr, y_ptr, pid_n, pid_k, split,
+           ncols, GATED, HAS_SPLIT, WFMT, True, BLOCK_N, RCHUNK)
 
 
 def launch(plan, lc) -> None:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import load_keep, load_weight_tile, program_columns, scale_output, store_output
+from .common import finish, load_keep, load_weight_tile, program_columns
 from .dot import BLOCK_M, mma
 
 
@@ -109,11 +109,12 @@ def list_gemv_kernel(
     rm = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_max = n
+    cols_u = ncols + cols  # up's columns (GATED)
     if GATED:
-        cols_u = ncols + cols
         n_u = _list_count(x_ptr, t_ptr, t_off + stride_ts, pid_k * KS, K, stride_tk, idx_ptr,
                           xv_ptr, kc_ptr, split + pid_k, PER_CHANNEL, KS, INLINE)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
         n_max = tl.maximum(n, n_u)
     for c in range(0, n_max, BLOCK_K):
         acc = _list_step(acc, w_ptr, s_ptr, idx_ptr, xv_ptr, li * KS, c, n, ar, cols, nmask, rm,
@@ -122,13 +123,8 @@ def list_gemv_kernel(
             acc_u = _list_step(acc_u, w_ptr, s_ptr, idx_ptr, xv_ptr, (split + pid_k) * KS, c, n_u,
                                ar, cols_u, nmask, rm, stride_wk, stride_s, EVEN_N, BIG, WFMT,
                                GROUP, DOT_F32)
-    accv = scale_output(tl.sum(acc, axis=0), s_ptr, cols, nmask, WFMT)
-    if GATED:
-        accu = scale_output(tl.sum(acc_u, axis=0), s_ptr, cols_u, nmask, WFMT)
-    else:
-        accu = accv
-    store_output(accv, accu, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, ncols,
-                 GATED, HAS_SPLIT, BLOCK_N, RCHUNK)
+    finish(acc, acc_u, s_ptr, cols, cols_u, nmask, part_ptr, cnt_ptr, y_ptr, pid_n, pid_k, split,
+           ncols, GATED, HAS_SPLIT, WFMT, True, BLOCK_N, RCHUNK)
 
 
 def launch(plan, lc) -> None:

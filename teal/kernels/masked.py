@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import load_threshold, load_weight_tile, program_columns, scale_output, store_output
+from .common import finish, load_threshold, load_weight_tile, program_columns
 
 
 @triton.jit
@@ -42,14 +42,6 @@ def _accum(acc, w, xk, ACC2D: tl.constexpr):
 
 
 @triton.jit
-def _fold(acc, ACC2D: tl.constexpr):
-    if ACC2D:
-        return tl.sum(acc, axis=0)
-    else:
-        return acc
-
-
-@triton.jit
 def masked_gemv_kernel(
     x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr,
     K, stride_wk, stride_ts, stride_tk, k_per_split, split, ncols,
@@ -67,14 +59,12 @@ def masked_gemv_kernel(
     k_lo = pid_k * k_per_split
     k_end = tl.minimum(K, k_lo + k_per_split)
     ar = tl.arange(0, BLOCK_K)
-    if GATED:
-        cols_u = ncols + cols
+    cols_u = ncols + cols  # up's columns (GATED)
     if ACC2D:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if GATED:
-        acc_u = tl.zeros_like(acc)
+    acc_u = tl.zeros_like(acc)
     xk, keep = _masked_x(x_ptr, t_ptr, t_off, k_lo + ar, k_end, stride_tk, PER_CHANNEL)
     if GATED:
         xu, ku = _masked_x(x_ptr, t_ptr, t_off + stride_ts, k_lo + ar, k_end, stride_tk, PER_CHANNEL)
@@ -113,13 +103,8 @@ def masked_gemv_kernel(
                 acc_u = _accum(acc_u, wu, xu, ACC2D)
                 xu, ku, wu = xun, kun, wun
             xk, keep, w = xn, kn, wn
-    accv = scale_output(_fold(acc, ACC2D), s_ptr, cols, nmask, WFMT)
-    if GATED:
-        accu = scale_output(_fold(acc_u, ACC2D), s_ptr, cols_u, nmask, WFMT)
-    else:
-        accu = accv
-    store_output(accv, accu, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, ncols,
-                 GATED, HAS_SPLIT, BLOCK_N, RCHUNK)
+    finish(acc, acc_u, s_ptr, cols, cols_u, nmask, part_ptr, cnt_ptr, y_ptr, pid_n, pid_k, split,
+           ncols, GATED, HAS_SPLIT, WFMT, ACC2D, BLOCK_N, RCHUNK)
 
 
 def launch(plan, lc) -> None:
