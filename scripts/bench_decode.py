@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from teal.generation import (bytes_per_decode_step, decode_n_tokens, decode_one_
                              measure_effective_sparsity)
 from teal.io import atomic_write_json
 from teal.kernels import DEFAULT_TABLE, DispatchTable, KernelPolicy
+from teal.provenance import environment
 from teal.calibration import collect_histograms
 from teal.projections import PROJECTIONS
 from teal.thresholds import Calibration, apply_uniform_sparsity
@@ -186,37 +186,6 @@ def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def environment() -> dict:
-    import importlib.util
-    env = dict(torch=torch.__version__, python=platform.python_version())
-    if importlib.util.find_spec("triton"):
-        import triton
-        env["triton"] = triton.__version__
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    env["commit"] = code_commit()
-    return env
-
-
-def code_commit() -> str:
-    """TEAL_COMMIT if set (a copy of the tree whose git metadata may be stale, e.g. a remote
-    benchmark machine), else `git rev-parse --short HEAD` of the repository holding this
-    script plus "+dirty" for uncommitted changes (untracked, non-ignored files included),
-    else "unknown"."""
-    import os
-    if os.environ.get("TEAL_COMMIT"):
-        return os.environ["TEAL_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], text=True,
-                               capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=None,
@@ -256,7 +225,7 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
     policy = KernelPolicy(gemv=args.gemv == "kernel", attention=args.attention == "kernel", table=table)
     dtype = getattr(torch, args.dtype)
-    env = environment()
+    env = environment(Path(__file__).resolve().parent, os.environ.get("TEAL_COMMIT"))
     print(json.dumps(env))
     rows = []
 

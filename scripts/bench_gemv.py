@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from teal.io import atomic_write_json
 from teal.kernels import DEFAULT_TABLE, DispatchTable, GemvConfig, KernelPolicy, TableRow
 from teal.kernels import reference as R
+from teal.provenance import environment
 
 # (model, name, kind, K, segment widths (seg) or F (gated))
 SHAPES = [
@@ -228,7 +229,7 @@ def run_compare(shapes, sparsities, l2, dtype, tqdm, commit):
         res = {}
         for cfg in CANDIDATES[name]:
             policy = KernelPolicy(config=cfg)
-            bad = next((f"{s:.0%}: {e}" for s in (0.0, 0.5) if (e := b.check(ths[s], s, policy))), "")
+            bad = next((f"{s:.0%}: {e}" for s in sparsities if (e := b.check(ths[s], s, policy))), "")
             if bad:
                 print(f"CHECK FAILED {model} {name} {label(cfg)} {bad}", flush=True)
                 continue
@@ -254,15 +255,6 @@ def run_compare(shapes, sparsities, l2, dtype, tqdm, commit):
     return rows, winners
 
 
-def _commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        return subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=None, help="write results here")
@@ -281,7 +273,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: bench_gemv.py needs a CUDA GPU")
-    import triton
     from tqdm import tqdm
 
     shapes = [s for s in SHAPES if not args.shapes or f"{s[0]}:{s[1]}" in args.shapes]
@@ -298,11 +289,11 @@ def main(argv=None) -> None:
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 60 << 20)
     bw = copy_bandwidth()
-    commit = _commit()
+    env = environment(Path(__file__).resolve().parent, os.environ.get("TEAL_COMMIT"))
+    commit = env["commit"]
     print(f"GPU {props.name} ({props.multi_processor_count} SMs, L2 {l2 >> 20} MB) torch {torch.__version__} "
-          f"triton {triton.__version__} {args.dtype} commit {commit}; device copy {bw:.0f} GB/s", flush=True)
-    results = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, dtype=args.dtype,
-                   copy_gbs=bw, commit=commit, argv=sys.argv[1:])
+          f"triton {env.get('triton')} {args.dtype} commit {commit}; device copy {bw:.0f} GB/s", flush=True)
+    results = dict(env, dtype=args.dtype, copy_gbs=bw, argv=sys.argv[1:])
     t0 = time.time()
     if args.compare:
         results["compare"], winners = run_compare(shapes, sorted(set(args.compare_sparsities)), l2,

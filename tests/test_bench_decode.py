@@ -54,8 +54,18 @@ def test_bad_checkpoint_or_thresholds_one_line(tiny, tmp_path):
              "--sparsities", 0.5)
 
 
-def test_code_commit_prefers_env(monkeypatch):
-    monkeypatch.setenv("TEAL_COMMIT", "abc1234")
-    assert bench_decode.code_commit() == "abc1234"
-    monkeypatch.delenv("TEAL_COMMIT")
-    assert bench_decode.code_commit() != "abc1234"
+def test_code_commit_and_environment(tmp_path):
+    from teal.provenance import code_commit, environment
+    root = Path(__file__).resolve().parents[1]
+    assert code_commit(root, "abc1234") == "abc1234"
+    assert code_commit(root) not in ("abc1234", "")
+    assert code_commit(tmp_path) == "unknown"  # not a git checkout
+    env = environment(root, "abc1234")
+    assert env["commit"] == "abc1234" and env["torch"]
+
+
+def test_kernel_table_flag_errors_in_one_line(tiny, tmp_path):
+    (tmp_path / "bad.json").write_text("{")
+    for path in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        with pytest.raises(SystemExit, match="^error: cannot read the kernel table"):
+            _run("--checkpoint", tiny / "model.pth", "--sparsities", 0.5, "--kernel-table", path)

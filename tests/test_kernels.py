@@ -358,7 +358,8 @@ def test_config_validation():
 
 
 def test_table_rows_and_json_roundtrip(tmp_path):
-    """The H200 table: dot below 80% calibrated sparsity, kept-row lists from 80% on; shapes
+    """The H200 table: masked/dot kernels below each shape's cut-off (65-80% calibrated
+    sparsity), kept-row lists above it; shapes
     without a row take the generic rule; a table survives JSON; the policy uses the table
     it is given, and nothing in the environment changes the default table."""
     h200, T = "NVIDIA H200", D.DEFAULT_TABLE
@@ -366,13 +367,19 @@ def test_table_rows_and_json_roundtrip(tmp_path):
     def algo(kind, K, N, s, table=T):
         row = table.lookup(h200, kind, K, N, "bfloat16", "dense", s)
         return None if row is None else (row.config.algo, row.config.inline)
-    assert algo("seg", 14336, 4096, 0.9) == ("list", False)
+    assert algo("seg", 14336, 4096, 0.9) == ("list", True)
     assert algo("seg", 14336, 4096, 0.5) == ("dot", False)
-    assert algo("gated", 4096, 14336, 0.8) == ("list", False)
-    assert algo("gated", 4096, 14336, 0.79) == ("dot", False)
+    assert algo("gated", 4096, 14336, 0.7) == ("list", False)
+    assert algo("gated", 4096, 14336, 0.69) == ("dot", False)
     assert algo("seg", 4096, 6144, 0.95) == ("list", True)
-    assert algo("seg", 4096, 12288, 0.95) == ("mask", False)
+    assert algo("seg", 4096, 4096, 0.79) == ("dot", False)
+    assert algo("seg", 4096, 12288, 0.5) == ("mask", False)
+    assert algo("seg", 4096, 12288, 0.75) == ("list", True)
     assert algo("seg", 576, 960, 0.95) is None
+    for r in T.rows:  # every shape's ranges cover [0, 1) once
+        ranges = sorted(x.sparsity for x in T.rows if (x.kind, x.K, x.N) == (r.kind, r.K, r.N))
+        assert ranges[0][0] == 0.0 and ranges[-1][1] == 1.0
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), ranges
     assert T.lookup("NVIDIA H100", "seg", 4096, 6144, "bfloat16", "dense", 0.5) is None
     assert T.lookup(h200, "seg", 4096, 6144, "bfloat16", "int8", 0.5) is None
     assert all(r.source for r in T.rows), "every row names its provenance"
