@@ -110,7 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Cheap checks of the input/output paths, before the model is loaded (one-line errors)."""
+    """Cheap checks of the device and of the input/output paths, before the model is loaded
+    (one-line errors)."""
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     from teal.calibration import check_text_file
     from teal.paths import check_output_file
     check_text_file(args.text)
@@ -128,6 +131,11 @@ def run(args: argparse.Namespace) -> None:
 
     model, meta = load_model(args.checkpoint_path, device=args.device, dtype=DTYPES[args.dtype])
     model.eval()
+    block = model.config.block_size
+    for flag, value in (("--seq_len", args.seq_len), ("--greedy-seq-len", args.greedy_seq_len)):
+        if value > block and (flag == "--seq_len" or args.greedy or args.greedy_only):
+            raise ValueError(f"{flag} {value} exceeds the model's context length {block}; pass "
+                             f"{flag} {min(2048, block)} or less")
     ids = load_token_ids(args.text, args.checkpoint_path, meta)
     progress = not args.quiet
     if args.greedy_only:
@@ -169,7 +177,7 @@ def main(argv=None) -> int:
     return run_reporting_errors(
         lambda: (check_paths(args), run(args)),
         (CheckpointError, ThresholdsError, TextTooShortError, TextFileError, OutputPathError,
-         AllocationError, OSError))
+         AllocationError, OSError, ValueError))
 
 
 if __name__ == "__main__":

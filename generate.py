@@ -77,7 +77,11 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
                 if not text.exists():
                     fail(f"calibration text {text} not found; pass --calib_text")
                 ids = load_token_ids(text, checkpoint_path, meta)
-                seq_len = min(2048, model.config.block_size, ids.numel())
+                seq_len = min(2048, model.config.block_size)
+                if min(ids.numel(), calib_tokens) < seq_len:
+                    fail(f"--calibration sequential needs at least {seq_len} calibration tokens (one "
+                         f"window); --calib_text {text} has {ids.numel()} and --calib_tokens is "
+                         f"{calib_tokens}: raise --calib_tokens or pass a longer text")
                 calibrate_sequentially(model, calib, ids, applied, scoring,
                                        seq_len=seq_len, n_tokens=calib_tokens)
         except (ThresholdsError, ValueError, FileNotFoundError) as e:
@@ -216,7 +220,10 @@ def main(argv=None) -> None:
     warmup = args.compile and not args.interactive
     stats = []
     for i, prompt_text in enumerate(prompts):
-        text = tokenizer.apply_chat_template(prompt_text) if args.chat else prompt_text
+        try:
+            text = tokenizer.apply_chat_template(prompt_text) if args.chat else prompt_text
+        except ValueError as e:  # a model without a chat template
+            fail(str(e))
         ids = tokenizer.encode(text)
         if not ids:
             if args.interactive:

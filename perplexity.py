@@ -104,7 +104,10 @@ def configurations(args) -> list[tuple[float, str, str, str]]:
 
 
 def check_paths(args) -> None:
-    """Cheap checks of the input/output paths, before the model is loaded (one-line errors)."""
+    """Cheap checks of the device and of the input/output paths, before the model is loaded
+    (one-line errors)."""
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     from teal.calibration import check_text_file
     from teal.paths import check_output_file
     check_text_file(args.text)

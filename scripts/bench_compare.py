@@ -19,22 +19,39 @@ import sys
 from pathlib import Path
 
 
+def _rows(path, d) -> tuple[str, list]:
+    """(kind, [(key, value)]) of one loaded file. Raises SystemExit for another layout."""
+    try:
+        if isinstance(d, dict) and isinstance(d.get("bench"), list):
+            return "gemv", [((str(r["model"]), str(r["name"]), f"{float(r['target_sparsity']):.2f}"),
+                             float(r["us"])) for r in d["bench"]]
+        if isinstance(d, dict) and isinstance(d.get("rows"), list):
+            return "decode", [((str(r["model"]), str(r["config"])), float(r["tokens_per_s"]))
+                              for r in d["rows"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {path}: a row lacks {e} or is malformed; pass files written by "
+                         f"scripts/bench_gemv.py --json or scripts/bench_decode.py --json") from None
+    what = " (a --compare run without --bench: nothing to compare)" if isinstance(d, dict) and "compare" in d else ""
+    raise SystemExit(f"error: {path} is neither a bench_gemv.py nor a bench_decode.py result{what}")
+
+
 def load(paths) -> tuple[str, dict]:
     """(kind "gemv" or "decode", {key: [values, one per file]})."""
     kind, out = None, {}
     for p in paths:
-        d = json.loads(Path(p).read_text())
-        if "bench" in d:
-            k, rows = "gemv", [((r["model"], r["name"], f"{r['target_sparsity']:.2f}"), r["us"])
-                                for r in d["bench"]]
-        elif "rows" in d:
-            k, rows = "decode", [((r["model"], r["config"]), r["tokens_per_s"]) for r in d["rows"]]
-        else:
-            raise SystemExit(f"error: {p} is neither a bench_gemv.py nor a bench_decode.py JSON")
+        try:
+            d = json.loads(Path(p).read_text())
+        except OSError as e:
+            raise SystemExit(f"error: cannot read {p} ({e.strerror}); pass an existing JSON file") from None
+        except ValueError:
+            raise SystemExit(f"error: {p} is not JSON; pass a file written by a benchmark's --json") from None
+        k, rows = _rows(p, d)
         if kind not in (None, k):
             raise SystemExit(f"error: {p} is a {k} file, the others are {kind} files")
         kind = k
         for key, v in rows:
+            if not v > 0:
+                raise SystemExit(f"error: {p}: {' '.join(key)} has a non-positive value {v}")
             out.setdefault(key, []).append(v)
     return kind, out
 
@@ -45,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", nargs="+", required=True, help="JSON files of the new code")
     ap.add_argument("--limit", type=float, default=0.02, help="tolerated slowdown (fraction)")
     args = ap.parse_args(argv)
+    if not args.limit >= 0:
+        ap.error(f"--limit must be >= 0, got {args.limit}")
     kind_old, old = load(args.old)
     kind_new, new = load(args.new)
     if kind_old != kind_new:

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from model import ModelArgs, Transformer  # noqa: E402
 from teal.calibration import collect_histograms  # noqa: E402
+from teal.io import atomic_write_json  # noqa: E402
 from teal.projections import INPUTS  # noqa: E402
 from teal.sparse_linear import configure, sparse_linears  # noqa: E402
 from teal.thresholds import apply_uniform_sparsity  # noqa: E402
@@ -234,16 +235,14 @@ def main(argv=None) -> dict:
         result["results"].append(entry)
         log(json.dumps(entry))
         if args.json and tp.is_rank0():
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+            atomic_write_json(args.json, result, indent=2)
     dense = [r for r in result["results"] if r["sparsity"] == 0.0]
     if dense:
         for r in result["results"]:
             r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense[0]["tokens_per_s"], 3)
     log(json.dumps(result, indent=2))
     if args.json and tp.is_rank0():
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result, indent=2)
     return result
 
 

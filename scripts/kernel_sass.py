@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from teal.io import atomic_write_text
+
 
 def compile_call(fn, args, kwargs, arch: int):
     """Compile one intercepted launch `fn[grid](*args, **kwargs)` for sm_<arch>; returns
@@ -108,11 +110,20 @@ def calls_for(rows):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the .sass files")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
+    ap.add_argument("--arch", type=int, default=90, choices=[80, 86, 89, 90],
+                    help="compute capability (the kernels need >= 80; 90 = Hopper)")
     ap.add_argument("--sms", type=int, default=132, help="multiprocessors of the target GPU")
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--shapes", nargs="*", default=None, help="only rows of these KxN shapes")
     args = ap.parse_args(argv)
+    if args.sms < 1:
+        ap.error(f"--sms must be >= 1, got {args.sms}")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file; pass a folder")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        sys.exit("error: this Triton has no NVIDIA backend (install the Linux wheel of triton)")
 
     import importlib
 
@@ -127,6 +138,9 @@ def main(argv=None) -> int:
         mod = importlib.import_module(f"teal.kernels.{mod_name}")
         setattr(mod, name, rec.patch(getattr(mod, name)))
     rows = [r for r in DEFAULT_TABLE.rows if not args.shapes or f"{r.K}x{r.N}" in args.shapes]
+    if not rows:
+        sys.exit(f"error: no table row has a shape in {args.shapes}; the table's shapes: "
+                 f"{', '.join(sorted({f'{r.K}x{r.N}' for r in DEFAULT_TABLE.rows}))}")
     print(f"{'call':34s} {'kernel':18s} {'regs':>5s} {'local':>6s} {'smem':>7s}")
     for label, kind, K, sizes, cfg in calls_for(rows):
         lc = resolve(cfg, kind, K, sizes, args.sms)
@@ -140,7 +154,7 @@ def main(argv=None) -> int:
             kern = compile_call(fn, a, k, args.arch)
             name = f"{label}_{fn.__name__}"
             cubin = kern.asm["cubin"]
-            (args.out / f"{name}.sass").write_text(normalise(cuobjdump(cubin, args.out, "-sass")))
+            atomic_write_text(args.out / f"{name}.sass", normalise(cuobjdump(cubin, args.out, "-sass")))
             res = resources(cubin, args.out)
             print(f"{label:34s} {fn.__name__:18s} {res.get('REG', -1):5d} {res.get('LOCAL', 0):6d} "
                   f"{kern.metadata.shared:7d}")

@@ -17,7 +17,8 @@ import json
 import math
 from pathlib import Path
 
-from teal.thresholds import PROJECTIONS
+from teal.io import atomic_write
+from teal.projections import PROJECTIONS
 
 
 def method(r: dict) -> tuple:
@@ -93,8 +94,14 @@ def plot_allocation(greedy, target: float, path: Path) -> None:
     axes[0][0].set_ylabel("sparsity")
     axes[0][-1].legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def save_figure(fig, path: Path) -> None:
+    """fig as an image at `path` (format from its suffix), written atomically."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format=fmt))
 
 
 def plot_perplexity(results: list[dict], path: Path) -> None:
@@ -117,7 +124,7 @@ def plot_perplexity(results: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -41,14 +41,29 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _as_threshold(t, K: int) -> Tensor:
-    """A threshold as an fp32 CPU tensor, () or (K,). Raises ValueError (shape, sign, NaN)."""
-    t = torch.as_tensor(t, dtype=torch.float32).detach().cpu() if not torch.is_tensor(t) else \
-        t.detach().float()
+    """A threshold as an fp32 tensor, () or (K,). Raises ValueError (type, shape, sign, NaN)."""
+    if torch.is_tensor(t):
+        t = t.detach().float()
+    else:
+        try:
+            t = torch.as_tensor(t, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"a threshold must be a number or a tensor, got {t!r}") from None
     if t.dim() not in (0, 1) or (t.dim() == 1 and t.numel() != K):
         raise ValueError(f"threshold must be a scalar or have shape ({K},), got {tuple(t.shape)}")
     if torch.isnan(t).any() or (t < 0).any():
         raise ValueError("thresholds must be non-negative numbers")
     return t
+
+
+def _check_sparsities(sparsities, n: int) -> None:
+    """n numbers in [0, 1). Raises ValueError otherwise."""
+    try:
+        ok = len(sparsities) == n and all(0.0 <= float(s) < 1.0 for s in sparsities)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"sparsities must be {n} numbers in [0, 1), got {sparsities}")
 
 
 class SparseLinear(nn.Module):
@@ -119,8 +134,14 @@ class SparseLinear(nn.Module):
         return out
 
     def projection(self, i) -> "Projection":
-        """The handle of projection `i` (an index or a name)."""
-        index = self.names.index(i) if isinstance(i, str) else int(i)
+        """The handle of projection `i` (an index or a name).
+
+        Raises:
+            ValueError: no such projection (the message lists them).
+        """
+        index = self.names.index(i) if i in self.names else i
+        if not isinstance(index, int) or not 0 <= index < len(self.sizes):
+            raise ValueError(f"no projection {i!r} here; it holds {', '.join(self.names)}")
         return Projection(self, index)
 
     def projections(self) -> list:
@@ -169,7 +190,9 @@ class SparseLinear(nn.Module):
         S, K = len(self.sizes), self.in_features
         if len(thresholds) != S:
             raise ValueError(f"{S} thresholds expected ({', '.join(self.names)}), got {len(thresholds)}")
-        ts = [_as_threshold(t, K) for t in thresholds]
+        ts = [_as_threshold(t, K).cpu() for t in thresholds]
+        if sparsities is not None:
+            _check_sparsities(sparsities, len(self.sizes))
         new = torch.stack([t.expand(K) for t in ts]) if any(t.dim() for t in ts) else torch.stack(ts)
         self._store_thresholds(new)
         if sparsities is not None:
@@ -178,7 +201,11 @@ class SparseLinear(nn.Module):
     def set_threshold(self, i: int, threshold, sparsity: Optional[float] = None) -> None:
         """Set projection i's threshold (float, 0-d or (K,) tensor) and optionally its
         calibrated sparsity; the other projections keep theirs (see `set_thresholds`)."""
-        t = _as_threshold(threshold, self.in_features)
+        t = _as_threshold(threshold, self.in_features).cpu()
+        s = list(self.sparsity)
+        if sparsity is not None:
+            s[i] = sparsity
+            _check_sparsities(s, len(self.sizes))
         cur = self.threshold.detach().cpu()
         if t.dim() and cur.dim() == 1:
             cur = cur[:, None].expand(-1, self.in_features)
@@ -186,8 +213,6 @@ class SparseLinear(nn.Module):
         new[i] = t
         self._store_thresholds(new)
         if sparsity is not None:
-            s = list(self.sparsity)
-            s[i] = sparsity
             self._set_sparsities(s)
 
     def _store_thresholds(self, new: Tensor) -> None:
@@ -198,8 +223,7 @@ class SparseLinear(nn.Module):
         self._shared = bool((new == new[:1]).all())
 
     def _set_sparsities(self, sparsities: list) -> None:
-        if len(sparsities) != len(self.sizes) or not all(0.0 <= float(s) < 1.0 for s in sparsities):
-            raise ValueError(f"sparsities must be {len(self.sizes)} numbers in [0, 1), got {sparsities}")
+        _check_sparsities(sparsities, len(self.sizes))
         self.sparsity = [float(s) for s in sparsities]
         self._refresh_launch()
 
@@ -234,7 +258,9 @@ class SparseLinear(nn.Module):
             y = F.linear(x, self.weight)
         elif (self._launch is not None and not self.track and x.numel() == x.shape[-1]
               and x.dtype == self.weight.dtype and x.device == self.weight.device
-              and self.weight.t().is_contiguous()):
+              and self.weight.t().is_contiguous()
+              and not (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))):
+            # (the kernels are inference only: with autograd on, the torch path is taken)
             wt = self.weight.t()
             sparsity = min(self.sparsity)
             if self.gated:
@@ -429,8 +455,11 @@ def set_thresholds(values: dict) -> None:
             `sparse = any(sparsity > 0)`; the others are set projection by projection.
     """
     by_module: dict = {}
-    for p, (t, s) in values.items():
-        by_module.setdefault(id(p.module), (p.module, {}))[1][p.index] = (t, s)
+    for p, value in values.items():
+        if not isinstance(p, Projection) or not isinstance(value, tuple) or len(value) != 2:
+            raise ValueError(f"set_thresholds takes {{Projection: (threshold, sparsity)}}, got "
+                             f"{p!r}: {value!r}")
+        by_module.setdefault(id(p.module), (p.module, {}))[1][p.index] = value
     for module, items in by_module.values():
         if len(items) == len(module.sizes):
             module.set_thresholds([items[i][0] for i in range(len(items))],
@@ -442,39 +471,65 @@ def set_thresholds(values: dict) -> None:
 
 
 def install_state_dict_hooks(root: nn.Module) -> None:
-    """Make `root.state_dict()` hold one `<owner>.<name>.weight` per projection, nn.Linear
-    shaped (views of the fused weight), and `root.load_state_dict` accept them, merging each
-    module's projections into its fused buffer (input-channel major).
+    """Make the state dict of `root` (and of any sub-module) hold one nn.Linear-shaped
+    `<owner>.<name>.weight` per projection (views of the fused weight), and `load_state_dict`
+    accept them, merging each module's projections into its fused buffer.
 
     A SparseLinear at `<owner>.<attr>` keeps its projections at `<owner>.<name>.weight`
-    (e.g. `layers.0.attention.qkv` -> `layers.0.attention.q_proj.weight`, ...).
+    (e.g. `layers.0.attention.qkv` -> `layers.0.attention.q_proj.weight`, ...). The hooks sit on
+    each owner and read its children when called (copies and re-sharded modules stay right),
+    so loading reports missing or mis-shaped projections by those names.
     """
-    def modules(prefix):
-        for qual, m in root.named_modules():
-            if isinstance(m, SparseLinear):
-                owner = qual.rpartition(".")[0]
-                base = prefix + (owner + "." if owner else "")
-                own = prefix + qual + ".weight"
-                yield m, own, [base + n + ".weight" for n in m.names]
+    for owner in root.modules():
+        if _fused_children(owner):
+            owner._register_state_dict_hook(_split_projections)
+            owner._register_load_state_dict_pre_hook(_merge_projections, with_module=True)
+            owner.register_load_state_dict_post_hook(_report_projections)
 
-    def split(module, state_dict, prefix, local_metadata):
-        fused = {own: (m, keys) for m, own, keys in modules(prefix) if keys != [own]}
-        out = type(state_dict)()
-        for key, value in state_dict.items():  # members take the fused key's place
-            if key in fused:
-                m, keys = fused[key]
-                out.update((k, value[a:b]) for k, (a, b) in zip(keys, m._offsets()))
-            else:
-                out[key] = value
-        if hasattr(state_dict, "_metadata"):
-            out._metadata = state_dict._metadata
-        return out
 
-    def merge(state_dict, prefix, *args):
-        for m, own, keys in modules(prefix):
-            if keys != [own] and own not in state_dict and all(k in state_dict for k in keys):
-                parts = [state_dict.pop(k) for k in keys]
-                state_dict[own] = torch.cat([p.t() for p in parts], dim=1).contiguous().t()
+def _fused_children(owner: nn.Module) -> dict:
+    return {attr: m for attr, m in owner.named_children()
+            if isinstance(m, SparseLinear) and m.names != (attr,)}
 
-    root._register_state_dict_hook(split)
-    root._register_load_state_dict_pre_hook(merge)
+
+def _split_projections(owner, state_dict, prefix, local_metadata) -> None:
+    # The owner's keys are the tail of the (shared) destination: re-add them in order, each
+    # fused weight replaced by its projections' rows (views).
+    fused = _fused_children(owner)
+    tail = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+    for key, value in tail:
+        m = fused.get(key[len(prefix):].removesuffix(".weight")) if key.endswith(".weight") else None
+        if m is None:
+            state_dict[key] = value
+            continue
+        for n, (a, b) in zip(m.names, m._offsets()):
+            state_dict[f"{prefix}{n}.weight"] = value[a:b]
+
+
+def _merge_projections(owner, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    owner._fused_missing = []  # (fused key, projection keys absent), for _report_projections
+    for attr, m in _fused_children(owner).items():
+        own = f"{prefix}{attr}.weight"
+        keys = [f"{prefix}{n}.weight" for n in m.names]
+        if own in state_dict or not any(k in state_dict for k in keys):
+            continue  # already fused, or nothing of this module given (reported as own)
+        absent = [k for k in keys if k not in state_dict]
+        parts = [state_dict.pop(k) for k in keys if k in state_dict]
+        bad = [f"size mismatch for {k}: copying a param with shape {tuple(p.shape)}, the shape in "
+               f"current model is {(n, m.in_features)}."
+               for k, p, n in zip(keys, parts, m.sizes) if tuple(p.shape) != (n, m.in_features)]
+        if absent or bad:
+            error_msgs.extend(bad)
+            owner._fused_missing.append((own, absent))
+            continue
+        state_dict[own] = torch.cat([p.t() for p in parts], dim=1).contiguous().t()
+
+
+def _report_projections(owner, incompatible_keys) -> None:
+    # name the missing projections instead of the fused parameter they would have filled
+    for own, absent in getattr(owner, "_fused_missing", ()):
+        if own in incompatible_keys.missing_keys:
+            incompatible_keys.missing_keys.remove(own)
+        incompatible_keys.missing_keys.extend(absent)
+    owner._fused_missing = []

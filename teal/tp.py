@@ -162,7 +162,7 @@ def apply_tp(model, rank: Optional[int] = None, world_size: Optional[int] = None
 
     Args:
         model: the full model (weights on any device, thresholds already set; see the module
-            docstring for the supported order). Fused q/k/v and gate/up groups are re-fused.
+            docstring for the supported order).
         rank, world_size: default to the initialised process group (maybe_init_dist). Given
             explicitly, the model is sharded without a process group (e.g. to check shapes);
             forward calls then still need an initialised group of that size.
@@ -183,6 +183,8 @@ def apply_tp(model, rank: Optional[int] = None, world_size: Optional[int] = None
         world_size = require_dist()
     if rank is None:
         rank = get_rank()
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     if getattr(model, "tp_info", None) is not None:

@@ -69,3 +69,23 @@ def test_kernel_table_flag_errors_in_one_line(tiny, tmp_path):
     for path in (tmp_path / "missing.json", tmp_path / "bad.json"):
         with pytest.raises(SystemExit, match="^error: cannot read the kernel table"):
             _run("--checkpoint", tiny / "model.pth", "--sparsities", 0.5, "--kernel-table", path)
+
+
+def test_bench_compare_one_line_errors(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_compare
+    gemv = tmp_path / "g.json"
+    gemv.write_text(json.dumps({"bench": [{"model": "m", "name": "o", "target_sparsity": 0.5, "us": 2.0}]}))
+    slow = tmp_path / "s.json"
+    slow.write_text(json.dumps({"bench": [{"model": "m", "name": "o", "target_sparsity": 0.5, "us": 2.1}]}))
+    assert bench_compare.main(["--old", str(gemv), "--new", str(gemv)]) == 0
+    assert bench_compare.main(["--old", str(gemv), "--new", str(slow)]) == 1  # 5% slower
+    assert "SLOWER" in capsys.readouterr().out
+    cases = {"missing.json": None, "bad.json": "{", "kind.json": json.dumps({"rows": [{"model": "m"}]}),
+             "zero.json": json.dumps({"rows": [{"model": "m", "config": "dense", "tokens_per_s": 0}]}),
+             "compare.json": json.dumps({"compare": [], "table": []})}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match="^error: "):
+            bench_compare.main(["--old", str(tmp_path / name), "--new", str(gemv)])

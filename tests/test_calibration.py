@@ -280,3 +280,14 @@ def test_greedy_tokens_below_window_is_a_one_line_error(capsys):
     assert "--greedy-tokens (256) must be at least --greedy-seq-len" in capsys.readouterr().err
     short = calibrate.parse_args(["--device", "cuda", "--greedy-tokens", "1024"])
     assert short.greedy_seq_len == 1024  # the default window shrinks to the tokens given
+
+
+def test_calibrate_cli_window_beyond_context_and_missing_gpu(tmp_path, capsys, monkeypatch):
+    _, ckpt, _, rc = _calibrate_cli(tmp_path, 300, "--seq_len", "1000")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "--seq_len 1000 exceeds the model's context length 128" in err, err
+    assert not (ckpt.parent / "thresholds.safetensors").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, _, _, rc = _calibrate_cli(tmp_path / "b", 300, "--device", "cuda")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "no CUDA GPU is visible" in err and len(err.splitlines()) == 1, err

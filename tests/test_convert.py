@@ -455,7 +455,7 @@ def test_hf_bad_inputs(tmp_path, smollm2):
     (folder / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "model_type 'gpt2'")
     (folder / "config.json").unlink()
-    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "config.json not found")
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", folder), "has no config.json; pass a Hugging Face model folder")
 
 
 # ----------------------------------------------------------------------------- download, prepare

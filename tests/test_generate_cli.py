@@ -134,3 +134,26 @@ def test_two_stage_argmax_other_inputs_fall_back_to_torch_argmax():
     for x in (torch.randint(0, 100, (2, 5000)), torch.randn(5000), torch.randn(2, 3, 5000),
               torch.randn(0, 5000)):
         assert torch.equal(argmax_last(x), torch.argmax(x, dim=-1, keepdim=True).to(torch.int))
+
+
+def test_kernels_off_and_bad_sequential_text(tiny_ckpt, tmp_path, capsys):
+    """--kernels off decodes on the torch path; sequential calibration on a text shorter than
+    one window is a one-line error naming the flags."""
+    _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5, "--kernels", "off",
+         "--max_new_tokens", 3, "--temperature", 0, "--prompt", "Hi")
+    assert "tokens/s" in capsys.readouterr().out
+    short = tmp_path / "short.txt"
+    short.write_text("a b c")
+    with pytest.raises(SystemExit, match="needs at least 64 calibration tokens.*--calib_tokens"):
+        _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5, "--calibration",
+             "sequential", "--calib_text", short, "--max_new_tokens", 2)
+
+
+def test_chat_without_template_is_one_line(tiny_ckpt, tmp_path):
+    import teal.checkpoint
+    ckpt = teal.checkpoint.load_checkpoint(tiny_ckpt / "model.pth")
+    ckpt["meta"]["tokenizer"].pop("chat_template")
+    teal.checkpoint.save_checkpoint(tmp_path / "model.pth", ckpt["config"], ckpt["state_dict"], ckpt["meta"])
+    shutil.copy(tiny_ckpt / "tokenizer.json", tmp_path / "tokenizer.json")
+    with pytest.raises(SystemExit, match="^error: .*chat template"):
+        _run("--checkpoint_path", tmp_path / "model.pth", "--chat", "--max_new_tokens", 2)

@@ -352,7 +352,7 @@ def test_split_rules():
 
 def test_config_validation():
     for bad in (dict(algo="compact"), dict(block_n=100), dict(block_k=4), dict(pipe=0),
-                dict(waves=0), dict(split=-1)):
+                dict(waves=0), dict(split=-1), dict(num_warps=0), dict(num_warps=3), dict(num_stages=0)):
         with pytest.raises(ValueError):
             GemvConfig(**bad)
 
@@ -391,9 +391,13 @@ def test_table_rows_and_json_roundtrip(tmp_path):
     path.write_text(json.dumps(mine.to_json()))
     assert DispatchTable.load(path) == mine
     assert algo("seg", 4096, 4096, 0.5, DispatchTable.load(path).with_rows(()).with_rows(mine.rows)) == ("list", False)
-    (tmp_path / "bad.json").write_text("[{\"gpu\": 1}]")
-    with pytest.raises(ValueError, match="kernel table"):
-        DispatchTable.load(tmp_path / "bad.json")
+    good = mine.to_json()[0]
+    for bad in ([{"gpu": 1}], {"rows": []}, [dict(good, sparsity=[0.5])], [dict(good, K="40")],
+                [dict(good, kind="segg")], [dict(good, dtypes="bfloat16")],
+                [dict(good, config=dict(good["config"], num_warps=0))]):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="kernel table"):
+            DispatchTable.load(tmp_path / "bad.json")
     code = ("import teal.kernels.dispatch as D\n"
             "r = D.DEFAULT_TABLE.lookup('NVIDIA H200', 'seg', 4096, 4096, 'bfloat16', 'dense', 0.5)\n"
             "assert r.config.algo == 'dot', r\nprint('ok')\n")
@@ -430,7 +434,10 @@ def test_errors():
         (lambda: tk.sparse_gated_gemv(x, _w(K, 7, torch.bfloat16), torch.zeros(2, device=DEV), policy=POLICY), "odd"),
         (lambda: tk.sparse_gated_gemv(x, wt, torch.zeros(3, device=DEV), policy=POLICY), "shape"),
         (lambda: tk.sparse_gemv(x, wt, t, sparsity=1.5, policy=POLICY), "sparsity"),
+        (lambda: tk.sparse_gemv(x, wt, t, sparsity=1.0, policy=POLICY), "sparsity"),
     ]
+    if not _CUDA:  # CPU tensors run on the interpreter only under a policy that allows it
+        cases.append((lambda: tk.sparse_gemv(x, wt, t, policy=KernelPolicy()), "interpreter"))
     if _CUDA:
         cases.append((lambda: tk.sparse_gemv(x, wt.cpu(), t), "device"))
         cases.append((lambda: tk.sparse_gemv(x, wt, t.cpu()), "x is on"))

@@ -62,6 +62,17 @@ def test_per_channel_threshold_and_extremes():
 
 def test_bad_thresholds_and_sparsities():
     lin = SparseLinear(8, (4, 2), names=("a", "b"))
+    for bad in ("nope", 2, -1):
+        with pytest.raises(ValueError, match="holds a, b"):
+            lin.projection(bad)
+    for bad in ("abc", None):
+        with pytest.raises(ValueError, match="number or a tensor"):
+            lin.projection(0).set_threshold(bad)
+    with pytest.raises(ValueError, match="sparsities"):  # a failed call changes nothing
+        lin.projection(0).set_threshold(0.1, sparsity=1.0)
+    assert lin.threshold.tolist() == [0.0, 0.0] and lin.sparsity == [0.0, 0.0]
+    with pytest.raises(ValueError, match="threshold, sparsity"):
+        set_thresholds({lin.projection(0): 0.1})
     with pytest.raises(ValueError, match="shape"):
         lin.projection("a").set_threshold(torch.ones(5))
     with pytest.raises(ValueError, match="non-negative"):
@@ -151,6 +162,31 @@ def test_state_dict_is_per_projection_and_round_trips():
     assert list(Transformer(_tiny()).state_dict()) == list(sd)
 
 
+def test_state_dict_errors_name_the_projections():
+    """A missing or mis-shaped projection is reported under its own key (not the fused
+    buffer's); a block's own state dict is per projection too; a sharded copy saves its
+    shards."""
+    import copy
+
+    import teal.tp
+    m = Transformer(_tiny())
+    sd = m.state_dict()
+    missing = {k: v for k, v in sd.items() if k != "layers.0.attention.k_proj.weight"}
+    r = Transformer(_tiny()).load_state_dict(missing, strict=False)
+    assert r.missing_keys == ["layers.0.attention.k_proj.weight"] and r.unexpected_keys == []
+    with pytest.raises(RuntimeError, match="layers.0.attention.k_proj.weight"):
+        Transformer(_tiny()).load_state_dict(missing)
+    wrong = dict(sd, **{"layers.1.feed_forward.up_proj.weight": torch.zeros(5, 64)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for layers.1.feed_forward.up_proj.weight"):
+        Transformer(_tiny()).load_state_dict(wrong)
+    block = m.layers[0].state_dict()
+    assert "attention.q_proj.weight" in block and "attention.qkv.weight" not in block
+    assert Transformer(_tiny()).layers[0].load_state_dict(block) is not None
+    shard = teal.tp.apply_tp(copy.deepcopy(m), rank=1, world_size=2).state_dict()
+    assert shard["layers.0.attention.k_proj.weight"].shape == (16, 64)
+    assert torch.equal(shard["layers.0.attention.k_proj.weight"], sd["layers.0.attention.k_proj.weight"][16:])
+
+
 def test_hooks_see_each_fused_call():
     m = Transformer(_tiny())
     seen = []
@@ -214,8 +250,15 @@ def test_calibrated_sparsity_chooses_the_kernel(monkeypatch):
         ("gated", sparsity, launch)) or torch.zeros(*x.shape[:-1], wt.shape[1] // 2))
     a, f = m.layers[0].attention, m.layers[0].feed_forward
     x = torch.randn(1, 1, 64).to(torch.bfloat16)
-    a.qkv.to(torch.bfloat16)(x)
-    f.gate_up.to(torch.bfloat16)(x)
+    a.qkv.to(torch.bfloat16)
+    f.gate_up.to(torch.bfloat16)
+    y = a.qkv(x)  # autograd on and a trainable weight: the torch path (the kernels are inference only)
+    assert seen == [] and y.requires_grad
+    y.sum().backward()
+    assert a.qkv.weight.grad is not None
+    with torch.no_grad():
+        a.qkv(x)
+        f.gate_up(x)
     policy = a.qkv.kernel_policy
     assert [s[:2] for s in seen] == [("seg", 0.85), ("gated", 0.8)]
     assert seen[0][2] == policy.launch("seg", 64, a.qkv.sizes, torch.bfloat16, "dense", 0.85, "cpu")

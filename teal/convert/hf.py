@@ -362,6 +362,9 @@ def convert_hf(folder, out_dir=None, name: Optional[str] = None,
     folder = Path(folder)
     if not folder.is_dir():
         raise HFConversionError(f"{folder} is not a folder")
+    if not (Path(folder) / "config.json").is_file():
+        raise HFConversionError(f"{folder} has no config.json; pass a Hugging Face model folder "
+                                f"(config.json, *.safetensors, tokenizer files)")
     cfg = _read_json(folder / "config.json")
     if not isinstance(cfg, dict):
         raise HFConversionError(f"{folder / 'config.json'} is not a JSON object (got "

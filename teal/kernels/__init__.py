@@ -96,12 +96,14 @@ def _gemv(x, wt, thresholds, sizes_of, gated: bool, sparsity: float, policy, lau
     N = _checks.check_weight(wt, scales, wformat, K, x2.dtype)
     sizes = sizes_of(N)
     t = _checks.thresholds_rows(thresholds, K, 2 if gated else len(sizes))
-    _checks.check_device(x2, x2.device.type != "cpu" or interpreter_active(),
+    policy = policy or DEFAULT_POLICY
+    cpu_ok = interpreter_active() and (launch is not None or policy.allows(x2.device))
+    _checks.check_device(x2, x2.device.type != "cpu" or cpu_ok,
                          ("wt", wt), ("scales", scales), ("thresholds", t))
     _checks.check_sparsity(sparsity)
     if launch is None:
-        launch = (policy or DEFAULT_POLICY).launch("gated" if gated else "seg", K, sizes,
-                                                   x2.dtype, wformat, sparsity, x2.device)
+        launch = policy.launch("gated" if gated else "seg", K, sizes, x2.dtype, wformat, sparsity,
+                               x2.device)
     _ensure_ops()
     y = torch.ops.teal.sparse_gemv(x2, wt, scales, t, sizes, gated, wformat, launch.encode())
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -124,10 +126,11 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
             with one segment also () or (K,).
         segments: the exclusive END offsets of the S <= 4 column blocks, strictly increasing,
             last == N, e.g. ``(Nq, Nq + Nk, N)``; None: one segment.
-        sparsity: the fraction of channels the thresholds are calibrated to drop, in [0, 1]
+        sparsity: the fraction of channels the thresholds are calibrated to drop, in [0, 1)
             (the lowest of the segments'); only chooses the kernel, never changes the result
             beyond fp32 summation order.
-        policy: the KernelPolicy that chooses the kernel (default: DEFAULT_POLICY).
+        policy: the KernelPolicy that chooses the kernel (default: DEFAULT_POLICY); on CPU
+            tensors the kernels run only under a policy with `interpreter=True`.
         launch: a launch already resolved by a policy (skips the choice).
         wformat, scales: the weight format and its scales ("dense": none).
     Returns:
@@ -136,7 +139,7 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
     Raises:
         ValueError: wrong dtype, M > 1, mismatched or non-contiguous wt, bad thresholds shape
         or dtype, bad segments, device mismatch, CPU without the Triton interpreter,
-        sparsity outside [0, 1].
+        sparsity outside [0, 1).
     Source: TEAL (arXiv 2408.14690) Section 4, Eq. 2-3; greedy allocation (Section 4.2)
     gives q, k and v different thresholds on one input.
     """

@@ -38,7 +38,8 @@ def rows_of(x: torch.Tensor, name: str = "x") -> tuple[torch.Tensor, int]:
 
 
 def check_device(x: torch.Tensor, interpreted: bool, *tensors: tuple) -> None:
-    """Every (name, tensor) is on x's device, and that device can run the kernels.
+    """Every (name, tensor) is on x's device, and that device can run the kernels
+    (`interpreted`: the CPU runs them through Triton's interpreter and the policy allows it).
 
     Raises:
         ValueError: a device mismatch, or a CPU tensor without the Triton interpreter.
@@ -48,8 +49,8 @@ def check_device(x: torch.Tensor, interpreted: bool, *tensors: tuple) -> None:
             raise ValueError(f"device mismatch: {name} is on {t.device} but x is on {x.device}")
     if x.device.type == "cpu" and not interpreted:
         raise ValueError("the sparse GEMV kernels run on CUDA; on CPU only through the Triton "
-                         "interpreter (set TRITON_INTERPRET=1 before importing triton). Check "
-                         "kernels_available(device) first.")
+                         "interpreter (TRITON_INTERPRET=1 set before importing triton) under a "
+                         "KernelPolicy(interpreter=True). Check kernels_available(device) first.")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"the sparse GEMV kernels run on CUDA, not {x.device.type}")
 
@@ -111,8 +112,8 @@ def segment_sizes(segments: Optional[Sequence[int]], N: int) -> list:
 
 
 def check_sparsity(s: float) -> float:
-    """The calibrated sparsity hint in [0, 1]. Raises ValueError otherwise."""
+    """The calibrated sparsity hint in [0, 1) (as everywhere). Raises ValueError otherwise."""
     s = float(s)
-    if not 0.0 <= s <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {s}")
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {s}")
     return s

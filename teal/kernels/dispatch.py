@@ -93,6 +93,9 @@ class GemvConfig:
                              f"powers of 2, block_n >= 16 and block_k >= 8")
         if self.pipe not in (1, 2):
             raise ValueError(f"pipe must be 1 or 2, got {self.pipe}")
+        if not (_pow2(self.num_warps) and self.num_warps <= 32) or self.num_stages < 1:
+            raise ValueError(f"num_warps must be a power of 2 up to 32 and num_stages >= 1, got "
+                             f"{self.num_warps}, {self.num_stages}")
         if self.split < 0 or self.ksplit < 0 or self.rchunk < 0 or self.warm < 0 or self.waves <= 0:
             raise ValueError(f"split, ksplit, rchunk and warm must be >= 0 and waves > 0: {self}")
 
@@ -189,6 +192,26 @@ class TableRow:
     sparsity: tuple = (0.0, 1.0)
     source: str = ""
 
+    def __post_init__(self):
+        lo_hi = tuple(self.sparsity) if isinstance(self.sparsity, (list, tuple)) else ()
+        problems = [
+            (not isinstance(self.gpu, str), f"gpu {self.gpu!r} is not a device name"),
+            (self.kind not in ("seg", "gated"), f"kind {self.kind!r} is not 'seg' or 'gated'"),
+            (not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (self.K, self.N)),
+             f"K and N must be positive integers, got {self.K!r}, {self.N!r}"),
+            (not isinstance(self.config, GemvConfig), f"config {self.config!r} is not a GemvConfig"),
+            (not isinstance(self.dtypes, tuple) or not self.dtypes
+             or not all(d in ("bfloat16", "float16") for d in self.dtypes),
+             f"dtypes {self.dtypes!r} must be a non-empty list of 'bfloat16' / 'float16'"),
+            (not isinstance(self.wformat, str), f"wformat {self.wformat!r} is not a format name"),
+            (len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi)
+             or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0,
+             f"sparsity {self.sparsity!r} must be [lo, hi] with 0 <= lo < hi <= 1"),
+        ]
+        bad = [why for failed, why in problems if failed]
+        if bad:
+            raise ValueError(f"bad dispatch table row ({'; '.join(bad)})")
+
     def matches(self, gpu: str, kind: str, K: int, N: int, dtype: str, wformat: str,
                 sparsity: float) -> bool:
         lo, hi = self.sparsity
@@ -202,9 +225,14 @@ class TableRow:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TableRow":
+        """A row from its `to_dict` form. Raises ValueError for a malformed row."""
+        if not isinstance(d, dict) or not isinstance(d.get("config"), dict):
+            raise ValueError(f"a table row must be an object with a 'config' object, got {d!r}")
         d = dict(d)
         d["config"] = GemvConfig(**d["config"])
-        d["dtypes"], d["sparsity"] = tuple(d.get("dtypes", cls.dtypes)), tuple(d.get("sparsity", cls.sparsity))
+        for key in ("dtypes", "sparsity"):
+            if key in d:
+                d[key] = tuple(d[key]) if isinstance(d[key], list) else d[key]
         return cls(**d)
 
 
@@ -228,7 +256,15 @@ class DispatchTable:
 
     @classmethod
     def from_json(cls, rows: list) -> "DispatchTable":
-        return cls(tuple(TableRow.from_dict(r) for r in rows))
+        if not isinstance(rows, list):
+            raise ValueError(f"a dispatch table is a JSON list of rows, got a {type(rows).__name__}")
+        out = []
+        for i, r in enumerate(rows):
+            try:
+                out.append(TableRow.from_dict(r))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"row {i}: {e}") from None
+        return cls(tuple(out))
 
     @classmethod
     def load(cls, path) -> "DispatchTable":
