@@ -97,8 +97,10 @@ def _gemv(x, wt, thresholds, sizes_of, gated: bool, sparsity: float, policy, lau
     sizes = sizes_of(N)
     t = _checks.thresholds_rows(thresholds, K, 2 if gated else len(sizes))
     policy = policy or DEFAULT_POLICY
-    cpu_ok = interpreter_active() and (launch is not None or policy.allows(x2.device))
-    _checks.check_device(x2, x2.device.type != "cpu" or cpu_ok,
+    # (short-circuit on CUDA: torch.compile must not trace the interpreter probe)
+    runs_here = x2.device.type != "cpu" or (interpreter_active() and (launch is not None
+                                                                     or policy.allows(x2.device)))
+    _checks.check_device(x2, runs_here,
                          ("wt", wt), ("scales", scales), ("thresholds", t))
     _checks.check_sparsity(sparsity)
     if launch is None:
