@@ -119,6 +119,7 @@ class SparseLinear(nn.Module):
         self.tp_style: Optional[str] = None
         self._shared = True     # every projection has the same threshold (one mask suffices)
         self._launch = None     # the resolved decode kernel launch, or None (torch path)
+        self._refresh_launch()
 
     # ----------------------------------------------------------------------- structure
     @property
