@@ -94,7 +94,7 @@ def _gemv(x, wt, thresholds, sizes_of, gated: bool, sparsity: float, policy, lau
     x2, _ = _checks.rows_of(x)
     K = x2.shape[1]
     N = _checks.check_weight(wt, scales, wformat, K, x2.dtype)
-    sizes = sizes_of(N)
+    sizes = _checks.check_sizes(sizes_of(N), wformat)
     t = _checks.thresholds_rows(thresholds, K, 2 if gated else len(sizes))
     policy = policy or DEFAULT_POLICY
     # (short-circuit on CUDA: torch.compile must not trace the interpreter probe)

@@ -117,3 +117,15 @@ def check_sparsity(s: float) -> float:
     if not 0.0 <= s < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {s}")
     return s
+
+
+def check_sizes(sizes: list, wformat: str) -> list:
+    """Segment widths valid for the weight format (int4: even, two columns share a byte).
+
+    Raises:
+        ValueError: an odd segment width under an int4 format.
+    """
+    if get_format(wformat).wfmt == 2 and any(n % 2 for n in sizes):
+        raise ValueError(f"int4 weights pack two output columns per byte: every segment width "
+                         f"must be even, got {list(sizes)}")
+    return sizes

@@ -7,13 +7,16 @@ input channels (split-K) times a BLOCK_N column tile.
 Prologue (`load_keep`, `range_kept`): x and its TEAL keep-mask ``|x_k| > t`` (Section 4,
 Eq. 2-3; scalar threshold, or one per channel for weight-informed scoring), compared in fp32.
 
-Weight-format seam (`load_weight_tile`, `scale_output`): the only place that knows how a
-weight tile is stored.  A tile's rows whose keep flag is False issue no memory transaction.
-WFMT 0 is the dense format (wt stored in the activation dtype, no scales).  A quantized
-format adds a branch to these two helpers and nothing else: int8 with one scale per output
-column (codes loaded and widened here, ``scale_output`` multiplies the fp32 sums by
-s[cols]), int4 with scales per group of GROUP input channels (codes unpacked and scaled by
-their group's row of s here).  Every kernel takes (s_ptr, stride_s, WFMT, GROUP) for it.
+Weight-format seam (`weight_columns`, `load_weight_tile`, `group_scales`, `scale_output`):
+the only place that knows how a weight tile is stored (teal/kernels/formats.py).  A tile's
+rows whose keep flag is False issue no memory transaction.  WFMT 0: dense (wt in the
+activation dtype).  WFMT 1: int8 codes, one fp32 scale per output column, applied to the
+fp32 sums in the epilogue (`scale_output`).  WFMT 2: int4 codes packed two per byte along N,
+a bf16 (scale, bias) per group of GROUP input channels and column: each tile lies in one
+group, its fp32 partial sum p = sum_k x_k q_k becomes p * s + (sum_k x_k) * b
+(`group_scales`), and a group's scales are read only when the tile keeps a channel.  The
+codes are exact in bf16/fp16 and every scale is applied in fp32, so no fp16/bf16
+intermediate can overflow.  Every kernel takes (s_ptr, stride_s, WFMT, GROUP) for it.
 
 Segments (`seg_tile`): one launch computes up to four column blocks of one buffer, each with
 its own threshold (fused q/k/v); a column tile never straddles two blocks.
@@ -72,31 +75,70 @@ def range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL: tl.cons
 
 
 @triton.jit
-def load_weight_tile(w_ptr, s_ptr, rows_k, cols, nmask, stride_wk, stride_s, keep,
-                     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr,
-                     GROUP: tl.constexpr):
-    """Weight tile of input channels rows_k (BLOCK_K,) x columns cols (BLOCK_N,), as the
-    operand dtype of the products; rows with keep == False are not read (zeros).
+def weight_columns(cols, nmask, WFMT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(stored columns, their mask) of a program's output columns `cols` (computed once per
+    program).  WFMT 0/1: the columns themselves.  WFMT 2 (int4, two columns per byte):
+    the BLOCK_N / 2 bytes of the tile; its first column is even (segments have even widths)
+    and its valid columns are a prefix, so byte j is valid iff column 2j is."""
+    if WFMT == 2:
+        half = tl.arange(0, BLOCK_N // 2)
+        c0 = tl.min(cols, axis=0)
+        n_valid = tl.sum(nmask.to(tl.int32), axis=0)
+        return c0 // 2 + half, 2 * half < n_valid
+    return cols, nmask
 
-    WFMT 0 (dense): wt[rows_k, cols] as stored (s_ptr, stride_s, GROUP unused).
+
+@triton.jit
+def load_weight_tile(w_ptr, rows_k, wcols, wmask, stride_wk, keep,
+                     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr):
+    """Weight tile of input channels rows_k (BLOCK_K,) x the columns behind `wcols`
+    (`weight_columns`), as stored codes: rows with keep == False are not read (zeros).
+
+    WFMT 0 (dense): wt[rows_k, cols] in the activation dtype.  WFMT 1 (int8): int8 codes.
+    WFMT 2 (int4): the packed bytes, unpacked to uint8 codes in [0, 15] (BLOCK_K, BLOCK_N):
+    column 2j from the low nibble of byte j, 2j + 1 from the high nibble.
+    Callers convert the codes (exactly: |code| <= 127) and apply the scales
+    (`scale_output`, `group_scales`).
     """
-    tl.static_assert(WFMT == 0, "only the dense weight format is implemented")
     if BIG:
         rows = rows_k.to(tl.int64) * stride_wk
     else:
         rows = rows_k * stride_wk
-    ptrs = w_ptr + rows[:, None] + cols[None, :]
+    ptrs = w_ptr + rows[:, None] + wcols[None, :]
     if EVEN_N:
         m = keep[:, None]
     else:
-        m = keep[:, None] & nmask[None, :]
-    return tl.load(ptrs, mask=m, other=0.0)
+        m = keep[:, None] & wmask[None, :]
+    w = tl.load(ptrs, mask=m, other=0)
+    if WFMT == 2:
+        lo = w & 0xF
+        hi = w >> 4
+        w = tl.reshape(tl.join(lo, hi), [lo.shape[0], lo.shape[1] * 2])
+    return w
+
+
+@triton.jit
+def group_scales(s_ptr, k0, cols, nmask, stride_s, keep, WFMT: tl.constexpr,
+                 GROUP: tl.constexpr):
+    """int4 (WFMT 2): fp32 (scale, bias) rows (BLOCK_N,) of the group holding the tile that
+    starts at channel k0 (a tile never straddles two groups: BLOCK_K divides GROUP), read
+    only if the tile keeps a channel.  Other formats: (1.0, 0.0), unused."""
+    if WFMT == 2:
+        n_kept = tl.max(keep.to(tl.int32), axis=0)
+        sm = nmask & ((cols * 0 + n_kept) > 0)  # (a vector mask: the interpreter needs one)
+        base = s_ptr + (k0 // GROUP) * stride_s
+        s = tl.load(base + cols, mask=sm, other=0.0).to(tl.float32)
+        b = tl.load(base + stride_s // 2 + cols, mask=sm, other=0.0).to(tl.float32)
+        return s, b
+    return 1.0, 0.0
 
 
 @triton.jit
 def scale_output(acc, s_ptr, cols, nmask, WFMT: tl.constexpr):
-    """fp32 sums (BLOCK_N,) of the columns cols times their per-output-column weight scale
-    (formats with one); WFMT 0 (dense): unchanged."""
+    """fp32 sums (BLOCK_N,) of the columns cols times their per-output-column weight scale:
+    WFMT 1 (int8) multiplies by s[cols] in fp32; the others return acc unchanged."""
+    if WFMT == 1:
+        return acc * tl.load(s_ptr + cols, mask=nmask, other=0.0)
     return acc
 
 

@@ -26,9 +26,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from .formats import get_format
+
 __all__ = ["ALGORITHMS", "GemvConfig", "Launch", "TableRow", "DispatchTable", "KernelPolicy",
            "DEFAULT_TABLE", "DEFAULT_POLICY", "generic_config", "resolve", "cdiv", "next_pow2",
-           "device_key", "num_sms"]
+           "device_key", "num_sms", "fit_format"]
 
 ALGORITHMS = ("mask", "dot", "list")
 _KSPLIT_MAX = 4096  # list: the x range a program loads at once (registers)
@@ -419,9 +421,22 @@ class KernelPolicy:
                        round(float(sparsity), 6), str(torch.device(device)))
 
 
+def fit_format(cfg: GemvConfig, kind: str, K: int, n_cols: int, wformat: str) -> GemvConfig:
+    """`cfg` made valid for a weight format: int4 tiles lie inside one scale group (block_k
+    at most the group size) and never gather rows of several groups (no kept-row lists: the
+    generic config of the shape instead)."""
+    group = get_format(wformat).group
+    if not group:
+        return cfg
+    if cfg.algo == "list":
+        cfg = generic_config(kind, K, n_cols)
+    return replace(cfg, block_k=min(cfg.block_k, group))
+
+
 @functools.lru_cache(maxsize=4096)
 def _launch(policy, kind, K, sizes, dtype, wformat, sparsity, device) -> Launch:
     cfg, _ = policy.choose(kind, K, sizes, dtype, wformat, sparsity, device)
+    cfg = fit_format(cfg, kind, K, sizes[0] if kind == "gated" else sum(sizes), wformat)
     return resolve(cfg, kind, K, sizes, num_sms(device))
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import finish, load_keep, load_weight_tile, program_columns, range_kept
+from .common import (finish, group_scales, load_keep, load_weight_tile, program_columns,
+                     range_kept, weight_columns)
 
 BLOCK_M = 16  # rows of the A operand (smallest MMA tile; x in row 0)
 
@@ -34,15 +35,31 @@ def mma(acc, a, w, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, offs_k, k_end, cols, nmask, rm, stride_wk,
-              stride_s, stride_tk, PER_CHANNEL: tl.constexpr, EVEN_N: tl.constexpr,
+def tile_product(acc, a, w, xk, s_ptr, k0, cols, nmask, stride_s, keep, rm,
+                 WFMT: tl.constexpr, GROUP: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + A @ codes, A (BLOCK_M, BLOCK_K) holding the kept x values in row 0 (their fp32
+    copy xk).  int4 (WFMT 2): the group's fp32 scale and bias are applied to the tile's fp32
+    product, ``p * s + (sum of kept x) * b`` (row 0 only); other formats accumulate in place."""
+    if WFMT == 2:
+        s, b = group_scales(s_ptr, k0, cols, nmask, stride_s, keep, WFMT, GROUP)
+        p = mma(tl.zeros_like(acc), a, w, DOT_F32)
+        xs = tl.sum(xk, axis=0)
+        return acc + p * s[None, :] + tl.where(rm[:, None] == 0, xs * b[None, :], 0.0)
+    return mma(acc, a, w, DOT_F32)
+
+
+@triton.jit
+def _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0, offs_k, k_end, cols, wcols, wmask, nmask,
+              rm, stride_wk, stride_s, stride_tk, PER_CHANNEL: tl.constexpr, EVEN_N: tl.constexpr,
               BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, DOT_F32: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] += A(masked x in row 0) @ wt[offs_k, cols] (dropped rows not read)."""
     xr, keep = load_keep(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL)
-    w = load_weight_tile(w_ptr, s_ptr, offs_k, cols, nmask, stride_wk, stride_s, keep, EVEN_N, BIG,
-                         WFMT, GROUP)
-    a = tl.where((rm[:, None] == 0) & keep[None, :], xr[None, :], 0.0).to(w.dtype)
-    return mma(acc, a, w, DOT_F32)
+    w = load_weight_tile(w_ptr, offs_k, wcols, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
+    w = w.to(tl.float32).to(xr.dtype)  # int codes: exact in bf16 / fp16
+    a = tl.where((rm[:, None] == 0) & keep[None, :], xr[None, :], 0.0).to(xr.dtype)
+    xk = tl.where(keep, xr.to(tl.float32), 0.0)
+    return tile_product(acc, a, w, xk, s_ptr, k0, cols, nmask, stride_s, keep, rm, WFMT, GROUP,
+                        DOT_F32)
 
 
 @triton.jit
@@ -65,6 +82,8 @@ def dot_gemv_kernel(
     k_end = tl.minimum(K, k_lo + k_per_split)
     ar = tl.arange(0, BLOCK_K)
     rm = tl.arange(0, BLOCK_M)
+    wcols, wmask = weight_columns(cols, nmask, WFMT, BLOCK_N)
+    wcols_u, _ = weight_columns(cols_u, nmask, WFMT, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_stop = k_lo + k_per_split
@@ -75,12 +94,13 @@ def dot_gemv_kernel(
                                  PER_CHANNEL, WARM)
         k_stop = tl.where(n_kept > 0, k_stop, k_lo)
     for k0 in range(k_lo, k_stop, BLOCK_K):
-        acc = _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0 + ar, k_end, cols, nmask, rm,
-                        stride_wk, stride_s, stride_tk, PER_CHANNEL, EVEN_N, BIG, WFMT, GROUP, DOT_F32)
+        acc = _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0, k0 + ar, k_end, cols, wcols,
+                        wmask, nmask, rm, stride_wk, stride_s, stride_tk, PER_CHANNEL, EVEN_N, BIG,
+                        WFMT, GROUP, DOT_F32)
         if GATED:
-            acc_u = _dot_step(acc_u, x_ptr, w_ptr, s_ptr, t_ptr, t_off + stride_ts, k0 + ar, k_end,
-                              cols_u, nmask, rm, stride_wk, stride_s, stride_tk, PER_CHANNEL, EVEN_N,
-                              BIG, WFMT, GROUP, DOT_F32)
+            acc_u = _dot_step(acc_u, x_ptr, w_ptr, s_ptr, t_ptr, t_off + stride_ts, k0, k0 + ar,
+                              k_end, cols_u, wcols_u, wmask, nmask, rm, stride_wk, stride_s,
+                              stride_tk, PER_CHANNEL, EVEN_N, BIG, WFMT, GROUP, DOT_F32)
     finish(acc, acc_u, s_ptr, cols, cols_u, nmask, part_ptr, cnt_ptr, y_ptr, pid_n, pid_k, split,
            ncols, GATED, HAS_SPLIT, WFMT, True, BLOCK_N, RCHUNK)
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import finish, load_keep, load_weight_tile, program_columns
+from .common import finish, load_keep, load_weight_tile, program_columns, weight_columns
 from .dot import BLOCK_M, mma
 
 
@@ -71,17 +71,19 @@ def _list_count(x_ptr, t_ptr, t_off, k_lo, K, stride_tk, idx_ptr, xv_ptr, kc_ptr
 
 
 @triton.jit
-def _list_step(acc, w_ptr, s_ptr, idx_ptr, xv_ptr, base, c, n, ar, cols, nmask, rm, stride_wk,
-               stride_s, EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr,
-               GROUP: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc += A(kept x values of list entries c + ar, row 0) @ wt[their rows, cols]."""
+def _list_step(acc, w_ptr, idx_ptr, xv_ptr, base, c, n, ar, wcols, wmask, rm, stride_wk,
+               EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    """acc += A(kept x values of list entries c + ar, row 0) @ wt[their rows, cols] (formats
+    with per-column scales only: a gathered tile spans several int4 groups)."""
+    tl.static_assert(WFMT != 2, "kept-row lists take dense or int8 weights")
     j = c + ar
     inb = j < n
     idx = tl.load(idx_ptr + base + j, mask=inb, other=0)
     xv = tl.load(xv_ptr + base + j, mask=inb, other=0.0)
-    w = load_weight_tile(w_ptr, s_ptr, idx, cols, nmask, stride_wk, stride_s, inb, EVEN_N, BIG,
-                         WFMT, GROUP)
-    a = tl.where(rm[:, None] == 0, xv[None, :], 0.0).to(w.dtype)
+    w = load_weight_tile(w_ptr, idx, wcols, wmask, stride_wk, inb, EVEN_N, BIG, WFMT)
+    w = w.to(tl.float32).to(xv.dtype)  # int8 codes: exact
+    a = tl.where(rm[:, None] == 0, xv[None, :], 0.0).to(xv.dtype)
     return mma(acc, a, w, DOT_F32)
 
 
@@ -110,6 +112,8 @@ def list_gemv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_max = n
     cols_u = ncols + cols  # up's columns (GATED)
+    wcols, wmask = weight_columns(cols, nmask, WFMT, BLOCK_N)
+    wcols_u, _ = weight_columns(cols_u, nmask, WFMT, BLOCK_N)
     if GATED:
         n_u = _list_count(x_ptr, t_ptr, t_off + stride_ts, pid_k * KS, K, stride_tk, idx_ptr,
                           xv_ptr, kc_ptr, split + pid_k, PER_CHANNEL, KS, INLINE)
@@ -117,12 +121,11 @@ def list_gemv_kernel(
     if GATED:
         n_max = tl.maximum(n, n_u)
     for c in range(0, n_max, BLOCK_K):
-        acc = _list_step(acc, w_ptr, s_ptr, idx_ptr, xv_ptr, li * KS, c, n, ar, cols, nmask, rm,
-                         stride_wk, stride_s, EVEN_N, BIG, WFMT, GROUP, DOT_F32)
+        acc = _list_step(acc, w_ptr, idx_ptr, xv_ptr, li * KS, c, n, ar, wcols, wmask, rm,
+                         stride_wk, EVEN_N, BIG, WFMT, DOT_F32)
         if GATED:
-            acc_u = _list_step(acc_u, w_ptr, s_ptr, idx_ptr, xv_ptr, (split + pid_k) * KS, c, n_u,
-                               ar, cols_u, nmask, rm, stride_wk, stride_s, EVEN_N, BIG, WFMT,
-                               GROUP, DOT_F32)
+            acc_u = _list_step(acc_u, w_ptr, idx_ptr, xv_ptr, (split + pid_k) * KS, c, n_u, ar,
+                               wcols_u, wmask, rm, stride_wk, EVEN_N, BIG, WFMT, DOT_F32)
     finish(acc, acc_u, s_ptr, cols, cols_u, nmask, part_ptr, cnt_ptr, y_ptr, pid_n, pid_k, split,
            ncols, GATED, HAS_SPLIT, WFMT, True, BLOCK_N, RCHUNK)
 

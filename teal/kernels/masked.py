@@ -17,7 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import finish, load_threshold, load_weight_tile, program_columns
+from .common import (finish, group_scales, load_threshold, load_weight_tile, program_columns,
+                     weight_columns)
 
 
 @triton.jit
@@ -32,9 +33,18 @@ def _masked_x(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL: tl.con
 
 
 @triton.jit
-def _accum(acc, w, xk, ACC2D: tl.constexpr):
+def _accum(acc, w, xk, s_ptr, k0, cols, nmask, stride_s, keep, ACC2D: tl.constexpr,
+           WFMT: tl.constexpr, GROUP: tl.constexpr):
+    """acc += the tile's products in fp32 (int4: its codes times the group's scale plus the
+    group's bias times x, `group_scales`)."""
     prod = w.to(tl.float32) * xk[:, None]
-    if ACC2D:
+    if WFMT == 2:
+        s, b = group_scales(s_ptr, k0, cols, nmask, stride_s, keep, WFMT, GROUP)
+        if ACC2D:
+            acc += prod * s[None, :] + xk[:, None] * b[None, :]
+        else:
+            acc += tl.sum(prod, axis=0) * s + tl.sum(xk, axis=0) * b
+    elif ACC2D:
         acc += prod
     else:
         acc += tl.sum(prod, axis=0)
@@ -60,6 +70,8 @@ def masked_gemv_kernel(
     k_end = tl.minimum(K, k_lo + k_per_split)
     ar = tl.arange(0, BLOCK_K)
     cols_u = ncols + cols  # up's columns (GATED)
+    wcols, wmask = weight_columns(cols, nmask, WFMT, BLOCK_N)
+    wcols_u, _ = weight_columns(cols_u, nmask, WFMT, BLOCK_N)
     if ACC2D:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
@@ -69,38 +81,36 @@ def masked_gemv_kernel(
     if GATED:
         xu, ku = _masked_x(x_ptr, t_ptr, t_off + stride_ts, k_lo + ar, k_end, stride_tk, PER_CHANNEL)
     if PIPE == 2:
-        w = load_weight_tile(w_ptr, s_ptr, k_lo + ar, cols, nmask, stride_wk, stride_s, keep,
-                             EVEN_N, BIG, WFMT, GROUP)
+        w = load_weight_tile(w_ptr, k_lo + ar, wcols, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
         if GATED:
-            wu = load_weight_tile(w_ptr, s_ptr, k_lo + ar, cols_u, nmask, stride_wk, stride_s, ku,
-                                  EVEN_N, BIG, WFMT, GROUP)
+            wu = load_weight_tile(w_ptr, k_lo + ar, wcols_u, wmask, stride_wk, ku, EVEN_N, BIG, WFMT)
     for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
         if PIPE == 1:
-            w = load_weight_tile(w_ptr, s_ptr, k0 + ar, cols, nmask, stride_wk, stride_s, keep,
-                                 EVEN_N, BIG, WFMT, GROUP)
+            w = load_weight_tile(w_ptr, k0 + ar, wcols, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
             if GATED:
-                wu = load_weight_tile(w_ptr, s_ptr, k0 + ar, cols_u, nmask, stride_wk, stride_s,
-                                      ku, EVEN_N, BIG, WFMT, GROUP)
+                wu = load_weight_tile(w_ptr, k0 + ar, wcols_u, wmask, stride_wk, ku, EVEN_N, BIG, WFMT)
             xn, kn = _masked_x(x_ptr, t_ptr, t_off, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
             if GATED:
                 xun, kun = _masked_x(x_ptr, t_ptr, t_off + stride_ts, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
-            acc = _accum(acc, w, xk, ACC2D)
+            acc = _accum(acc, w, xk, s_ptr, k0, cols, nmask, stride_s, keep, ACC2D, WFMT, GROUP)
             if GATED:
-                acc_u = _accum(acc_u, wu, xu, ACC2D)
+                acc_u = _accum(acc_u, wu, xu, s_ptr, k0, cols_u, nmask, stride_s, ku, ACC2D, WFMT,
+                                   GROUP)
                 xu, ku = xun, kun
             xk, keep = xn, kn
         else:
             xn, kn = _masked_x(x_ptr, t_ptr, t_off, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
             if GATED:
                 xun, kun = _masked_x(x_ptr, t_ptr, t_off + stride_ts, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
-            wn = load_weight_tile(w_ptr, s_ptr, k0 + BLOCK_K + ar, cols, nmask, stride_wk, stride_s, kn,
-                                  EVEN_N, BIG, WFMT, GROUP)
+            wn = load_weight_tile(w_ptr, k0 + BLOCK_K + ar, wcols, wmask, stride_wk, kn, EVEN_N,
+                                  BIG, WFMT)
             if GATED:
-                wun = load_weight_tile(w_ptr, s_ptr, k0 + BLOCK_K + ar, cols_u, nmask, stride_wk, stride_s, kun,
-                                       EVEN_N, BIG, WFMT, GROUP)
-            acc = _accum(acc, w, xk, ACC2D)
+                wun = load_weight_tile(w_ptr, k0 + BLOCK_K + ar, wcols_u, wmask, stride_wk, kun,
+                                       EVEN_N, BIG, WFMT)
+            acc = _accum(acc, w, xk, s_ptr, k0, cols, nmask, stride_s, keep, ACC2D, WFMT, GROUP)
             if GATED:
-                acc_u = _accum(acc_u, wu, xu, ACC2D)
+                acc_u = _accum(acc_u, wu, xu, s_ptr, k0, cols_u, nmask, stride_s, ku, ACC2D, WFMT,
+                                   GROUP)
                 xu, ku, wu = xun, kun, wun
             xk, keep, w = xn, kn, wn
     finish(acc, acc_u, s_ptr, cols, cols_u, nmask, part_ptr, cnt_ptr, y_ptr, pid_n, pid_k, split,
