@@ -298,8 +298,8 @@ class Transformer(nn.Module):
                              f"{self.config.block_size}; use a shorter prompt or fewer new tokens")
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
-        dtype = dtype or self.output.weight.dtype
-        device = self.output.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
         cfg = self.config
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, cfg.n_local_heads,

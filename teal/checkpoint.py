@@ -3,6 +3,12 @@
     {"format": "teal-fast/1", "config": ModelArgs dict, "state_dict": {...},
      "meta": {"name": ..., "source": ..., "tokenizer": {...}, ...}}
 
+A quantized checkpoint (quantize.py) adds ``"quantization": {"mode": "int8" | "int4",
+"group_size": 0 | 32 | 64 | 128, "head": bool, "source_sha256": ..., "torch": ...}`` and
+holds, instead of each projection's `.weight`, its `.qweight` codes and `.scales`
+(`teal.sparse_linear.QuantizedSparseLinear`; with `head`, `output.qweight` / `output.scales`).
+Every loader reads the format from this entry, never from the file name.
+
 State-dict keys and layouts are documented on `model.Transformer`; `state_dict_shapes` lists
 them with their shapes for a config (converters check against it). Everything is plain
 tensors, strings and numbers, so `torch.load(weights_only=True)` reads it. Files are written
@@ -18,6 +24,8 @@ import torch
 
 from teal.io import atomic_torch_save
 from teal.projections import PROJECTION_SPECS, projection_shapes
+from teal.quant import QuantSpec
+from teal.sparse_linear import quantize_model
 
 FORMAT = "teal-fast/1"
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.pth")
@@ -87,10 +95,15 @@ def state_dict_shapes(config: Mapping) -> dict[str, tuple]:
     return shapes
 
 
-def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] = None) -> None:
-    """Write a checkpoint atomically (see module doc)."""
-    atomic_save({"format": FORMAT, "config": dict(config), "state_dict": state_dict,
-                 "meta": dict(meta or {})}, path)
+def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] = None,
+                    quantization: Optional[dict] = None) -> None:
+    """Write a checkpoint atomically (see module doc); `quantization`: the entry of a
+    quantized checkpoint."""
+    obj = {"format": FORMAT, "config": dict(config), "state_dict": state_dict,
+           "meta": dict(meta or {})}
+    if quantization is not None:
+        obj["quantization"] = dict(quantization)
+    atomic_save(obj, path)
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
@@ -146,14 +159,17 @@ def load_model(path, build: Callable[[dict], torch.nn.Module], device="cpu",
         CheckpointError: missing, corrupt, or shape-mismatched checkpoint, or an invalid config.
     """
     ckpt = load_checkpoint(path)
+    spec = quantization_of(ckpt, path)
     try:
         with torch.device("meta"):
             model = build(ckpt["config"])
+            if spec is not None:
+                quantize_model(model, spec)  # the quantized structure, filled by the state dict
     except Exception as e:  # noqa: BLE001 - ZeroDivisionError, ValueError, TypeError, ...
         raise CheckpointError(f"checkpoint {path} has an invalid config "
                               f"({e.__class__.__name__}: {e}); convert it again") from None
     sd = ckpt["state_dict"]
-    tied = bool(ckpt["config"].get("tie_embeddings"))
+    tied = bool(ckpt["config"].get("tie_embeddings")) and not (spec and spec.head)
     if tied:
         sd = {k: v for k, v in sd.items() if k != "output.weight"}
     try:
@@ -173,4 +189,23 @@ def load_model(path, build: Callable[[dict], torch.nn.Module], device="cpu",
             if buf.is_meta:
                 mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device=device)
-    return model, ckpt.get("meta", {})
+    meta = dict(ckpt.get("meta", {}))
+    if spec is not None:
+        meta["quantization"] = dict(ckpt["quantization"])
+    return model, meta
+
+
+def quantization_of(ckpt: dict, path="checkpoint") -> Optional[QuantSpec]:
+    """The `QuantSpec` of a checkpoint dict (its "quantization" entry), None for a dense one.
+
+    Raises:
+        CheckpointError: a malformed entry.
+    """
+    entry = ckpt.get("quantization")
+    if entry is None:
+        return None
+    try:
+        return QuantSpec.from_dict(entry)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has a bad quantization entry ({e}); "
+                              f"quantize the source checkpoint again with quantize.py") from None

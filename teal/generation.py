@@ -136,25 +136,30 @@ def _sync(device):
 def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int:
     """Weight bytes read for one decode token: every parameter except the embedding table
     (only one row is read; a tied output head still reads it), with each sparse projection's
-    bytes scaled by its kept fraction (1 - effective sparsity of `sparsity_by_proj[name]`)."""
+    stored weight bytes scaled by its kept fraction (1 - effective sparsity of
+    `sparsity_by_proj[name]`). Quantized projections count their codes (int8: 1 byte, int4:
+    1/2 byte per weight) and all their scales."""
     sparsity_by_proj = sparsity_by_proj or {}
-    projection_params = {}
-    for m in sparse_linears(model):
-        projection_params[id(m.weight)] = m
     total, seen = 0.0, set()
+    for m in sparse_linears(model):
+        wt, scales = m._kernel_weight()
+        per_weight = wt.element_size() * wt.shape[1] / sum(m.sizes)
+        if m.wformat == "dense":
+            seen.add(id(m.weight))
+        for proj in m.projections():
+            kept = 1.0 - sparsity_by_proj.get(proj.name, 0.0) if m.sparse else 1.0
+            total += proj.out_features * proj.in_features * per_weight * kept
+        if scales is not None:
+            total += scales.numel() * scales.element_size()
+    head = getattr(model, "output", None)
+    tied_head = isinstance(head, torch.nn.Linear) and head.weight is model.tok_embeddings.weight
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if name == "tok_embeddings.weight" and not model.config.tie_embeddings:
+        if name == "tok_embeddings.weight" and not tied_head:
             continue
-        m = projection_params.get(id(p))
-        if m is None or not m.sparse:
-            total += p.numel() * p.element_size()
-            continue
-        for proj in m.projections():
-            nbytes = proj.out_features * proj.in_features * p.element_size()
-            total += nbytes * (1.0 - sparsity_by_proj.get(proj.name, 0.0))
+        total += p.numel() * p.element_size()
     return int(total)
 
 

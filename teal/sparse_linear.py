@@ -31,10 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from teal import kernels
+from teal import kernels, quant
 from teal.kernels.dispatch import DEFAULT_POLICY, KernelPolicy
+from teal.kernels.formats import get_format
 
-__all__ = ["SparseLinear", "Projection", "configure", "configured", "sparse_linears", "set_kernel_policy",
+__all__ = ["SparseLinear", "QuantizedSparseLinear", "Projection", "quantize_model", "configure", "configured", "sparse_linears", "set_kernel_policy",
            "set_thresholds", "install_state_dict_hooks"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -105,10 +106,10 @@ class SparseLinear(nn.Module):
         self.sizes = sizes
         self.names = names
         self.gated = gated
-        w = torch.empty(in_features, sum(sizes), device=device, dtype=dtype)
-        nn.init.normal_(w, std=in_features ** -0.5)
-        self.weight = nn.Parameter(w.t())
+        self._init_storage(device, dtype)
         self.register_buffer("threshold", torch.zeros(len(sizes), device=device), persistent=False)
+        self.register_buffer("_zero_threshold", torch.zeros(len(sizes), device=device),
+                             persistent=False)
         self.register_buffer("counts", torch.zeros(len(sizes), 2, dtype=torch.float64, device=device),
                              persistent=False)
         self.sparsity = [0.0] * len(sizes)
@@ -119,7 +120,36 @@ class SparseLinear(nn.Module):
         self.tp_style: Optional[str] = None
         self._shared = True     # every projection has the same threshold (one mask suffices)
         self._launch = None     # the resolved decode kernel launch, or None (torch path)
+        self._dense_launch = None  # quantized formats: the launch of a dense (t = 0) decode
         self._refresh_launch()
+
+    wformat = "dense"  # the weight format (teal.kernels.formats); see QuantizedSparseLinear
+    _STATE = ("weight",)  # the state-dict entries that hold the weight
+    _EXACT_BUFFERS = ("threshold", "_zero_threshold", "counts")  # moved, never cast
+
+    def _init_storage(self, device, dtype) -> None:
+        w = torch.empty(self.in_features, sum(self.sizes), device=device, dtype=dtype)
+        nn.init.normal_(w, std=self.in_features ** -0.5)
+        self.weight = nn.Parameter(w.t())
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The activation dtype this module computes in (the weight's, for dense)."""
+        return self.weight.dtype
+
+    def _kernel_weight(self) -> tuple:
+        """(stored weight (K, ...) input-channel major, scales or None) for the kernels."""
+        return self.weight.t(), None
+
+    # per-projection state-dict entries (install_state_dict_hooks): nn.Linear-shaped weights
+    def _state_parts(self, entry: str, value: Tensor) -> list:
+        return [value[a:b] for a, b in self._offsets()]
+
+    def _state_merge(self, entry: str, parts: list) -> Tensor:
+        return torch.cat([p.t() for p in parts], dim=1).contiguous().t()
+
+    def _state_shape(self, entry: str, i: int) -> tuple:
+        return (self.sizes[i], self.in_features)
 
     # ----------------------------------------------------------------------- structure
     @property
@@ -156,18 +186,26 @@ class SparseLinear(nn.Module):
 
     # ----------------------------------------------------------------------- moves, loading
     def _apply(self, fn, recurse=True):
-        # `.to(dtype)` must not cast the fp32 thresholds / fp64 counters, and a move must keep
-        # the weight input-channel major.
-        super()._apply(fn, recurse)
-        if self.threshold.dtype != torch.float32:
-            self.threshold = self.threshold.float()
-        if self.counts.dtype != torch.float64:
-            self.counts = self.counts.double()
+        # `.to(dtype)` must not cast the fp32 thresholds, fp64 counters or a quantized
+        # format's scales (they are only moved), and a move must keep the weight
+        # input-channel major.
+        exact = {n: self._buffers.pop(n) for n in self._EXACT_BUFFERS if self._buffers.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if exact:
+                ref = next(iter(exact.values()))
+                device = fn(torch.empty(0, device=ref.device)).device
+                for n, b in exact.items():
+                    self._buffers[n] = b if b.is_meta and device.type == "meta" else b.to(device)
+        self._after_apply(fn)
+        self._refresh_launch()
+        return self
+
+    def _after_apply(self, fn) -> None:
         if not self.weight.is_meta and not self.weight.t().is_contiguous():
             self.weight = nn.Parameter(self.weight.detach().t().contiguous().t(),
                                        requires_grad=self.weight.requires_grad)
-        self._refresh_launch()
-        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
@@ -239,14 +277,18 @@ class SparseLinear(nn.Module):
     def _refresh_launch(self) -> None:
         """Resolve the decode kernel launch for this module's weight, thresholds and policy
         (None: the torch path), so a forward only reads it."""
-        w, policy = self.weight, self.kernel_policy
-        self._launch = None
-        if (not policy.gemv or w.is_meta or w.dtype not in _KERNEL_DTYPES or not policy.allows(w.device)
+        w, policy = self._kernel_weight()[0], self.kernel_policy
+        dtype = self.act_dtype
+        self._launch = self._dense_launch = None
+        if (not policy.gemv or w.is_meta or dtype not in _KERNEL_DTYPES or not policy.allows(w.device)
                 or not kernels.kernels_available(w.device)):
             return
         kind = "gated" if self.gated else "seg"
-        self._launch = policy.launch(kind, self.in_features, self.sizes, w.dtype, "dense",
+        self._launch = policy.launch(kind, self.in_features, self.sizes, dtype, self.wformat,
                                      min(self.sparsity), w.device)
+        if self.wformat != "dense":
+            self._dense_launch = policy.launch(kind, self.in_features, self.sizes, dtype,
+                                               self.wformat, 0.0, w.device)
         kernels.prepare(w.device)
 
     # ----------------------------------------------------------------------- forward
@@ -254,22 +296,15 @@ class SparseLinear(nn.Module):
         return self.sparse and (self.sparsify_prefill or x.numel() == x.shape[-1] or x.shape[-2] == 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., K) -> (..., sum N_s) (gated: (..., F)); dense when not sparse for x."""
+        """x (..., K) -> (..., sum N_s) (gated: (..., F)); dense when not sparse for x.
+
+        A quantized format's decode step runs its kernel even when dense (threshold 0)."""
         if not self._sparse_for(x):
+            if self._dense_launch is not None and self._kernel_ok(x):
+                return self._kernel(x, self._zero_threshold, self._dense_launch, 0.0)
             y = F.linear(x, self.weight)
-        elif (self._launch is not None and not self.track and x.numel() == x.shape[-1]
-              and x.dtype == self.weight.dtype and x.device == self.weight.device
-              and self.weight.t().is_contiguous()
-              and not (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))):
-            # (the kernels are inference only: with autograd on, the torch path is taken)
-            wt = self.weight.t()
-            sparsity = min(self.sparsity)
-            if self.gated:
-                return kernels.sparse_gated_gemv(x, wt, self.threshold, sparsity=sparsity,
-                                                 launch=self._launch)
-            ends = [b for _, b in self._offsets()]
-            return kernels.sparse_gemv(x, wt, self.threshold, ends, sparsity=sparsity,
-                                       launch=self._launch)
+        elif self._launch is not None and not self.track and self._kernel_ok(x):
+            return self._kernel(x, self.threshold, self._launch, min(self.sparsity))
         else:
             y = self._masked_linear(x)
         if self.gated:
@@ -277,23 +312,41 @@ class SparseLinear(nn.Module):
             return F.silu(g) * u
         return y
 
+    def _kernel_ok(self, x: Tensor) -> bool:
+        """One token, in the module's dtype and device, the weight in kernel layout, and no
+        autograd (the kernels are inference only: with autograd on, the torch path runs)."""
+        w = self._kernel_weight()[0]
+        return (x.numel() == x.shape[-1] and x.dtype == self.act_dtype and x.device == w.device
+                and w.is_contiguous()
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
+
+    def _kernel(self, x: Tensor, thresholds: Tensor, launch, sparsity: float) -> Tensor:
+        wt, scales = self._kernel_weight()
+        if self.gated:
+            return kernels.sparse_gated_gemv(x, wt, thresholds, sparsity=sparsity, launch=launch,
+                                             wformat=self.wformat, scales=scales)
+        ends = [b for _, b in self._offsets()]
+        return kernels.sparse_gemv(x, wt, thresholds, ends, sparsity=sparsity, launch=launch,
+                                   wformat=self.wformat, scales=scales)
+
     def _masked_linear(self, x: Tensor) -> Tensor:
         """The exact torch path: each projection's input with |x| <= t_s zeroed, then a
         matmul (one mask and one GEMM when every projection has the same threshold)."""
         ax = x.float().abs()  # compared in fp32, as the kernels do
+        weight = self.weight
         if self._shared:
             keep = ax > self.threshold[0]
             if self.track:
                 self.counts[:, 0] += (~keep).sum()
                 self.counts[:, 1] += keep.numel()
-            return F.linear(x * keep, self.weight)
+            return F.linear(x * keep, weight)
         ys = []
         for s, (a, b) in enumerate(self._offsets()):
             keep = ax > self.threshold[s]
             if self.track:
                 self.counts[s, 0] += (~keep).sum()
                 self.counts[s, 1] += keep.numel()
-            ys.append(F.linear(x * keep, self.weight[a:b]))
+            ys.append(F.linear(x * keep, weight[a:b]))
         return torch.cat(ys, dim=-1)
 
     # ----------------------------------------------------------------------- tensor parallel
@@ -326,6 +379,177 @@ class SparseLinear(nn.Module):
         else:
             raise ValueError(f"unknown tensor-parallel style {style!r}; use 'column' or 'row'")
         self.weight = nn.Parameter(wt.contiguous().t(), requires_grad=self.weight.requires_grad)
+        self.threshold = th
+        self.counts = torch.zeros_like(self.counts)
+        self.tp_style = style
+        self._refresh_launch()
+
+
+
+class QuantizedSparseLinear(SparseLinear):
+    """A `SparseLinear` whose weight is stored as int8 or int4 codes (teal.quant): the
+    same projections, thresholds and dispatch, with the weight-only quantized formats of
+    `teal.kernels.formats` ("int8", "int4-g32", "int4-g64", "int4-g128").
+
+    Args:
+        in_features, out_features, names, gated: as for SparseLinear (int4: even widths).
+        wformat: the weight format.
+        dtype: the activation dtype (default: torch's default dtype); it follows
+            `.to(dtype)` like a floating weight would.
+
+    Attributes:
+        qweight: codes, input-channel major: int8 (K, sum N_s), or int4 uint8 (K, sum N_s / 2)
+            (two columns per byte along N).
+        scales: int8: fp32 (sum N_s,); int4: bf16 (ceil(K / group), 2, sum N_s) (scale, bias).
+            Moved with the module, never cast.
+        weight: (read-only) the dequantized weight, (sum N_s, K) in the activation dtype, the
+            transposed view of a contiguous (K, sum N_s): what the torch path multiplies by
+            (prefill, CPU, tracking); decode steps on a GPU run the quantized kernels, also
+            when not sparse (threshold 0).
+    The state dict holds `<owner>.<name>.qweight` (K, N_s or N_s / 2) and `.scales` per
+    projection. Source: TEAL Section 4 (thresholds) with weight-only quantization (teal.quant).
+
+    Raises:
+        ValueError: an unknown or dense format, or odd widths under int4.
+    """
+
+    _STATE = ("qweight", "scales")
+    _EXACT_BUFFERS = SparseLinear._EXACT_BUFFERS + ("scales",)
+
+    def __init__(self, in_features: int, out_features, names: Optional[Sequence[str]] = None,
+                 gated: bool = False, *, wformat: str, device=None, dtype=None):
+        fmt = get_format(wformat)
+        if not fmt.quantized:
+            raise ValueError(f"QuantizedSparseLinear needs a quantized weight format, got {wformat!r}")
+        self._fmt = fmt
+        self._act_dtype = dtype or torch.get_default_dtype()
+        super().__init__(in_features, out_features, names, gated, device=device, dtype=dtype)
+
+    @property
+    def wformat(self) -> str:
+        return self._fmt.name
+
+    def _init_storage(self, device, dtype) -> None:
+        fmt, K, N = self._fmt, self.in_features, sum(self.sizes)
+        if fmt.wfmt == 2 and any(n % 2 for n in self.sizes):
+            raise ValueError(f"int4 packs two output columns per byte: the widths {self.sizes} of "
+                             f"{', '.join(self.names)} must be even; quantize them with --mode int8")
+        self.register_buffer("qweight", torch.zeros(K, fmt.columns_per_row(N), device=device,
+                                                    dtype=fmt.storage_dtype(torch.bfloat16)))
+        self.register_buffer("scales", torch.ones(fmt.scale_shape(K, N), device=device,
+                                                  dtype=fmt.scale_dtype()))
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self._act_dtype
+
+    @property
+    def weight(self) -> Tensor:
+        if self.qweight.is_meta:
+            return torch.empty(sum(self.sizes), self.in_features, device="meta", dtype=self._act_dtype)
+        w = quant.dequantize(self.wformat, self.qweight, self.scales)
+        return w.to(self._act_dtype).t()
+
+    def _kernel_weight(self) -> tuple:
+        return self.qweight, self.scales
+
+    def _after_apply(self, fn) -> None:
+        probe = fn(torch.empty(0, dtype=self._act_dtype, device=self.qweight.device))
+        self._act_dtype = probe.dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for entry in self._STATE:
+            v = state_dict.get(prefix + entry)
+            if torch.is_tensor(v) and not v.is_meta and not v.is_contiguous():
+                state_dict[prefix + entry] = v.contiguous()
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        self._refresh_launch()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, wformat={self.wformat}"
+
+    # ------------------------------------------------------------------- state dict
+    def _col_bounds(self, stored: bool) -> list:
+        """Column ranges of the projections in the stored codes (stored) or in the scales."""
+        div = 2 if stored and self._fmt.wfmt == 2 else 1
+        return [(a // div, b // div) for a, b in self._offsets()]
+
+    def _state_parts(self, entry: str, value: Tensor) -> list:
+        return [value[..., a:b] for a, b in self._col_bounds(entry == "qweight")]
+
+    def _state_merge(self, entry: str, parts: list) -> Tensor:
+        return torch.cat(parts, dim=-1).contiguous()
+
+    def _state_shape(self, entry: str, i: int) -> tuple:
+        n = self.sizes[i]
+        if entry == "qweight":
+            return (self.in_features, self._fmt.columns_per_row(n))
+        return tuple(self._fmt.scale_shape(self.in_features, n))
+
+    # ------------------------------------------------------------------- construction
+    @classmethod
+    @torch.no_grad()
+    def from_module(cls, m: SparseLinear, spec: "quant.QuantSpec") -> "QuantizedSparseLinear":
+        """Quantize a dense SparseLinear (weights, thresholds, sparsities, flags and policy
+        carried over); on the meta device only the structure is built (for loading).
+
+        Raises:
+            ValueError: odd widths under int4, or a weight holding inf / NaN.
+        """
+        meta = m.weight.is_meta
+        q = cls(m.in_features, m.sizes, m.names, m.gated, wformat=spec.wformat,
+                device="meta" if meta else m.weight.device, dtype=m.weight.dtype)
+        if not meta:
+            parts = [quant.quantize(w, spec) for w in (m.weight[a:b] for a, b in m._offsets())]
+            q.qweight = torch.cat([c for c, _ in parts], dim=1).contiguous()
+            q.scales = torch.cat([sc for _, sc in parts], dim=-1).contiguous()
+            q.threshold = m.threshold.clone()
+            q._zero_threshold = m._zero_threshold.clone()
+            q.counts = m.counts.clone()
+        q.sparsity = list(m.sparsity)
+        q._shared = m._shared
+        q.sparse, q.sparsify_prefill, q.track = m.sparse, m.sparsify_prefill, m.track
+        q.kernel_policy, q.tp_style = m.kernel_policy, m.tp_style
+        q._refresh_launch()
+        return q
+
+    # ------------------------------------------------------------------- tensor parallel
+    @torch.no_grad()
+    def tp_shard(self, style: str, rank: int, world: int) -> None:
+        """As `SparseLinear.tp_shard`, on the codes and scales: "column" keeps each
+        projection's slice of output columns (int4: even slices); "row" keeps a slice of
+        input channels, on int4 group boundaries.
+
+        Raises:
+            ValueError: unknown style, a width `world` does not divide, or (int4, row) a
+                shard that does not start on a scale-group boundary.
+        """
+        fmt = self._fmt
+        if style == "column":
+            if any(n % world or (fmt.wfmt == 2 and (n // world) % 2) for n in self.sizes):
+                raise ValueError(f"{world} ranks do not divide the widths {self.sizes} of "
+                                 f"{self.names} into {'even ' if fmt.wfmt == 2 else ''}shards")
+            qw = torch.cat([p.chunk(world, dim=-1)[rank] for p in self._state_parts("qweight", self.qweight)], dim=-1)
+            sc = torch.cat([p.chunk(world, dim=-1)[rank] for p in self._state_parts("scales", self.scales)], dim=-1)
+            self.sizes = tuple(n // world for n in self.sizes)
+            th = self.threshold.clone()
+        elif style == "row":
+            K = self.in_features
+            if K % world:
+                raise ValueError(f"{world} ranks do not divide in_features {K} of {self.names}")
+            k = K // world
+            if fmt.group and k % fmt.group:
+                raise ValueError(f"row-parallel shards of {self.names} hold {k} input channels, "
+                                 f"not a multiple of the int4 group size {fmt.group}: quantize "
+                                 f"with a smaller --groupsize or use fewer ranks")
+            qw = self.qweight[rank * k:(rank + 1) * k]
+            sc = self.scales[rank * k // fmt.group:(rank + 1) * k // fmt.group] if fmt.group else self.scales
+            self.in_features = k
+            th = self.threshold
+            th = (th[:, rank * k:(rank + 1) * k] if th.dim() == 2 else th).clone()
+        else:
+            raise ValueError(f"unknown tensor-parallel style {style!r}; use 'column' or 'row'")
+        self.qweight, self.scales = qw.contiguous(), sc.contiguous()
         self.threshold = th
         self.counts = torch.zeros_like(self.counts)
         self.tp_style = style
@@ -495,36 +719,40 @@ def _fused_children(owner: nn.Module) -> dict:
 
 def _split_projections(owner, state_dict, prefix, local_metadata) -> None:
     # The owner's keys are the tail of the (shared) destination: re-add them in order, each
-    # fused weight replaced by its projections' rows (views).
+    # fused entry (weight, or a quantized format's qweight / scales) replaced by its
+    # projections' parts (views).
     fused = _fused_children(owner)
     tail = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
     for key, value in tail:
-        m = fused.get(key[len(prefix):].removesuffix(".weight")) if key.endswith(".weight") else None
-        if m is None:
+        attr, _, entry = key[len(prefix):].rpartition(".")
+        m = fused.get(attr)
+        if m is None or entry not in m._STATE:
             state_dict[key] = value
             continue
-        for n, (a, b) in zip(m.names, m._offsets()):
-            state_dict[f"{prefix}{n}.weight"] = value[a:b]
+        for n, part in zip(m.names, m._state_parts(entry, value)):
+            state_dict[f"{prefix}{n}.{entry}"] = part
 
 
 def _merge_projections(owner, state_dict, prefix, local_metadata, strict, missing_keys,
                        unexpected_keys, error_msgs) -> None:
     owner._fused_missing = []  # (fused key, projection keys absent), for _report_projections
     for attr, m in _fused_children(owner).items():
-        own = f"{prefix}{attr}.weight"
-        keys = [f"{prefix}{n}.weight" for n in m.names]
-        if own in state_dict or not any(k in state_dict for k in keys):
-            continue  # already fused, or nothing of this module given (reported as own)
-        absent = [k for k in keys if k not in state_dict]
-        parts = [state_dict.pop(k) for k in keys if k in state_dict]
-        bad = [f"size mismatch for {k}: copying a param with shape {tuple(p.shape)}, the shape in "
-               f"current model is {(n, m.in_features)}."
-               for k, p, n in zip(keys, parts, m.sizes) if tuple(p.shape) != (n, m.in_features)]
-        if absent or bad:
-            error_msgs.extend(bad)
-            owner._fused_missing.append((own, absent))
-            continue
-        state_dict[own] = torch.cat([p.t() for p in parts], dim=1).contiguous().t()
+        for entry in m._STATE:
+            own = f"{prefix}{attr}.{entry}"
+            keys = [f"{prefix}{n}.{entry}" for n in m.names]
+            if own in state_dict or not any(k in state_dict for k in keys):
+                continue  # already fused, or nothing of this module given (reported as own)
+            absent = [k for k in keys if k not in state_dict]
+            parts = [state_dict.pop(k) for k in keys if k in state_dict]
+            bad = [f"size mismatch for {k}: copying a param with shape {tuple(p.shape)}, the shape "
+                   f"in current model is {m._state_shape(entry, i)}."
+                   for i, (k, p) in enumerate(zip(keys, parts))
+                   if tuple(p.shape) != m._state_shape(entry, i)]
+            if absent or bad:
+                error_msgs.extend(bad)
+                owner._fused_missing.append((own, absent))
+                continue
+            state_dict[own] = m._state_merge(entry, parts)
 
 
 def _report_projections(owner, incompatible_keys) -> None:
@@ -534,3 +762,53 @@ def _report_projections(owner, incompatible_keys) -> None:
             incompatible_keys.missing_keys.remove(own)
         incompatible_keys.missing_keys.extend(absent)
     owner._fused_missing = []
+
+
+def quantize_model(model: nn.Module, spec: "quant.QuantSpec", head: str = "output") -> dict:
+    """Replace every SparseLinear of `model` by its QuantizedSparseLinear (in place) and,
+    with `spec.head`, the nn.Linear output head at attribute `head` too (a one-projection
+    module; a tied embedding keeps its own dense copy). On the meta device only the
+    structure is built (loading a quantized checkpoint).
+
+    Returns:
+        {"quantized": modules quantized, "projections": projections in them, "padded":
+        projections whose K is not a multiple of the int4 group (the last group is short),
+        "head": bool}.
+    Raises:
+        ValueError: a module that cannot take the format, named (e.g. odd int4 widths).
+    """
+    report = {"quantized": 0, "projections": 0, "padded": 0, "head": False}
+    group = get_format(spec.wformat).group
+
+    def count(m):
+        report["quantized"] += 1
+        report["projections"] += len(m.sizes)
+        report["padded"] += len(m.sizes) if group and m.in_features % group else 0
+
+    for name, m in list(model.named_modules()):
+        if type(m) is not SparseLinear:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            setattr(parent, attr, QuantizedSparseLinear.from_module(m, spec))
+        except ValueError as e:
+            raise ValueError(f"{name} ({', '.join(m.names)}): {e}") from None
+        count(m)
+    if spec.head:
+        out = getattr(model, head, None)
+        if not isinstance(out, nn.Linear) or out.bias is not None:
+            raise ValueError(f"the model has no bias-free nn.Linear head at {head!r} to quantize")
+        dense = SparseLinear(out.in_features, out.out_features, names=(head,), device="meta",
+                             dtype=out.weight.dtype)
+        dense.weight = nn.Parameter(out.weight.detach(), requires_grad=False)
+        for n, b in list(dense._buffers.items()):  # the small buffers where the weight is
+            dense._buffers[n] = torch.zeros(b.shape, dtype=b.dtype, device=out.weight.device)
+        try:
+            q = QuantizedSparseLinear.from_module(dense, spec)
+        except ValueError as e:
+            raise ValueError(f"{head}: {e}") from None
+        setattr(model, head, q)
+        count(q)
+        report["head"] = True
+    return report

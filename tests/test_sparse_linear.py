@@ -244,9 +244,9 @@ def test_calibrated_sparsity_chooses_the_kernel(monkeypatch):
     monkeypatch.setattr(K, "prepare", lambda device: None)
     teal.set_kernel_policy(m, KernelPolicy(interpreter=True))
     seen = []
-    monkeypatch.setattr(K, "sparse_gemv", lambda x, wt, t, seg, sparsity, launch: seen.append(
+    monkeypatch.setattr(K, "sparse_gemv", lambda x, wt, t, seg, sparsity, launch, **kw: seen.append(
         ("seg", sparsity, launch)) or torch.zeros(*x.shape[:-1], wt.shape[1]))
-    monkeypatch.setattr(K, "sparse_gated_gemv", lambda x, wt, t, sparsity, launch: seen.append(
+    monkeypatch.setattr(K, "sparse_gated_gemv", lambda x, wt, t, sparsity, launch, **kw: seen.append(
         ("gated", sparsity, launch)) or torch.zeros(*x.shape[:-1], wt.shape[1] // 2))
     a, f = m.layers[0].attention, m.layers[0].feed_forward
     x = torch.randn(1, 1, 64).to(torch.bfloat16)
