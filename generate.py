@@ -170,7 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (CUDA graphs on GPU)")
     ap.add_argument("--device", default=default_device(), help="cpu or cuda")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype (a quantized checkpoint: the activation dtype; its "
+                         "codes stay int8/int4)")
     ap.add_argument("--kernels", choices=["on", "off"], default="on",
                     help="decode through the Triton sparse GEMV and attention kernels where they "
                          "apply (on), or the exact torch path everywhere (off)")
@@ -201,7 +202,10 @@ def main(argv=None) -> None:
     if args.kernels == "off":
         teal.set_kernel_policy(model, teal.KernelPolicy(gemv=False, attention=False))
     model.eval()
-    out(f"Loaded {args.checkpoint_path} ({args.dtype}, {device}) in "
+    q = meta.get("quantization")
+    weights = (f"{q['mode']}{'-g' + str(q['group_size']) if q.get('group_size') else ''} weights"
+               f"{' + head' if q.get('head') else ''}, {args.dtype} activations") if q else args.dtype
+    out(f"Loaded {args.checkpoint_path} ({weights}, {device}) in "
         f"{time.perf_counter() - t0:.2f} s; sparsity {args.sparsity:.0%} "
         f"({args.allocation}, {args.scoring}, {args.calibration} calibration)", file=sys.stderr)
 
@@ -274,7 +278,7 @@ def main(argv=None) -> None:
         out(f"Effective sparsity (generated tokens): {parts}")
         sizes = {}
         for _, proj, p in model.projections():
-            sizes[proj] = sizes.get(proj, 0) + p.weight.numel()
+            sizes[proj] = sizes.get(proj, 0) + p.in_features * p.out_features
         total = sum(sizes.values())
         pw = sum(eff.get(p, 0.0) * n for p, n in sizes.items()) / total
         out(f"Parameter-weighted model-level sparsity: {pw:.1%} (target {args.sparsity:.0%})")

@@ -12,7 +12,10 @@ channel (TEAL's zero activation) skips its stored bytes.
   bf16 first, then ``q = clamp(round((W - b) / s), 0, 15)``; ``W ~= q * s + b``.
   Codes are packed two per byte along N: byte (k, j) holds column 2j in its low nibble and
   2j + 1 in its high nibble (uint8 (K, N / 2)), so a row is still one input channel.
-  Scales: bf16 (ceil(K / group), 2, N), [g, 0] = s and [g, 1] = b of group g. When K is not
+  Scales: bf16 (ceil(K / group), 4, N / 2): for group g, rows [s of the even columns,
+  s of the odd columns, b of the even columns, b of the odd columns], each indexed by byte
+  column j (columns 2j and 2j + 1), so a kernel reads each row contiguously for the bytes it
+  loaded (`int4_scale_bias` gives the plain (G, N) scale and bias). When K is not
   a multiple of the group size the last group holds the remaining K % group channels (as if
   padded with zero channels; nothing is stored for the padding).
 
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["QuantSpec", "MODES", "GROUP_SIZES", "quantize_int8", "quantize_int4", "quantize",
-           "dequantize", "pack_int4", "unpack_int4", "format_name", "parse_format"]
+           "dequantize", "int4_scale_bias", "pack_int4", "unpack_int4", "format_name", "parse_format"]
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -148,8 +151,9 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
         group_size: 32, 64 or 128; the last group holds K % group_size channels when K is not
             a multiple.
     Returns:
-        packed: uint8 (K, N / 2) (see module doc); scales: bf16 (ceil(K / group), 2, N),
-        ``W[n, k] ~= q[k, n] * s[g, 0, n] + s[g, 1, n]`` with g = k // group_size.
+        packed: uint8 (K, N / 2) (see module doc); scales: bf16 (ceil(K / group), 4, N / 2)
+        (see module doc): ``W[n, k] ~= q[k, n] * s[g, n] + b[g, n]`` with g = k // group_size
+        and (s, b) = `int4_scale_bias(scales)`.
     Raises:
         ValueError: a bad weight, an odd N or a group size not in GROUP_SIZES.
     """
@@ -173,8 +177,16 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     rows = torch.arange(K, device=wf.device) // group_size
     q = torch.round((wt - b[rows]) / safe[rows]).clamp_(0, 15)
     q = torch.where(s[rows] > 0, q, torch.zeros_like(q))
-    scales = torch.stack((s, b), dim=1).to(INT4_SCALE_DTYPE).contiguous()  # (G, 2, N)
-    return pack_int4(q), scales
+    scales = torch.stack((s[:, 0::2], s[:, 1::2], b[:, 0::2], b[:, 1::2]), dim=1)  # (G, 4, N/2)
+    return pack_int4(q), scales.to(INT4_SCALE_DTYPE).contiguous()
+
+
+def int4_scale_bias(scales: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 (scale, bias), each (G, N) in column order, of int4 scales (G, 4, N / 2)."""
+    sf = scales.float()
+    G, N = sf.shape[0], 2 * sf.shape[2]
+    return (torch.stack((sf[:, 0], sf[:, 1]), dim=-1).reshape(G, N),
+            torch.stack((sf[:, 2], sf[:, 3]), dim=-1).reshape(G, N))
 
 
 def quantize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -200,5 +212,5 @@ def dequantize(wformat: str, codes: Tensor, scales: Tensor, K: Optional[int] = N
         raise ValueError(f"{wformat!r} is not a quantized format")
     q = unpack_int4(codes).float()                    # (K, N)
     rows = torch.arange(q.shape[0], device=q.device) // group
-    sf = scales.float()
-    return q * sf[rows, 0] + sf[rows, 1]
+    s, b = int4_scale_bias(scales)
+    return q * s[rows] + b[rows]

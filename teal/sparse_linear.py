@@ -400,7 +400,8 @@ class QuantizedSparseLinear(SparseLinear):
     Attributes:
         qweight: codes, input-channel major: int8 (K, sum N_s), or int4 uint8 (K, sum N_s / 2)
             (two columns per byte along N).
-        scales: int8: fp32 (sum N_s,); int4: bf16 (ceil(K / group), 2, sum N_s) (scale, bias).
+        scales: int8: fp32 (sum N_s,); int4: bf16 (ceil(K / group), 4, sum N_s / 2) (scales and
+            biases of even and odd columns by byte column, teal.quant).
             Moved with the module, never cast.
         weight: (read-only) the dequantized weight, (sum N_s, K) in the activation dtype, the
             transposed view of a contiguous (K, sum N_s): what the torch path multiplies by
@@ -469,13 +470,14 @@ class QuantizedSparseLinear(SparseLinear):
         return f"{super().extra_repr()}, wformat={self.wformat}"
 
     # ------------------------------------------------------------------- state dict
-    def _col_bounds(self, stored: bool) -> list:
-        """Column ranges of the projections in the stored codes (stored) or in the scales."""
-        div = 2 if stored and self._fmt.wfmt == 2 else 1
+    def _col_bounds(self) -> list:
+        """Column ranges of the projections along the last dim of the codes and the scales
+        (int4: byte columns, N_s / 2 each)."""
+        div = 2 if self._fmt.wfmt == 2 else 1
         return [(a // div, b // div) for a, b in self._offsets()]
 
     def _state_parts(self, entry: str, value: Tensor) -> list:
-        return [value[..., a:b] for a, b in self._col_bounds(entry == "qweight")]
+        return [value[..., a:b] for a, b in self._col_bounds()]
 
     def _state_merge(self, entry: str, parts: list) -> Tensor:
         return torch.cat(parts, dim=-1).contiguous()
@@ -764,11 +766,13 @@ def _report_projections(owner, incompatible_keys) -> None:
     owner._fused_missing = []
 
 
-def quantize_model(model: nn.Module, spec: "quant.QuantSpec", head: str = "output") -> dict:
+def quantize_model(model: nn.Module, spec: "quant.QuantSpec", head: str = "output",
+                   progress=None) -> dict:
     """Replace every SparseLinear of `model` by its QuantizedSparseLinear (in place) and,
     with `spec.head`, the nn.Linear output head at attribute `head` too (a one-projection
     module; a tied embedding keeps its own dense copy). On the meta device only the
-    structure is built (loading a quantized checkpoint).
+    structure is built (loading a quantized checkpoint). `progress`: called with each
+    module's name after it is quantized (e.g. a progress bar's update).
 
     Returns:
         {"quantized": modules quantized, "projections": projections in them, "padded":
@@ -795,6 +799,8 @@ def quantize_model(model: nn.Module, spec: "quant.QuantSpec", head: str = "outpu
         except ValueError as e:
             raise ValueError(f"{name} ({', '.join(m.names)}): {e}") from None
         count(m)
+        if progress is not None:
+            progress(name)
     if spec.head:
         out = getattr(model, head, None)
         if not isinstance(out, nn.Linear) or out.bias is not None:
@@ -810,5 +816,7 @@ def quantize_model(model: nn.Module, spec: "quant.QuantSpec", head: str = "outpu
             raise ValueError(f"{head}: {e}") from None
         setattr(model, head, q)
         count(q)
+        if progress is not None:
+            progress(head)
         report["head"] = True
     return report

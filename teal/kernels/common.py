@@ -11,10 +11,13 @@ Weight-format seam (`weight_columns`, `load_weight_tile`, `group_scales`, `scale
 the only place that knows how a weight tile is stored (teal/kernels/formats.py).  A tile's
 rows whose keep flag is False issue no memory transaction.  WFMT 0: dense (wt in the
 activation dtype).  WFMT 1: int8 codes, one fp32 scale per output column, applied to the
-fp32 sums in the epilogue (`scale_output`).  WFMT 2: int4 codes packed two per byte along N,
-a bf16 (scale, bias) per group of GROUP input channels and column: each tile lies in one
-group, its fp32 partial sum p = sum_k x_k q_k becomes p * s + (sum_k x_k) * b
-(`group_scales`), and a group's scales are read only when the tile keeps a channel.  The
+fp32 sums in the epilogue (`scale_output`).  WFMT 2 (the masked loop only): int4 codes
+packed two per byte along N, a bf16 (scale, bias) per group of GROUP input channels and
+column: the bytes are loaded as 16-byte vectors and split into an even-column and an
+odd-column plane (`int4_planes`), each tile lies in one group, its fp32 partial sums
+p = sum_k x_k q_k become p * s + (sum_k x_k) * b (`group_scales`; a group's scales are read
+only when the tile keeps a channel), and the two planes are interleaved once after the loop
+(`interleave_columns`).  The
 codes are exact in bf16/fp16 and every scale is applied in fp32, so no fp16/bf16
 intermediate can overflow.  Every kernel takes (s_ptr, stride_s, WFMT, GROUP) for it.
 
@@ -75,17 +78,24 @@ def range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL: tl.cons
 
 
 @triton.jit
-def weight_columns(cols, nmask, WFMT: tl.constexpr, BLOCK_N: tl.constexpr):
+def weight_columns(cols, nmask, WFMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WALIGN: tl.constexpr):
     """(stored columns, their mask) of a program's output columns `cols` (computed once per
     program).  WFMT 0/1: the columns themselves.  WFMT 2 (int4, two columns per byte):
     the BLOCK_N / 2 bytes of the tile; its first column is even (segments have even widths)
-    and its valid columns are a prefix, so byte j is valid iff column 2j is."""
-    if WFMT == 2:
+    and its valid columns are a prefix, so byte j is valid iff column 2j is.  WALIGN (the
+    host checked every tile starts on a multiple of 32 columns): the first byte is 16-byte
+    aligned, which lets the loads be 16-byte vectors (the reduction hides it otherwise)."""
+    if WFMT == 2:  # (one return statement: the compiler wants one return type)
         half = tl.arange(0, BLOCK_N // 2)
-        c0 = tl.min(cols, axis=0)
+        c0 = tl.min(cols, axis=0) // 2
+        if WALIGN:
+            c0 = tl.multiple_of(c0, 16)
         n_valid = tl.sum(nmask.to(tl.int32), axis=0)
-        return c0 // 2 + half, 2 * half < n_valid
-    return cols, nmask
+        wcols, wmask = c0 + half, 2 * half < n_valid
+    else:
+        wcols, wmask = cols, nmask
+    return wcols, wmask
 
 
 @triton.jit
@@ -95,10 +105,9 @@ def load_weight_tile(w_ptr, rows_k, wcols, wmask, stride_wk, keep,
     (`weight_columns`), as stored codes: rows with keep == False are not read (zeros).
 
     WFMT 0 (dense): wt[rows_k, cols] in the activation dtype.  WFMT 1 (int8): int8 codes.
-    WFMT 2 (int4): the packed bytes, unpacked to uint8 codes in [0, 15] (BLOCK_K, BLOCK_N):
-    column 2j from the low nibble of byte j, 2j + 1 from the high nibble.
-    Callers convert the codes (exactly: |code| <= 127) and apply the scales
-    (`scale_output`, `group_scales`).
+    WFMT 2 (int4): the packed bytes (BLOCK_K, BLOCK_N / 2), loaded as they are (16-byte
+    vectors); the caller splits the nibble planes (`int4_planes`).  Callers convert the codes
+    (exactly: |code| <= 127) and apply the scales (`scale_output`, `group_scales`).
     """
     if BIG:
         rows = rows_k.to(tl.int64) * stride_wk
@@ -109,28 +118,59 @@ def load_weight_tile(w_ptr, rows_k, wcols, wmask, stride_wk, keep,
         m = keep[:, None]
     else:
         m = keep[:, None] & wmask[None, :]
-    w = tl.load(ptrs, mask=m, other=0)
-    if WFMT == 2:
-        lo = w & 0xF
-        hi = w >> 4
-        w = tl.reshape(tl.join(lo, hi), [lo.shape[0], lo.shape[1] * 2])
-    return w
+    return tl.load(ptrs, mask=m, other=0)
+
+
+# Integer codes to fp32 without the quarter-rate I2F conversion: for 0 <= m < 2^23 the fp32
+# with bit pattern 0x4B000000 + m is exactly 2^23 + m, so an integer add (or OR) and one
+# fp32 subtraction give the code exactly.
+# (0x4B000000 is the bit pattern of 2^23 = 8388608.0)
 
 
 @triton.jit
-def group_scales(s_ptr, k0, cols, nmask, stride_s, keep, WFMT: tl.constexpr,
-                 GROUP: tl.constexpr):
-    """int4 (WFMT 2): fp32 (scale, bias) rows (BLOCK_N,) of the group holding the tile that
+def int8_codes_f32(w):
+    """int8 codes (any shape) as exact fp32 values (bias 128 keeps the mantissa positive)."""
+    u = w.to(tl.int32) + 0x4B000080
+    return u.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def int4_planes(w):
+    """The codes of packed int4 bytes as exact fp32: (low nibbles = even columns, high
+    nibbles = odd columns), each (BLOCK_K, BLOCK_N / 2).  Kept as two planes (no interleave
+    in the loop: a join/reshape there makes the compiler load bytes one at a time)."""
+    u = w.to(tl.int32)
+    lo = ((u & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    hi = ((u >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return lo, hi
+
+
+@triton.jit
+def interleave_columns(even, odd, BLOCK_N: tl.constexpr):
+    """(BLOCK_N / 2,) even-column and odd-column sums -> (BLOCK_N,) in column order (once
+    per program, after the loop)."""
+    return tl.reshape(tl.join(even, odd), [BLOCK_N])
+
+
+@triton.jit
+def group_scales(s_ptr, k0, wcols, wmask, stride_s, keep, GROUP: tl.constexpr,
+                 WALIGN: tl.constexpr):
+    """int4: fp32 (scale, bias) of the even and of the odd columns of byte columns `wcols`
+    ((BLOCK_N / 2,) each: s_even, b_even, s_odd, b_odd; contiguous rows of the (G, 4, N / 2)
+    scales) in the group holding the tile that
     starts at channel k0 (a tile never straddles two groups: BLOCK_K divides GROUP), read
-    only if the tile keeps a channel.  Other formats: (1.0, 0.0), unused."""
-    if WFMT == 2:
-        n_kept = tl.max(keep.to(tl.int32), axis=0)
-        sm = nmask & ((cols * 0 + n_kept) > 0)  # (a vector mask: the interpreter needs one)
-        base = s_ptr + (k0 // GROUP) * stride_s
-        s = tl.load(base + cols, mask=sm, other=0.0).to(tl.float32)
-        b = tl.load(base + stride_s // 2 + cols, mask=sm, other=0.0).to(tl.float32)
-        return s, b
-    return 1.0, 0.0
+    only if the tile keeps a channel."""
+    n_kept = tl.max(keep.to(tl.int32), axis=0)
+    sm = wmask & ((wcols * 0 + n_kept) > 0)  # (a vector mask: the interpreter needs one)
+    base = s_ptr + (k0 // GROUP) * stride_s + wcols  # rows: s_even, s_odd, b_even, b_odd
+    q = stride_s // 4
+    if WALIGN:  # every segment starts on 32 columns, so N / 2 is a multiple of 16
+        q = tl.multiple_of(q, 16)
+    s_e = tl.load(base, mask=sm, other=0.0).to(tl.float32)
+    s_o = tl.load(base + q, mask=sm, other=0.0).to(tl.float32)
+    b_e = tl.load(base + 2 * q, mask=sm, other=0.0).to(tl.float32)
+    b_o = tl.load(base + 3 * q, mask=sm, other=0.0).to(tl.float32)
+    return s_e, b_e, s_o, b_o
 
 
 @triton.jit

@@ -302,9 +302,20 @@ _LIST_DOWN = GemvConfig(algo="list", inline=True, block_n=128, block_k=64, num_w
 _LIST_GATED = GemvConfig(algo="list", block_n=64, block_k=64, num_warps=4, num_stages=6, ksplit=1024, rchunk=0)
 
 
-def generic_config(kind: str, K: int, n_cols: int) -> GemvConfig:
-    """Calls no table row matches: large shapes (K and N >= 2048) take the tensor-core
-    family of the Llama shapes' winners; small ones the masked slab loop."""
+# Quantized weights (int8 / int4): the masked loop with 16-byte code loads, measured on the
+# H200 at the Llama-3-8B shapes (scratch probe of 14 mask and 2 dot configs per shape at 0%
+# and 50%, commit after 45bd935; numbers in notes/kernels.md "Quantized formats"): int8 wins
+# with 128 x 64 tiles on q/k/v, o and down and 256 x 32 on gate/up; int4 with 256 x 32.
+_MASK_Q8 = GemvConfig(block_n=128, block_k=64, num_warps=4, acc2d=True, pipe=2, waves=4)
+_MASK_Q = GemvConfig(block_n=256, block_k=32, num_warps=4, acc2d=True, pipe=2, waves=4)
+
+
+def generic_config(kind: str, K: int, n_cols: int, wformat: str = "dense") -> GemvConfig:
+    """Calls no table row matches: quantized weights the masked loop (`_MASK_Q8`, `_MASK_Q`);
+    dense large shapes (K and N >= 2048) the tensor-core family of the Llama shapes'
+    winners, small ones the masked slab loop."""
+    if wformat != "dense":
+        return _MASK_Q8 if wformat == "int8" and kind != "gated" else _MASK_Q
     if K >= 2048 and n_cols >= 2048:
         if kind == "gated":
             return _DOT_GATED
@@ -404,7 +415,7 @@ class KernelPolicy:
         n_cols = sizes[0] if kind == "gated" else sum(sizes)
         dname = str(dtype).removeprefix("torch.")
         row = self.table.lookup(device_key(device), kind, K, n_cols, dname, wformat, sparsity)
-        return (row.config if row is not None else generic_config(kind, K, n_cols)), row
+        return (row.config if row is not None else generic_config(kind, K, n_cols, wformat)), row
 
     def launch(self, kind: str, K: int, sizes: Sequence[int], dtype: torch.dtype,
                wformat: str, sparsity: float, device) -> Launch:
@@ -422,14 +433,15 @@ class KernelPolicy:
 
 
 def fit_format(cfg: GemvConfig, kind: str, K: int, n_cols: int, wformat: str) -> GemvConfig:
-    """`cfg` made valid for a weight format: int4 tiles lie inside one scale group (block_k
-    at most the group size) and never gather rows of several groups (no kept-row lists: the
-    generic config of the shape instead)."""
+    """`cfg` made valid for a weight format: int4 runs on the masked loop only (its tiles on
+    the tensor cores or in kept-row lists would need the nibbles interleaved in the loop,
+    which compiles to byte loads), with tiles inside one scale group (block_k at most the
+    group size); a config of another algorithm becomes the masked loop's generic one."""
     group = get_format(wformat).group
     if not group:
         return cfg
-    if cfg.algo == "list":
-        cfg = generic_config(kind, K, n_cols)
+    if cfg.algo != "mask":
+        cfg = generic_config(kind, K, n_cols, wformat)
     return replace(cfg, block_k=min(cfg.block_k, group))
 
 

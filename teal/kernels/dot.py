@@ -19,8 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (finish, group_scales, load_keep, load_weight_tile, program_columns,
-                     range_kept, weight_columns)
+from .common import finish, load_keep, load_weight_tile, program_columns, range_kept, weight_columns
 
 BLOCK_M = 16  # rows of the A operand (smallest MMA tile; x in row 0)
 
@@ -35,31 +34,17 @@ def mma(acc, a, w, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def tile_product(acc, a, w, xk, s_ptr, k0, cols, nmask, stride_s, keep, rm,
-                 WFMT: tl.constexpr, GROUP: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc + A @ codes, A (BLOCK_M, BLOCK_K) holding the kept x values in row 0 (their fp32
-    copy xk).  int4 (WFMT 2): the group's fp32 scale and bias are applied to the tile's fp32
-    product, ``p * s + (sum of kept x) * b`` (row 0 only); other formats accumulate in place."""
-    if WFMT == 2:
-        s, b = group_scales(s_ptr, k0, cols, nmask, stride_s, keep, WFMT, GROUP)
-        p = mma(tl.zeros_like(acc), a, w, DOT_F32)
-        xs = tl.sum(xk, axis=0)
-        return acc + p * s[None, :] + tl.where(rm[:, None] == 0, xs * b[None, :], 0.0)
-    return mma(acc, a, w, DOT_F32)
-
-
-@triton.jit
 def _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0, offs_k, k_end, cols, wcols, wmask, nmask,
               rm, stride_wk, stride_s, stride_tk, PER_CHANNEL: tl.constexpr, EVEN_N: tl.constexpr,
               BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc[BLOCK_M, BLOCK_N] += A(masked x in row 0) @ wt[offs_k, cols] (dropped rows not read)."""
+    """acc[BLOCK_M, BLOCK_N] += A(masked x in row 0) @ wt[offs_k, cols] (dropped rows not read);
+    dense or int8 weights (int8 scales applied in the epilogue)."""
+    tl.static_assert(WFMT != 2, "the tensor-core GEMV takes dense or int8 weights")
     xr, keep = load_keep(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL)
     w = load_weight_tile(w_ptr, offs_k, wcols, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
-    w = w.to(tl.float32).to(xr.dtype)  # int codes: exact in bf16 / fp16
+    w = w.to(tl.float32).to(xr.dtype)  # int8 codes: exact in bf16 / fp16
     a = tl.where((rm[:, None] == 0) & keep[None, :], xr[None, :], 0.0).to(xr.dtype)
-    xk = tl.where(keep, xr.to(tl.float32), 0.0)
-    return tile_product(acc, a, w, xk, s_ptr, k0, cols, nmask, stride_s, keep, rm, WFMT, GROUP,
-                        DOT_F32)
+    return mma(acc, a, w, DOT_F32)
 
 
 @triton.jit
@@ -69,7 +54,7 @@ def dot_gemv_kernel(
     c1, c2, c3, c4, tile1, tile2, tile3, s_ptr, stride_s,
     GATED: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    WALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, WARM: tl.constexpr,
 ):
     """Tensor-core version of masked_gemv_kernel (same math, same outputs)."""
@@ -82,8 +67,8 @@ def dot_gemv_kernel(
     k_end = tl.minimum(K, k_lo + k_per_split)
     ar = tl.arange(0, BLOCK_K)
     rm = tl.arange(0, BLOCK_M)
-    wcols, wmask = weight_columns(cols, nmask, WFMT, BLOCK_N)
-    wcols_u, _ = weight_columns(cols_u, nmask, WFMT, BLOCK_N)
+    wcols, wmask = weight_columns(cols, nmask, WFMT, BLOCK_N, WALIGN)
+    wcols_u, _ = weight_columns(cols_u, nmask, WFMT, BLOCK_N, WALIGN)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_stop = k_lo + k_per_split

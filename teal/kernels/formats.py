@@ -9,8 +9,9 @@ keeps the weight input-channel major, so skipping an input channel skips its sto
   the fp32 sums in the epilogue.
 - "int4-g32" / "int4-g64" / "int4-g128" (WFMT 2, GROUP 32/64/128): uint8 (K, N / 2), two
   codes per byte along N (column 2j low nibble, 2j + 1 high), so a row is still one input
-  channel; bf16 scales (ceil(K / GROUP), 2, N) holding (scale, bias) per group of GROUP input
-  channels and output column, read only for a group with a kept channel; every segment's
+  channel; bf16 scales (ceil(K / GROUP), 4, N / 2) holding, per group of GROUP input
+  channels, the scales and biases of the even and of the odd columns by byte column (rows
+  s_even, s_odd, b_even, b_odd), read only for a group with a kept channel; every segment's
   width must be even.
 The codes and scales come from `teal.quant` (which documents the quantizers).
 """
@@ -51,7 +52,7 @@ class WeightFormat:
         if self.wfmt == 1:
             return (N,)
         if self.wfmt == 2:
-            return (-(-K // self.group), 2, N)
+            return (-(-K // self.group), 4, N // 2)
         return None
 
     def scale_dtype(self) -> Optional[torch.dtype]:

@@ -94,6 +94,11 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
         raise ValueError(f"x must be a contiguous (K,) vector, got shape {tuple(x.shape)} "
                          f"with strides {x.stride()}")
     fmt = get_format(wformat)
+    if fmt.group and (lc.block_k > fmt.group or lc.algo_name == "list"):
+        raise ValueError(f"a {lc.algo_name} launch with block_k {lc.block_k} cannot run {wformat}: "
+                         f"int4 tiles must lie inside one scale group (block_k <= {fmt.group}, no "
+                         f"kept-row lists); resolve the launch for this format "
+                         f"(KernelPolicy.launch / dispatch.fit_format)")
     K = x.numel()
     bn, split = lc.block_n, lc.split
     if gated:
@@ -122,8 +127,12 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
     stride_s = 0 if scales is None else scales.stride(0)
     args = (x, weight, thresholds, part, cnt, out, K, stride_wk, thresholds.stride(0), stride_tk,
             lc.k_per_split, split, ncols, *c, *tfirst, s_arg, stride_s)
+    starts = [0] + ([] if gated else [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)])
+    if gated:
+        starts.append(sizes[0])  # up's columns
+    walign = bn >= 32 and all(c % 32 == 0 for c in starts)  # int4 tiles start on 16-byte bytes
     meta = dict(GATED=gated, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1, EVEN_N=even_n,
-                BIG=K * stride_wk > _I32_LIMIT, WFMT=fmt.wfmt, GROUP=fmt.group,
+                BIG=K * stride_wk > _I32_LIMIT, WFMT=fmt.wfmt, GROUP=fmt.group, WALIGN=walign,
                 BLOCK_K=lc.block_k, BLOCK_N=bn, RCHUNK=lc.rchunk)
     plan = Plan(x, thresholds, K, (n_tiles, split), args, meta, per_channel, stride_tk,
                 2 if gated else len(sizes), interpreted())

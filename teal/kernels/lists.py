@@ -95,7 +95,7 @@ def list_gemv_kernel(
     idx_ptr, xv_ptr, kc_ptr,
     GATED: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    WALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, INLINE: tl.constexpr, KS: tl.constexpr,
 ):
     """Kept-row-list version of masked_gemv_kernel (same math, same outputs); list row s of a
@@ -112,8 +112,8 @@ def list_gemv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_max = n
     cols_u = ncols + cols  # up's columns (GATED)
-    wcols, wmask = weight_columns(cols, nmask, WFMT, BLOCK_N)
-    wcols_u, _ = weight_columns(cols_u, nmask, WFMT, BLOCK_N)
+    wcols, wmask = weight_columns(cols, nmask, WFMT, BLOCK_N, WALIGN)
+    wcols_u, _ = weight_columns(cols_u, nmask, WFMT, BLOCK_N, WALIGN)
     if GATED:
         n_u = _list_count(x_ptr, t_ptr, t_off + stride_ts, pid_k * KS, K, stride_tk, idx_ptr,
                           xv_ptr, kc_ptr, split + pid_k, PER_CHANNEL, KS, INLINE)
