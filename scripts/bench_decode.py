@@ -2,6 +2,7 @@
 
     python scripts/bench_decode.py --models Meta-Llama-3-8B Llama-2-7b --json out.json
     python scripts/bench_decode.py --checkpoint checkpoints/X/model.pth --json out.json
+    python scripts/bench_decode.py --models Meta-Llama-3-8B --quant bf16 int8 int4 --json q.json
 
 For each model: random bf16 weights (N(0, 1/in_features)), thresholds calibrated on the
 model's own activations for random token ids (the same histogram/inverse-CDF path as
@@ -10,10 +11,22 @@ sparsity 0/25/40/50/65% through the sparse path, each `torch.compile(mode="reduc
 fullgraph=True)` decode (CUDA graphs), tokens/s as the median of --runs runs of
 --new_tokens tokens, achieved GB/s on the bytes actually read, and the measured effective
 sparsity per projection type. Speed is measured here, never in tests.
+
+--quant FORMAT ... (bf16, int8, int4; default bf16 alone) repeats this per weight format in
+the same process: bf16 as above; int8 / int4 quantize a copy of the calibrated model with
+teal.quant (`quantize_model`; int4 groups of --groupsize input channels; the output head too
+with --quant_head; the thresholds are the bf16 model's), then time the format's torch
+weight-only baseline on the same codes ("torch int8": gpt-fast's `F.linear(x, W_int8.to(x.dtype))
+* scales` per fused projection, compiled with coordinate-descent tuning as gpt-fast is, so
+inductor fuses the int8 -> bf16 conversion into its M = 1 GEMV; "torch int4": torch's tinygemm
+`aten._weight_int4pack_mm`), then ours at every sparsity (the quantized kernels, also at 0%).
+Rows "torch int8", "int8 0%", "int8 50%", ...; the table shows each row against the bf16
+dense row and against its format's torch baseline.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -21,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import teal
 from model import ModelArgs, Transformer
@@ -31,7 +46,16 @@ from teal.kernels import DEFAULT_TABLE, DispatchTable, KernelPolicy
 from teal.provenance import environment
 from teal.calibration import collect_histograms
 from teal.projections import PROJECTIONS
+from teal.quant import QuantSpec, parse_format
+from teal.sparse_linear import QuantizedSparseLinear, quantize_model
 from teal.thresholds import Calibration, apply_uniform_sparsity
+
+try:  # scripts/ on sys.path (python scripts/bench_decode.py, the tests)
+    import bench_gemv as _gemv
+except ImportError:  # python -m scripts.bench_decode
+    from scripts import bench_gemv as _gemv
+
+FORMATS = ("bf16", "int8", "int4")
 
 
 def random_model(name: str, device, dtype, n_layer: int | None = None,
@@ -71,6 +95,107 @@ def calibrate_random(model: Transformer, tokens: int, device) -> Calibration:
                               text_meta="random token ids")
 
 
+# --------------------------------------------------------------------------- torch baselines
+class _TorchQuantLinear(nn.Module):
+    """A fused projection module (q/k/v, o, gate/up, down or the head) computed by one of
+    torch's weight-only quantized paths, built from a QuantizedSparseLinear's codes: the
+    same quantized weight, no TEAL mask. `sizes` and the SwiGLU epilogue as SparseLinear's."""
+
+    def __init__(self, q: QuantizedSparseLinear):
+        super().__init__()
+        self.in_features, self.sizes, self.gated = q.in_features, tuple(q.sizes), q.gated
+        self.n = sum(self.sizes)
+
+    def _product(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        y = self._product(x)
+        if self.gated:
+            g, u = y.split(self.sizes, dim=-1)
+            return F.silu(g) * u
+        return y
+
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+
+class TorchInt8Linear(_TorchQuantLinear):
+    """gpt-fast's WeightOnlyInt8Linear over the fused projections:
+    ``F.linear(x, weight_int8.to(x.dtype)) * scales`` with int8 (N, K) codes and one scale
+    per output channel in the activation dtype (bf16 in gpt-fast)."""
+
+    def __init__(self, q: QuantizedSparseLinear):
+        super().__init__(q)
+        w, s = _gemv.int8_baseline_weight(q.qweight, q.scales, q.act_dtype)
+        self.register_buffer("weight", w)
+        self.register_buffer("scales", s)
+
+    def _product(self, x):
+        return _gemv.int8_linear(x, self.weight, self.scales)
+
+
+class TorchInt4Linear(_TorchQuantLinear):
+    """torch's int4 tinygemm (gpt-fast's WeightOnlyInt4Linear):
+    ``aten._weight_int4pack_mm(x (M, K) bf16, packed, groupsize, scales_and_zeros (K/g, N, 2))``
+    on the module's codes re-packed by ``aten._convert_weight_to_int4pack`` (see
+    bench_gemv.tinygemm_pack); CPU: the ``*_for_cpu`` twins."""
+
+    def __init__(self, q: QuantizedSparseLinear):
+        super().__init__(q)
+        self.group = parse_format(q.wformat)[1]
+        packed, sz, _ = _gemv.tinygemm_pack(q.qweight, q.scales, self.group, q.act_dtype)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", sz)
+
+    def _product(self, x):
+        y = _gemv.tinygemm_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.group,
+                              self.scales_and_zeros)
+        if y.shape[-1] != self.n:
+            y = y[:, :self.n]
+        return y.reshape(*x.shape[:-1], self.n)
+
+
+BASELINES = {"int8": TorchInt8Linear, "int4": TorchInt4Linear}
+
+
+@torch.no_grad()
+def torch_baseline(qmodel: Transformer, mode: str) -> Transformer:
+    """A copy of a quantized model whose QuantizedSparseLinear modules (and a quantized head)
+    are replaced by the torch baseline of `mode` ("int8" or "int4") on the same codes."""
+    base = copy.deepcopy(qmodel)
+    for name, m in list(base.named_modules()):
+        if isinstance(m, QuantizedSparseLinear):
+            parent_name, _, attr = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            try:
+                setattr(parent, attr, BASELINES[mode](m))
+            except ValueError as e:
+                raise SystemExit(f"error: torch {mode} baseline of {name}: {e}") from None
+    return base
+
+
+def decode_bytes(model, eff: dict) -> int:
+    """Bytes read per decode step: `bytes_per_decode_step` plus the torch baselines' stored
+    codes and scales (buffers, which it does not count)."""
+    extra = sum(m.stored_bytes() for m in model.modules() if isinstance(m, _TorchQuantLinear))
+    return bytes_per_decode_step(model, eff) + extra
+
+
+def compile_decode(args, tuned: bool = False):
+    """The decode step as benchmarked: `torch.compile(mode="reduce-overhead", fullgraph=True)`
+    (eager with --no-compile); `tuned`: the same plus inductor's coordinate-descent tuning,
+    gpt-fast's setting for its int8 path (returns (fn, options or None))."""
+    if not args.compile:
+        return decode_one_token, None
+    if not tuned:
+        return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True), None
+    import torch._inductor as inductor
+    opts = dict(inductor.list_mode_options("reduce-overhead"))
+    opts["coordinate_descent_tuning"] = True
+    return torch.compile(decode_one_token, options=opts, fullgraph=True), opts
+
+
 def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int) -> list[float]:
     """Tokens/s of `runs` greedy generations (after one warm-up that compiles/captures)."""
     generate(model, prompt, new_tokens, decode_fn, temperature=0.0)
@@ -83,10 +208,16 @@ def time_decode(model, decode_fn, prompt, new_tokens: int, runs: int) -> list[fl
 
 def _kernel_group(name: str) -> str:
     n = name.lower()
-    if "sparse_g" in n or "keep_list" in n:
+    if n.startswith("triton_"):  # inductor's own kernels (their names list the fused ops)
+        if n.startswith(("triton_red", "triton_per")) and "_mm" in n:
+            return "inductor GEMV (torch int8 path)"  # an M = 1 mm decomposed to a reduction
+        return "other (norm, RoPE, KV cache, attention, residual, sampling)"
+    if "gemv_kernel" in n or "keep_list" in n or "sparse_g" in n:
         return "TEAL sparse GEMV"
     if "decode_attention" in n:
         return "decode attention kernel"
+    if "tinygemm" in n or "int4pack" in n:
+        return "torch int4 tinygemm"
     if any(k in n for k in ("gemv", "gemm", "xmma", "cutlass", "cublas", "splitk", "nvjet")):
         return "cuBLAS GEMV/GEMM"
     return "other (norm, RoPE, KV cache, attention, residual, sampling)"
@@ -140,35 +271,38 @@ def load_real(checkpoint, thresholds, device, dtype, policy: KernelPolicy):
 
 
 def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -> None:
-    """Time dense and every sparsity of one model (a config name: random weights; a path:
-    a real checkpoint); appends a dict per configuration to `rows`, calls `save()` after each."""
+    """Time every format of one model (a config name: random weights; a path: a real
+    checkpoint): bf16 dense and every sparsity, then per quantized format its torch baseline
+    and every sparsity; appends a dict per configuration to `rows`, calls `save()` after each."""
     if isinstance(name, Path):
         model, calib, name = load_real(name, args.thresholds, device, dtype, policy)
+        if any(isinstance(m, QuantizedSparseLinear) for m in model.modules()) and args.quant != ["bf16"]:
+            raise SystemExit(f"error: {name} is already a quantized checkpoint; pass its bf16 "
+                             f"checkpoint to --checkpoint (--quant quantizes it here)")
     else:
         model = random_model(name, device, dtype, args.n_layer, policy)
         calib = calibrate_random(model, args.calib_tokens, device)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), device=device,
                            dtype=torch.int)
-    compiled = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) \
-        if args.compile else decode_one_token
-    configs = [("dense", None)] + [(f"{s:.0%}", s) for s in args.sparsities]
-    for label, s in configs:
+    compiled, _ = compile_decode(args)
+
+    def run(m, fmt, wformat, label, s, decode_fn, baseline, options=None):
         if s is None:
-            teal.configure(model, sparse=False)
+            teal.configure(m, sparse=False)
         else:
-            apply_uniform_sparsity(model, calib, s)
-            teal.configure(model, sparse=True)  # 0% still runs through the sparse path
-        tps = time_decode(model, compiled, prompt, args.new_tokens, args.runs)
+            apply_uniform_sparsity(m, calib, s)
+            teal.configure(m, sparse=True)  # 0% still runs through the sparse path
+        tps = time_decode(m, decode_fn, prompt, args.new_tokens, args.runs)
         med = statistics.median(tps)
         eff = {}
         if s is not None:
-            seq, _ = generate(model, prompt, args.new_tokens, decode_one_token, temperature=0.0)
-            eff = measure_effective_sparsity(model, seq, prompt.numel())
-        gb = bytes_per_decode_step(model, eff) / 1e9
+            seq, _ = generate(m, prompt, args.new_tokens, decode_one_token, temperature=0.0)
+            eff = measure_effective_sparsity(m, seq, prompt.numel())
+        gb = decode_bytes(m, eff) / 1e9
         prof = None
-        if args.profile is not None and (label == "dense" or s in args.profile):
+        if args.profile is not None and (baseline or s in args.profile):
             try:
-                prof = profile_decode(model, compiled, prompt)
+                prof = profile_decode(m, decode_fn, prompt)
             except Exception as e:  # a profiler problem must not lose the timings
                 progress.write(f"profile {name} {label} failed: {e!r}"[:300])
                 prof = dict(groups={}, kernels=[], error=repr(e)[:300])
@@ -176,14 +310,84 @@ def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -
                 f"{g} {us:.0f} us" for g, us in prof["groups"].items()))
             for k, us, n in prof["kernels"][:12]:
                 progress.write(f"    {us:8.1f} us/token  {n:5.1f}/token  {k}")
-        rows.append(dict(model=name, config=label, target=s, tokens_per_s=med,
-                         runs=tps, gb_per_token=gb, gb_per_s=gb * med,
-                         effective_sparsity=eff, profile=prof))
+        row = dict(model=name, format=fmt, wformat=wformat, config=label, target=s,
+                   baseline=baseline, tokens_per_s=med, runs=tps, gb_per_token=gb,
+                   gb_per_s=gb * med, effective_sparsity=eff, profile=prof)
+        if options:
+            row["compile_options"] = options
+        rows.append(row)
         save()
         progress.update(1)
         progress.write(f"{name:18s} {label:>6s}  {med:8.1f} tok/s  {gb * med:7.0f} GB/s")
+
+    for fmt in args.quant:
+        if fmt == "bf16":
+            run(model, fmt, "dense", "dense", None, compiled, True)
+            for s in args.sparsities:
+                run(model, fmt, "dense", f"{s:.0%}", s, compiled, False)
+            continue
+        spec = QuantSpec(fmt, args.groupsize if fmt == "int4" else 0, args.quant_head)
+        qmodel = copy.deepcopy(model)
+        try:
+            quantize_model(qmodel, spec)
+        except ValueError as e:
+            raise SystemExit(f"error: {name} --quant {fmt}: {e}") from None
+        teal.set_kernel_policy(qmodel, policy)  # the head's new module too
+        _free()
+        base = torch_baseline(qmodel, fmt)
+        base_fn, options = compile_decode(args, tuned=fmt == "int8" and args.baseline_tuning)
+        run(base, fmt, spec.wformat, f"torch {fmt}", None, base_fn, True, options)
+        del base, base_fn
+        _free()
+        for s in args.sparsities:
+            run(qmodel, fmt, spec.wformat, f"{fmt} {s:.0%}", s, compiled, False)
+        del qmodel
+        _free()
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    _free()
+
+
+def _free() -> None:
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_table(rows: list, formats: list) -> None:
+    """bf16 alone: the table as before; with quantized formats: grouped by model and format,
+    each row against the bf16 dense row and against its format's torch baseline."""
+    def eff_of(r):
+        eff = r["effective_sparsity"]
+        return " ".join(f"{p[:-5]}={eff[p]:.2f}" for p in PROJECTIONS if p in eff)
+
+    if formats == ["bf16"]:
+        print(f"\n{'model':18s} {'config':>6s} {'tok/s':>8s} {'x dense':>8s} {'GB/s':>7s}  eff. sparsity")
+        for r in rows:
+            dense = next(x for x in rows if x["model"] == r["model"] and x["config"] == "dense")
+            print(f"{r['model']:18s} {r['config']:>6s} {r['tokens_per_s']:8.1f} "
+                  f"{r['tokens_per_s'] / dense['tokens_per_s']:8.2f} {r['gb_per_s']:7.0f}  {eff_of(r)}")
+        return
+    print(f"\n{'model':18s} {'format':>9s} {'config':>10s} {'tok/s':>8s} {'x bf16':>7s} {'x torch':>7s} "
+          f"{'GB/s':>7s}  eff. sparsity")
+    last = None
+    for r in rows:
+        fmt = r.get("format", "bf16")
+        if last is not None and (r["model"], fmt) != last:
+            print()
+        last = (r["model"], fmt)
+        dense = next((x for x in rows if x["model"] == r["model"] and x.get("format", "bf16") == "bf16"
+                      and x.get("baseline", x["config"] == "dense")), None)
+        base = next((x for x in rows if x["model"] == r["model"] and x.get("format", "bf16") == fmt
+                     and x.get("baseline", x["config"] == "dense")), None)
+        xd = f"{r['tokens_per_s'] / dense['tokens_per_s']:7.2f}" if dense else f"{'-':>7s}"
+        xb = f"{r['tokens_per_s'] / base['tokens_per_s']:7.2f}" if base else f"{'-':>7s}"
+        shown = fmt if fmt == "bf16" else r.get("wformat", fmt)
+        print(f"{r['model']:18s} {shown:>9s} {r['config']:>10s} {r['tokens_per_s']:8.1f} "
+              f"{xd} {xb} {r['gb_per_s']:7.0f}  {eff_of(r)}")
+    print("(x bf16: against the bf16 cuBLAS dense row; x torch: against the format's torch baseline "
+          "(bf16: cuBLAS dense, int8: gpt-fast's weight-only int8, int4: tinygemm); GB/s on the "
+          "bytes read per token)")
 
 
 def main(argv=None):
@@ -213,8 +417,23 @@ def main(argv=None):
                     help="dispatch table JSON (scripts/bench_gemv.py --table-out) in front of the "
                          "built-in one")
     ap.add_argument("--profile", nargs="*", type=float, default=None,
-                    help="also profile the dense step and these sparsities (kernel time per token)")
+                    help="also profile the dense step (and each format's torch baseline) and these "
+                         "sparsities (kernel time per token)")
+    ap.add_argument("--quant", nargs="+", choices=FORMATS, default=["bf16"],
+                    help="weight formats, each timed as its torch baseline then ours at every "
+                         "sparsity (default: bf16 alone)")
+    ap.add_argument("--groupsize", type=int, default=128, choices=(32, 64, 128),
+                    help="int4: input channels per scale group")
+    ap.add_argument("--quant_head", action="store_true",
+                    help="also quantize the output head (ours and the torch baselines)")
+    ap.add_argument("--no-baseline-tuning", dest="baseline_tuning", action="store_false",
+                    help="compile the torch int8 baseline without gpt-fast's coordinate-descent "
+                         "tuning (then inductor materialises a bf16 copy of every weight per step)")
     args = ap.parse_args(argv)
+    args.quant = list(dict.fromkeys(args.quant))
+    on_cuda = torch.device(args.device).type == "cuda"
+    if "int4" in args.quant and on_cuda and args.dtype != "bfloat16":
+        ap.error("--quant int4: torch's int4 baseline (tinygemm) runs bfloat16 only; use --dtype bfloat16")
     from tqdm import tqdm
 
     table = DEFAULT_TABLE
@@ -237,16 +456,13 @@ def main(argv=None):
     if args.models is None:
         args.models = [] if args.checkpoint else ["Meta-Llama-3-8B", "Llama-2-7b"]
     targets = list(args.models) + ([args.checkpoint] if args.checkpoint else [])
-    with tqdm(total=len(targets) * (1 + len(args.sparsities)), desc="decode bench") as bar:
+    per_target = len(args.quant) * (1 + len(args.sparsities))
+    if args.compile:  # one compiled graph per configuration (and model); never fall back
+        _gemv._set_recompile_limit(max(8, 2 * per_target * len(targets)))
+    with tqdm(total=len(targets) * per_target, desc="decode bench") as bar:
         for name in targets:
             bench_model(name, args, args.device, dtype, policy, bar, rows, save)
-    print(f"\n{'model':18s} {'config':>6s} {'tok/s':>8s} {'x dense':>8s} {'GB/s':>7s}  eff. sparsity")
-    for r in rows:
-        dense = next(x for x in rows if x["model"] == r["model"] and x["config"] == "dense")
-        eff = r["effective_sparsity"]
-        es = " ".join(f"{p[:-5]}={eff[p]:.2f}" for p in PROJECTIONS if p in eff)
-        print(f"{r['model']:18s} {r['config']:>6s} {r['tokens_per_s']:8.1f} "
-              f"{r['tokens_per_s'] / dense['tokens_per_s']:8.2f} {r['gb_per_s']:7.0f}  {es}")
+    print_table(rows, args.quant)
     save()
 
 

@@ -4,6 +4,7 @@
     python scripts/bench_gemv.py --json gemv.json                 # the dispatch table's kernels
     python scripts/bench_gemv.py --compare --table-out table.json # candidates; winners -> rows
     python scripts/bench_gemv.py --table table.json --json b.json # time a tuned table
+    python scripts/bench_gemv.py --wformat dense int8 int4-g128 --json q.json  # weight formats
 
 Shapes: the fused projections of Llama-3-8B and Llama-2-7B (q/k/v, o, gate/up, down).  For
 every shape and sparsity the kernel the policy dispatches (its table row for this GPU and
@@ -14,10 +15,25 @@ its weights from HBM.  GB/s counts the bytes an ideal sparse kernel must read (k
 N x 2 B, plus x and y), "% copy" is that over the device-to-device copy bandwidth measured
 in the same run.
 
+--wformat times every shape x sparsity in each weight format (teal.kernels.formats): the
+random weight is quantized with teal.quant ("int8": per output channel; "int4-g<G>": min/max
+per group of G input channels), the kernels are checked against the float64 reference of the
+dequantized weight, and GB/s counts kept rows x stored bytes per row (int8: N, int4: N / 2)
+plus all the scales, x and y.  Each format has its own torch baseline, timed the same way
+(rotating copies, CUDA graph): "dense" cuBLAS `F.linear(x, W)`; "int8" gpt-fast's weight-only
+path `F.linear(x, W_int8.to(x.dtype)) * s` (torch.compile'd with coordinate-descent tuning,
+as gpt-fast runs it: inductor then fuses the int8 -> bf16 conversion into one M = 1 GEMV
+reduction; --eager-baselines: eager, which materialises a bf16 copy of W every call); "int4"
+torch's tinygemm `aten._weight_int4pack_mm` on the same codes (bf16 only).  Rows also carry
+the bf16 cuBLAS time of the shape.
+
 --compare times candidate configs of every algorithm (masked loop, tensor-core tiles,
 kept-row lists) per shape at --compare-sparsities and picks, per shape, the best below and
 above the 80% cut-off (score: t0 + 2 t50 for the low range, t90 for the high one); the
 winners are written as table rows with their provenance (command, commit) by --table-out.
+With a quantized --wformat the candidates are first fitted to it (`fit_format`; int4: the
+masked loop only, tiles inside one scale group), candidates that become the same config are
+timed once, and the rows (and --table-out's table rows) are keyed by that format.
 """
 
 from __future__ import annotations
@@ -34,9 +50,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from teal import quant
 from teal.io import atomic_write_json
 from teal.kernels import DEFAULT_TABLE, DispatchTable, GemvConfig, KernelPolicy, TableRow
 from teal.kernels import reference as R
+from teal.kernels.dispatch import fit_format
+from teal.kernels.formats import FORMATS, get_format
 from teal.provenance import environment
 
 # (model, name, kind, K, segment widths (seg) or F (gated))
@@ -92,18 +111,147 @@ def label(cfg: GemvConfig) -> str:
     return f"m{cfg.block_n}x{cfg.block_k}p{cfg.pipe}v{cfg.waves:g}"
 
 
-class Bench:
-    """One shape: rotating weight copies (> 4x L2), an activation, thresholds per sparsity."""
+# --------------------------------------------------------------------------- torch baselines
+# The weight-only quantized paths of torch that the quantized formats are measured against
+# (also used by scripts/bench_decode.py).  They take the codes and scales of teal.quant, so
+# baseline and kernel read the same quantized weight.
+WFORMATS = tuple(FORMATS)  # "dense", "int8", "int4-g32", "int4-g64", "int4-g128"
 
-    def __init__(self, kind, K, arg, dtype, l2_bytes, device):
+
+def int8_baseline_weight(codes: torch.Tensor, scales: torch.Tensor, dtype) -> tuple:
+    """gpt-fast's WeightOnlyInt8Linear storage of a teal.quant int8 weight: the int8 codes
+    (N, K) (nn.Linear layout) and the per-output-channel scales (N,) in the activation dtype."""
+    return codes.t().contiguous(), scales.to(dtype).contiguous()
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """gpt-fast's int8 weight-only product: ``F.linear(x, w_int8.to(x.dtype)) * scales``."""
+    return F.linear(x, w.to(dtype=x.dtype)) * scales
+
+
+def tinygemm_inner_k_tiles(K: int) -> int:
+    """The largest innerKTiles (8, 4, 2) tinygemm's packing allows for K input channels."""
+    for tiles in (8, 4, 2):
+        if K % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"torch's int4 tinygemm needs K a multiple of 32, got K = {K}")
+
+
+def tinygemm_pack(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype) -> tuple:
+    """A teal.quant int4 weight in torch's tinygemm layout: (packed weight, scales_and_zeros,
+    N).
+
+    teal stores ``W = q * s + b`` (q in [0, 15], uint8 (K, N / 2) two columns per byte; bf16
+    scales, read through `teal.quant.int4_scale_bias`); tinygemm computes
+    ``W = (q - 8) * s + z`` per (group, column), so ``z = b + 8 s`` (rounded to the activation dtype: the baseline's only difference from the
+    teal weight).  The codes are re-packed along K as `_convert_weight_to_int4pack` takes them
+    (torch >= 2.5: uint8 (N, K / 2), element 2j in the high nibble, 2j + 1 in the low one; on
+    CPU `_convert_weight_to_int4pack_for_cpu` takes int32 (N, K)).  N is padded to a multiple
+    of 16 (zero weights) where it is not one (CPU packing needs it; outputs are sliced).
+
+    Raises:
+        ValueError: K not a multiple of the group size or of 32 (tinygemm's constraints).
+    """
+    q = quant.unpack_int4(codes)                      # (K, N) uint8 in [0, 15]
+    K, N = q.shape
+    if K % group:
+        raise ValueError(f"torch's int4 tinygemm needs K a multiple of the group size {group}, "
+                         f"got K = {K}")
+    tiles = tinygemm_inner_k_tiles(K)
+    s, b = quant.int4_scale_bias(scales)              # fp32 (G, N) each, column order
+    sz = torch.stack((s, b + 8.0 * s), dim=-1)        # (G, N, 2)
+    pad = -N % 16
+    if pad:
+        q = torch.cat([q, q.new_zeros(K, pad)], dim=1)
+        sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
+    w = q.t().contiguous()                            # (Np, K)
+    if w.is_cuda:
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            ((w[:, 0::2] << 4) | w[:, 1::2]).contiguous(), tiles)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.to(torch.int32), tiles)
+    return packed, sz.to(dtype).contiguous(), N
+
+
+def tinygemm_mm(x2: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
+    """``x2 @ W.t()`` for x2 (M, K) contiguous through torch's int4 tinygemm (CUDA: bf16 only;
+    CPU: `_weight_int4pack_mm_for_cpu`); (M, Np) in x2's dtype."""
+    if x2.is_cuda:
+        return torch.ops.aten._weight_int4pack_mm(x2, packed, group, sz)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, sz)
+
+
+def _set_recompile_limit(n: int) -> None:
+    """Let torch.compile keep at least `n` graphs per function (one per shape / config)."""
+    import torch._dynamo as dynamo
+    cfg = dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * n)
+
+
+_COMPILED_INT8 = {}
+
+
+def compiled_int8_linear():
+    """`int8_linear` under torch.compile with coordinate-descent tuning (gpt-fast's setting,
+    which makes inductor decompose the M = 1 product into a reduction with the int8 -> bf16
+    conversion and the scales fused); one compiled function, a graph per shape."""
+    if "fn" not in _COMPILED_INT8:
+        _set_recompile_limit(64)
+        _COMPILED_INT8["fn"] = torch.compile(int8_linear, dynamic=False, fullgraph=True,
+                                             options={"coordinate_descent_tuning": True})
+    return _COMPILED_INT8["fn"]
+
+
+BASELINE_NAME = {"dense": "cuBLAS", "int8": "torch int8", "int4": "torch int4"}
+
+
+class Bench:
+    """One shape in one weight format: rotating weight copies (> 4x L2), an activation,
+    thresholds per sparsity, the format's torch baseline.
+
+    `base`: the (K, N) weight in the activation dtype to use (quantized for a quantized
+    format); None draws one (N(0, 1/K))."""
+
+    def __init__(self, kind, K, arg, dtype, l2_bytes, device, wformat="dense", base=None,
+                 eager_baselines=False):
         self.kind, self.K, self.arg, self.dtype, self.device = kind, K, arg, dtype, device
-        self.N = sum(arg) if kind == "seg" else 2 * arg
-        copies = max(2, math.ceil(4 * l2_bytes / (K * self.N * 2)))
-        base = (torch.randn(K, self.N, device=device) / K ** 0.5).to(dtype)
-        self.wt = [base.clone() for _ in range(copies)]
-        self.wd = [w.t().contiguous() for w in self.wt]
-        del base
+        self.fmt = get_format(wformat)
+        self.mode, self.group = quant.parse_format(wformat)
+        self.N = N = sum(arg) if kind == "seg" else 2 * arg
+        if base is None:
+            base = (torch.randn(K, N, device=device) / K ** 0.5).to(dtype)
+        if not self.fmt.quantized:
+            codes, scales = base, None
+            self.ref_wt = base
+        else:
+            codes, scales = quant.quantize(base.t(), quant.QuantSpec(self.mode, self.group))
+            self.ref_wt = quant.dequantize(wformat, codes, scales)   # fp32 (K, N)
+        self.row_bytes = codes.shape[1] * codes.element_size()     # stored bytes per input channel
+        self.scale_bytes = 0 if scales is None else scales.numel() * scales.element_size()
+        copies = max(2, math.ceil(4 * l2_bytes / (K * self.row_bytes + self.scale_bytes)))
+        self.wt = [codes.clone() for _ in range(copies)]
+        self.sc = [None if scales is None else scales.clone() for _ in range(copies)]
+        # the torch baseline's own storage of the same weight
+        if self.mode == "dense":
+            self.base_w = [w.t().contiguous() for w in self.wt]
+            self.base_fn = F.linear
+        elif self.mode == "int8":
+            self.base_w = [int8_baseline_weight(c, s, dtype) for c, s in zip(self.wt, self.sc)]
+            self.base_fn = int8_linear if eager_baselines else compiled_int8_linear()
+        else:
+            if dtype != torch.bfloat16:
+                raise ValueError(f"torch's int4 tinygemm baseline runs bf16 only, not {dtype}")
+            self.base_w = [tinygemm_pack(c, s, self.group, dtype)[:2] for c, s in zip(self.wt, self.sc)]
+        self.baseline = BASELINE_NAME[self.mode] + (" (eager)" if eager_baselines and self.mode == "int8" else "")
+        del base, codes, scales
         self.x = torch.randn(1, K, device=device).to(dtype)
+
+    @property
+    def wformat(self) -> str:
+        return self.fmt.name
 
     def thresholds(self, s):
         """(thresholds (rows,), kept channels) for target sparsity s (quantile of |x|)."""
@@ -113,36 +261,66 @@ class Bench:
         return torch.full((rows,), t, dtype=torch.float32, device=self.device), int((ax > t).sum())
 
     def active_bytes(self, kept):
+        """Bytes an ideal kernel reads and writes: kept rows of the stored weight, all the
+        scales (int4: every group, an upper bound), x and y."""
         out = self.arg if self.kind == "gated" else self.N
-        return kept * self.N * 2 + self.K * 2 + out * 2
+        el = self.x.element_size()
+        return kept * self.row_bytes + self.scale_bytes + self.K * el + out * el
 
-    def call(self, w, t, s, policy):
+    def full_bytes(self):
+        """Bytes of a dense product in this format (the torch baseline's ideal): every row."""
+        return self.K * self.row_bytes + self.scale_bytes + (self.K + self.N) * self.x.element_size()
+
+    def call(self, i, t, s, policy):
         from teal import kernels
+        w, sc = self.wt[i], self.sc[i]
         if self.kind == "seg":
             ends = [int(b) for b in torch.tensor(self.arg).cumsum(0)]
-            return kernels.sparse_gemv(self.x, w, t, ends, sparsity=s, policy=policy)
-        return kernels.sparse_gated_gemv(self.x, w, t, sparsity=s, policy=policy)
+            return kernels.sparse_gemv(self.x, w, t, ends, sparsity=s, policy=policy,
+                                       wformat=self.wformat, scales=sc)
+        return kernels.sparse_gated_gemv(self.x, w, t, sparsity=s, policy=policy,
+                                         wformat=self.wformat, scales=sc)
 
     def ref(self, t):
         if self.kind == "seg":
             ends = [int(b) for b in torch.tensor(self.arg).cumsum(0)]
-            return R.sparse_gemv_ref(self.x[0], self.wt[0], t, ends)
-        return R.sparse_gated_gemv_ref(self.x[0], self.wt[0], t)
+            return R.sparse_gemv_ref(self.x[0], self.ref_wt, t, ends)
+        return R.sparse_gated_gemv_ref(self.x[0], self.ref_wt, t)
 
     def check(self, t, s, policy) -> str:
         """'' if the kernel matches the float64 reference and is bitwise repeatable, else why."""
-        y1, y2 = self.call(self.wt[0], t, s, policy), self.call(self.wt[0], t, s, policy)
+        y1, y2 = self.call(0, t, s, policy), self.call(0, t, s, policy)
         ref = self.ref(t)
         err = ((y1[0].double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         if not err < 1e-2 or not torch.equal(y1, y2):
             return f"rel err {err:.3g}, repeatable {torch.equal(y1, y2)}"
         return ""
 
-    def sparse_fns(self, t, s, policy):
-        return [lambda w=w: self.call(w, t, s, policy) for w in self.wt]
+    def baseline_call(self, i):
+        """The format's torch baseline: the plain product x W^T over all N columns (no mask,
+        no SwiGLU epilogue, like the cuBLAS row)."""
+        if self.mode == "dense":
+            return F.linear(self.x, self.base_w[i])
+        if self.mode == "int8":
+            return self.base_fn(self.x, *self.base_w[i])
+        packed, sz = self.base_w[i]
+        y = tinygemm_mm(self.x, packed, self.group, sz)
+        return y[:, :self.N] if y.shape[1] != self.N else y
 
-    def dense_fns(self):
-        return [lambda w=w: F.linear(self.x, w) for w in self.wd]
+    def check_baseline(self) -> str:
+        """'' if the baseline matches x @ W (float64, the dequantized weight), else why."""
+        y = self.baseline_call(0)
+        ref = self.x[0].double() @ self.ref_wt.double()
+        err = ((y[0].double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        tol = 2e-2 if self.mode == "int4" else 1e-2  # tinygemm: z = b + 8 s rounded to bf16
+        return "" if err < tol else f"{self.baseline} rel err {err:.3g} against the dequantized weight"
+
+    def sparse_fns(self, t, s, policy):
+        return [lambda i=i: self.call(i, t, s, policy) for i in range(len(self.wt))]
+
+    def baseline_fns(self):
+        return [lambda i=i: self.baseline_call(i) for i in range(len(self.wt))]
+
 
 
 def time_graph(fns, min_calls=48, reps=12):
@@ -192,67 +370,151 @@ def copy_bandwidth():
     return 2 * n / statistics.median(ts) / 1e9
 
 
-def run_bench(shapes, sparsities, policy, l2, dtype, copy_bw, tqdm):
-    """Time the dispatched kernel of every (shape, sparsity); rows for the JSON and table."""
+def _benches(kind, K, arg, dtype, l2, wformats, eager_baselines):
+    """(bf16 cuBLAS us of the shape, [(wformat, Bench) made one at a time]) : the formats
+    share one random weight, so every format quantizes the same values."""
+    dense = Bench(kind, K, arg, dtype, l2, "cuda")
+    cublas = time_graph(dense.baseline_fns())
+    base = dense.wt[0]
+    wformats = list(wformats)
+
+    def gen():
+        nonlocal dense
+        for i, wf in enumerate(wformats):
+            b = dense if wf == "dense" else Bench(kind, K, arg, dtype, l2, "cuda", wf, base,
+                                                  eager_baselines)
+            if "dense" not in wformats[i + 1:]:
+                dense = None  # its copies go once its rows are done
+            yield wf, b
+            del b
+            torch.cuda.empty_cache()
+    return cublas, gen()
+
+
+def _baseline_us(b: Bench, cublas: float, model, name) -> float:
+    if b.mode == "dense":
+        return cublas
+    bad = b.check_baseline()
+    if bad:
+        raise SystemExit(f"error: {model} {name} {b.wformat}: {bad}")
+    return time_graph(b.baseline_fns())
+
+
+def run_bench(shapes, sparsities, policy, l2, dtype, copy_bw, tqdm, wformats=("dense",),
+              eager_baselines=False):
+    """Time the dispatched kernel of every (shape, format, sparsity); rows for the JSON and
+    table."""
     rows = []
     for model, name, kind, K, arg in tqdm(shapes, desc="bench", unit="shape"):
-        b = Bench(kind, K, arg, dtype, l2, "cuda")
-        dense = time_graph(b.dense_fns())
-        dense_bytes = K * b.N * 2 + K * 2 + b.N * 2
+        cublas, benches = _benches(kind, K, arg, dtype, l2, wformats, eager_baselines)
         sizes = arg if kind == "seg" else (arg, arg)
-        for s in sparsities:
-            t, kept = b.thresholds(s)
-            cfg, row = policy.choose(kind, K, sizes, dtype, "dense", s, "cuda")
-            bad = b.check(t, s, policy)
-            if bad:
-                raise SystemExit(f"error: {model} {name} at {s:.0%} ({label(cfg)}): {bad}")
-            us = time_graph(b.sparse_fns(t, s, policy))
-            gbs = b.active_bytes(kept) / us / 1e3
-            rows.append(dict(model=model, name=name, kind=kind, K=K, N=b.N, target_sparsity=s,
-                             sparsity=1 - kept / K, us=us, cublas_us=dense, speedup=dense / us,
-                             gbs=gbs, cublas_gbs=dense_bytes / dense / 1e3, frac_copy_bw=gbs / copy_bw,
-                             config=label(cfg), algo=cfg.algo, table_row=row is not None))
-        del b
+        for wf, b in benches:
+            base_us = _baseline_us(b, cublas, model, name)
+            dense_bytes = K * b.N * 2 + K * 2 + b.N * 2
+            for s in sparsities:
+                t, kept = b.thresholds(s)
+                cfg, row = policy.choose(kind, K, sizes, dtype, wf, s, "cuda")
+                cfg = fit_format(cfg, kind, K, n_cols(kind, arg), wf)
+                bad = b.check(t, s, policy)
+                if bad:
+                    raise SystemExit(f"error: {model} {name} {wf} at {s:.0%} ({label(cfg)}): {bad}")
+                us = time_graph(b.sparse_fns(t, s, policy))
+                gbs = b.active_bytes(kept) / us / 1e3
+                rows.append(dict(model=model, name=name, kind=kind, K=K, N=b.N, wformat=wf,
+                                 target_sparsity=s, sparsity=1 - kept / K, us=us,
+                                 cublas_us=cublas, speedup=base_us / us, speedup_vs_bf16=cublas / us,
+                                 baseline=b.baseline, baseline_us=base_us,
+                                 baseline_gbs=b.full_bytes() / base_us / 1e3,
+                                 gbs=gbs, cublas_gbs=dense_bytes / cublas / 1e3,
+                                 frac_copy_bw=gbs / copy_bw, bytes=b.active_bytes(kept),
+                                 config=label(cfg), algo=cfg.algo, table_row=row is not None))
+            del b
         torch.cuda.empty_cache()
     return rows
 
 
-def run_compare(shapes, sparsities, l2, dtype, tqdm, commit):
-    """Time every candidate at every sparsity; return (rows, winner TableRows)."""
+def candidates(name, kind, K, arg, wformat) -> list:
+    """The --compare candidates of a projection fitted to the weight format, duplicates (two
+    candidates `fit_format` maps to one config, e.g. lists under int4) dropped."""
+    out, seen = [], set()
+    for cfg in CANDIDATES[name]:
+        cfg = fit_format(cfg, kind, K, n_cols(kind, arg), wformat)
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append(cfg)
+    return out
+
+
+def run_compare(shapes, sparsities, l2, dtype, tqdm, commit, wformats=("dense",),
+                eager_baselines=False):
+    """Time every candidate at every sparsity in every format; return (rows, winner TableRows)."""
     rows, winners = [], []
     gpu = torch.cuda.get_device_name()
     dname = str(dtype).removeprefix("torch.")
     for model, name, kind, K, arg in tqdm(shapes, desc="compare", unit="shape"):
-        b = Bench(kind, K, arg, dtype, l2, "cuda")
-        dense = time_graph(b.dense_fns())
-        ths = {s: b.thresholds(s)[0] for s in sparsities}
-        res = {}
-        for cfg in CANDIDATES[name]:
-            policy = KernelPolicy(config=cfg)
-            bad = next((f"{s:.0%}: {e}" for s in sparsities if (e := b.check(ths[s], s, policy))), "")
-            if bad:
-                print(f"CHECK FAILED {model} {name} {label(cfg)} {bad}", flush=True)
+        dense, benches = _benches(kind, K, arg, dtype, l2, wformats, eager_baselines)
+        for wf, b in benches:
+            base_us = _baseline_us(b, dense, model, name)
+            ths = {s: b.thresholds(s)[0] for s in sparsities}
+            res = {}
+            for cfg in candidates(name, kind, K, arg, wf):
+                policy = KernelPolicy(config=cfg)
+                bad = next((f"{s:.0%}: {e}" for s in sparsities if (e := b.check(ths[s], s, policy))), "")
+                if bad:
+                    print(f"CHECK FAILED {model} {name} {wf} {label(cfg)} {bad}", flush=True)
+                    continue
+                res[label(cfg)] = (cfg, {s: time_graph(b.sparse_fns(ths[s], s, policy)) for s in sparsities})
+                rows += [dict(model=model, name=name, wformat=wf, config=label(cfg), target_sparsity=s,
+                              us=us, cublas_us=dense, baseline=b.baseline, baseline_us=base_us,
+                              spec=asdict(cfg)) for s, us in res[label(cfg)][1].items()]
+            if not res:
+                print(f"COMPARE {model} {name} {wf}: every candidate failed its check; no rows", flush=True)
                 continue
-            res[label(cfg)] = (cfg, {s: time_graph(b.sparse_fns(ths[s], s, policy)) for s in sparsities})
-            rows += [dict(model=model, name=name, config=label(cfg), target_sparsity=s, us=us,
-                          cublas_us=dense, spec=asdict(cfg)) for s, us in res[label(cfg)][1].items()]
-        low = [s for s in sparsities if s < HIGH]
-        high = [s for s in sparsities if s >= HIGH]
-        score_low = {k: sum(v[1][s] * (2 if s == 0.5 else 1) for s in low) for k, v in res.items()}
-        best_low = min(score_low, key=score_low.get)
-        src = f"scripts/bench_gemv.py --compare at {commit} (score {' + '.join(f'{s:g}' for s in low)}; 50% twice)"
-        N = n_cols(kind, arg)
-        winners.append(TableRow(gpu, kind, K, N, res[best_low][0], (dname,), "dense", (0.0, HIGH) if high else (0.0, 1.0), src))
-        if high:
-            best_high = min(res, key=lambda k: sum(res[k][1][s] for s in high))
-            winners.append(TableRow(gpu, kind, K, N, res[best_high][0], (dname,), "dense", (HIGH, 1.0),
-                                    f"scripts/bench_gemv.py --compare at {commit} (time at {high})"))
-        print(f"COMPARE {model} {name}: cuBLAS {dense:.2f} us | " + " | ".join(
-            f"{k}: " + "/".join(f"{v[1][s]:.2f}" for s in sparsities) for k, v in res.items())
-            + f" || low {best_low}" + (f", high {best_high}" if high else ""), flush=True)
-        del b
+            low = [s for s in sparsities if s < HIGH]
+            high = [s for s in sparsities if s >= HIGH]
+            score_low = {k: sum(v[1][s] * (2 if s == 0.5 else 1) for s in low) for k, v in res.items()}
+            best_low = min(score_low, key=score_low.get) if low else None
+            fmt = "" if wf == "dense" else f" --wformat {wf}"
+            src = f"scripts/bench_gemv.py --compare{fmt} at {commit} (score {' + '.join(f'{s:g}' for s in low)}; 50% twice)"
+            N = n_cols(kind, arg)
+            if low:
+                winners.append(TableRow(gpu, kind, K, N, res[best_low][0], (dname,), wf,
+                                        (0.0, HIGH) if high else (0.0, 1.0), src))
+            if high:
+                best_high = min(res, key=lambda k: sum(res[k][1][s] for s in high))
+                winners.append(TableRow(gpu, kind, K, N, res[best_high][0], (dname,), wf,
+                                        (HIGH, 1.0) if low else (0.0, 1.0),
+                                        f"scripts/bench_gemv.py --compare{fmt} at {commit} (time at {high})"))
+            print(f"COMPARE {model} {name} {wf}: cuBLAS {dense:.2f} us, {b.baseline} {base_us:.2f} us | "
+                  + " | ".join(f"{k}: " + "/".join(f"{v[1][s]:.2f}" for s in sparsities) for k, v in res.items())
+                  + (f" || low {best_low}" if low else "") + (f", high {best_high}" if high else ""), flush=True)
+            del b
         torch.cuda.empty_cache()
     return rows, winners
+
+
+def print_rows(rows, wformats) -> None:
+    """The bench table; with quantized formats also the format, its torch baseline and x."""
+    if list(wformats) == ["dense"]:
+        print(f"\n{'model':10s} {'proj':8s} {'K':>6s} {'N':>6s} {'sp%':>5s} {'kernel':>20s} {'us':>8s} "
+              f"{'cuBLAS':>8s} {'x':>6s} {'GB/s':>6s} {'%copy':>6s}")
+        for r in rows:
+            print(f"{r['model']:10s} {r['name']:8s} {r['K']:6d} {r['N']:6d} {100 * r['sparsity']:5.1f} "
+                  f"{r['config'] + ('' if r['table_row'] else '*'):>20s} {r['us']:8.2f} {r['cublas_us']:8.2f} "
+                  f"{r['speedup']:6.3f} {r['gbs']:6.0f} {100 * r['frac_copy_bw']:5.1f}%")
+        print("(* = generic rule, no table row)")
+        return
+    print(f"\n{'model':10s} {'proj':8s} {'format':>9s} {'K':>6s} {'N':>6s} {'sp%':>5s} {'kernel':>20s} "
+          f"{'us':>8s} {'bf16':>7s} {'x bf16':>6s} {'torch':>7s} {'x torch':>7s} {'GB/s':>6s} {'%copy':>6s} "
+          f"{'torch GB/s':>10s}")
+    for r in rows:
+        print(f"{r['model']:10s} {r['name']:8s} {r['wformat']:>9s} {r['K']:6d} {r['N']:6d} "
+              f"{100 * r['sparsity']:5.1f} {r['config'] + ('' if r['table_row'] else '*'):>20s} "
+              f"{r['us']:8.2f} {r['cublas_us']:7.2f} {r['speedup_vs_bf16']:6.3f} {r['baseline_us']:7.2f} "
+              f"{r['speedup']:7.3f} {r['gbs']:6.0f} {100 * r['frac_copy_bw']:5.1f}% {r['baseline_gbs']:10.0f}")
+    print("(* = generic rule, no table row; bf16 = cuBLAS on the bf16 weight; torch = the format's "
+          "torch baseline: cuBLAS, gpt-fast's int8 weight-only product, int4 tinygemm; GB/s on the "
+          "bytes an ideal kernel reads in that format)")
 
 
 def main(argv=None) -> None:
@@ -270,7 +532,14 @@ def main(argv=None) -> None:
     ap.add_argument("--table-out", dest="table_out", type=Path, default=None,
                     help="--compare: write the winners as table rows (JSON)")
     ap.add_argument("--no-bench", dest="bench", action="store_false", help="only --compare")
+    ap.add_argument("--wformat", nargs="+", default=["dense"], choices=WFORMATS,
+                    help="weight formats to time (each with its torch baseline); default dense")
+    ap.add_argument("--eager-baselines", dest="eager_baselines", action="store_true",
+                    help="run the torch int8 baseline eagerly (default: torch.compile'd as gpt-fast)")
     args = ap.parse_args(argv)
+    wformats = list(dict.fromkeys(args.wformat))
+    if args.dtype != "bfloat16" and any(w.startswith("int4") for w in wformats):
+        ap.error("the int4 formats' torch baseline (tinygemm) runs bfloat16 only; use --dtype bfloat16")
     if not torch.cuda.is_available():
         sys.exit("error: bench_gemv.py needs a CUDA GPU")
     from tqdm import tqdm
@@ -293,25 +562,21 @@ def main(argv=None) -> None:
     commit = env["commit"]
     print(f"GPU {props.name} ({props.multi_processor_count} SMs, L2 {l2 >> 20} MB) torch {torch.__version__} "
           f"triton {env.get('triton')} {args.dtype} commit {commit}; device copy {bw:.0f} GB/s", flush=True)
-    results = dict(env, dtype=args.dtype, copy_gbs=bw, argv=sys.argv[1:])
+    results = dict(env, dtype=args.dtype, copy_gbs=bw, argv=sys.argv[1:] if argv is None else list(argv),
+                   wformats=wformats)
     t0 = time.time()
     if args.compare:
         results["compare"], winners = run_compare(shapes, sorted(set(args.compare_sparsities)), l2,
-                                                  dtype, tqdm, commit)
+                                                  dtype, tqdm, commit, wformats, args.eager_baselines)
         results["table"] = DispatchTable(tuple(winners)).to_json()
         if args.table_out:
             atomic_write_json(args.table_out, results["table"])
         table = table.with_rows(winners)
     if args.bench:
-        rows = run_bench(shapes, args.sparsities, KernelPolicy(table=table), l2, dtype, bw, tqdm)
+        rows = run_bench(shapes, args.sparsities, KernelPolicy(table=table), l2, dtype, bw, tqdm,
+                         wformats, args.eager_baselines)
         results["bench"] = rows
-        print(f"\n{'model':10s} {'proj':8s} {'K':>6s} {'N':>6s} {'sp%':>5s} {'kernel':>20s} {'us':>8s} "
-              f"{'cuBLAS':>8s} {'x':>6s} {'GB/s':>6s} {'%copy':>6s}")
-        for r in rows:
-            print(f"{r['model']:10s} {r['name']:8s} {r['K']:6d} {r['N']:6d} {100 * r['sparsity']:5.1f} "
-                  f"{r['config'] + ('' if r['table_row'] else '*'):>20s} {r['us']:8.2f} {r['cublas_us']:8.2f} "
-                  f"{r['speedup']:6.3f} {r['gbs']:6.0f} {100 * r['frac_copy_bw']:5.1f}%")
-        print("(* = generic rule, no table row)")
+        print_rows(rows, wformats)
     results["seconds"] = time.time() - t0
     if args.json:
         atomic_write_json(args.json, results, make_parents=True)
