@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="int4: input channels per scale group (ignored for int8)")
     p.add_argument("--quantize_head", action=argparse.BooleanOptionalAction, default=None,
                    help="also quantize the output head (default: yes for int8, no for int4; "
-                        + HEAD_NOTE + ")")
+                        + HEAD_NOTE.replace("%", "%%") + ")")
     p.add_argument("--output", type=Path, default=None,
                    help="output file (default: model_<format>.pth next to the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -65,6 +65,23 @@ def sha256_of(path: Path, progress: bool) -> str:
             h.update(chunk)
             bar.update(len(chunk))
     return h.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "generation_config.json")
+
+
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
+    """Copy the tokenizer files beside the source checkpoint to a different output folder
+    (every CLI looks for them next to the checkpoint it loads), atomically."""
+    import shutil
+
+    from teal.io import atomic_write
+    if out_dir.resolve() == src_dir.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file() and not (out_dir / name).exists():
+            atomic_write(out_dir / name, lambda tmp, f=src_dir / name: shutil.copyfile(f, tmp))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -97,6 +114,7 @@ def run(args: argparse.Namespace) -> None:
                  torch=str(torch.__version__))
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     save_checkpoint(out, model.config.to_dict(), state, meta, quantization=entry)
+    copy_tokenizer(src.parent, out.parent)
     g = model.config
     short = (f", {report['padded']} with K not a multiple of {spec.group_size} (last group short)"
              if report["padded"] else "")

@@ -130,7 +130,9 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
     starts = [0] + ([] if gated else [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)])
     if gated:
         starts.append(sizes[0])  # up's columns
-    walign = bn >= 32 and all(c % 32 == 0 for c in starts)  # int4 tiles start on 16-byte bytes
+    # int4 tiles start on 16-byte bytes, and (ncols) the scale rows' stride N / 2 (gated: F)
+    # is a multiple of 16, as group_scales' hint assumes
+    walign = bn >= 32 and all(c % 32 == 0 for c in starts + [ncols])
     meta = dict(GATED=gated, PER_CHANNEL=per_channel, HAS_SPLIT=split > 1, EVEN_N=even_n,
                 BIG=K * stride_wk > _I32_LIMIT, WFMT=fmt.wfmt, GROUP=fmt.group, WALIGN=walign,
                 BLOCK_K=lc.block_k, BLOCK_N=bn, RCHUNK=lc.rchunk)
