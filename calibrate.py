@@ -42,7 +42,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from teal.checkpoint import DEFAULT_CHECKPOINT
+    from teal.checkpoint import DEFAULT_CHECKPOINT, default_thresholds, greedy_beside
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     p.add_argument("--output", type=Path, default=None,
-                   help="thresholds file (default: thresholds.safetensors next to the checkpoint)")
+                   help="thresholds file (default: thresholds.safetensors next to the checkpoint, "
+                        "thresholds.<format>.safetensors for a quantized one)")
     p.add_argument("--no-weighted", dest="weighted", action="store_false",
                    help="skip the weight-informed (WINA) score histograms (default: they are "
                         "collected)")
@@ -101,9 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.greedy_step < 1.0:
         p.error(f"--greedy-step must be in (0, 1), got {args.greedy_step}")
     if args.output is None:
-        args.output = args.checkpoint_path.parent / "thresholds.safetensors"
+        args.output = default_thresholds(args.checkpoint_path, for_writing=True)
     if args.greedy_output is None:
-        args.greedy_output = args.output.parent / "greedy.json"
+        args.greedy_output = greedy_beside(args.output, for_writing=True)
     if args.min_tokens is None:
         args.min_tokens = min(args.seq_len, args.max_tokens)
     return args

@@ -22,7 +22,7 @@ import torch
 
 import teal
 from model import load_model
-from teal.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from teal.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, default_thresholds, greedy_beside
 from teal.dtypes import DTYPES
 from teal.generation import (bytes_per_decode_step, decode_one_token, generate,  # noqa: F401
                              measure_effective_sparsity)
@@ -64,14 +64,14 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
     except CheckpointError as e:
         fail(str(e))
     if sparsity > 0 or allocation != "uniform" or scoring != "magnitude":
-        path = Path(thresholds) if thresholds else Path(checkpoint_path).parent / "thresholds.safetensors"
+        path = Path(thresholds) if thresholds else default_thresholds(checkpoint_path)
         from teal.allocation import apply_config, calibrate_sequentially
         from teal.calibration import load_token_ids
         from teal.thresholds import Calibration
         try:
             calib = Calibration.load(path, model.config.to_dict())
             applied = apply_config(model, calib, sparsity, allocation=allocation, scoring=scoring,
-                                   greedy=path.parent / "greedy.json" if allocation == "greedy" else None)
+                                   greedy=greedy_beside(path) if allocation == "greedy" else None)
             if calibration == "sequential" and sparsity > 0:
                 text = Path(calib_text or DEFAULT_CALIB_TEXT)
                 if not text.exists():
@@ -154,7 +154,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sparsity", type=float, default=0.0,
                     help="TEAL target sparsity in [0, 1) for every projection input")
     ap.add_argument("--thresholds", type=Path, default=None,
-                    help="calibration file (default: thresholds.safetensors next to the checkpoint)")
+                    help="calibration file (default: thresholds.safetensors next to the checkpoint; "
+                         "a quantized one's thresholds.<format>.safetensors when present)")
     ap.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
                     help="uniform sparsity, or TEAL's block-wise greedy per-projection allocation")
     ap.add_argument("--scoring", choices=["magnitude", "weight"], default="magnitude",

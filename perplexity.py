@@ -41,7 +41,7 @@ def _sparsity(value: str) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     from teal.allocation import ALLOCATIONS, SCORINGS
-    from teal.checkpoint import DEFAULT_CHECKPOINT
+    from teal.checkpoint import DEFAULT_CHECKPOINT, default_thresholds, greedy_beside
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also report perplexity and sparsity of these prefixes (token counts "
                         "that are multiples of seq_len) from the same run")
     p.add_argument("--thresholds", type=Path, default=None,
-                   help="calibration file (default: thresholds.safetensors next to the checkpoint)")
+                   help="calibration file (default: thresholds.safetensors next to the checkpoint; "
+                        "a quantized one's thresholds.<format>.safetensors when present)")
     p.add_argument("--greedy", type=Path, default=None,
                    help="greedy allocation file (default: greedy.json next to the thresholds)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,9 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(t < 1 for t in args.report_tokens):
         p.error(f"--report_tokens must be >= 1, got {args.report_tokens}")
     if args.thresholds is None:
-        args.thresholds = args.checkpoint_path.parent / "thresholds.safetensors"
+        args.thresholds = default_thresholds(args.checkpoint_path)
     if args.greedy is None:
-        args.greedy = args.thresholds.parent / "greedy.json"
+        args.greedy = greedy_beside(args.thresholds)
     return args
 
 

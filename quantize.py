@@ -9,8 +9,10 @@ int8 symmetric with one scale per output channel; int4 min/max per group of inpu
 two columns per byte, so a dropped input channel skips its bytes), optionally the output
 head, and a "quantization" entry (mode, group size, head, the source's sha256, torch
 version) that every CLI (generate.py, perplexity.py, calibrate.py, tp.py, the benchmarks)
-reads; the file name means nothing to them. The TEAL thresholds beside the source
-(`thresholds.safetensors`) serve the quantized model too.
+reads; the file name means nothing to them. Calibrate the quantized model for its own TEAL
+thresholds (`python calibrate.py --checkpoint_path <output>` writes
+`thresholds.<format>.safetensors`, which the CLIs then prefer; measured better than the
+source's in the README); until then the source's `thresholds.safetensors` beside it is used.
 """
 from __future__ import annotations
 
@@ -124,6 +126,9 @@ def run(args: argparse.Namespace) -> None:
           f"{spec.wformat}{short}; {head}")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; source "
           f"{src.stat().st_size / 2**20:.1f} MiB)")
+    print(f"thresholds: `python calibrate.py --checkpoint_path {out}` writes its own "
+          f"(thresholds.{spec.wformat}.safetensors, preferred by every CLI); until then the "
+          f"source's thresholds.safetensors beside it is used")
 
 
 def main(argv=None) -> int:

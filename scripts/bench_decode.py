@@ -257,10 +257,10 @@ def load_real(checkpoint, thresholds, device, dtype, policy: KernelPolicy):
     """(model, calibration, name) of a converted checkpoint and its calibration file;
     SystemExit with a one-line message when either is missing, corrupt or mismatched."""
     from model import load_model
-    from teal.checkpoint import CheckpointError
+    from teal.checkpoint import CheckpointError, default_thresholds
     from teal.thresholds import ThresholdsError
 
-    path = Path(thresholds) if thresholds else Path(checkpoint).parent / "thresholds.safetensors"
+    path = Path(thresholds) if thresholds else default_thresholds(checkpoint)
     try:
         model, meta = load_model(checkpoint, device=device, dtype=dtype)
         calib = Calibration.load(path, model.config.to_dict())

@@ -209,3 +209,34 @@ def quantization_of(ckpt: dict, path="checkpoint") -> Optional[QuantSpec]:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has a bad quantization entry ({e}); "
                               f"quantize the source checkpoint again with quantize.py") from None
+
+
+def default_thresholds(checkpoint_path, for_writing: bool = False) -> Path:
+    """The default calibration file beside a checkpoint: `thresholds.safetensors`; a
+    quantized checkpoint's own is tagged with its format (`thresholds.int8.safetensors`,
+    written by calibrate.py run on it) and measured better than the source model's (README,
+    "Quantized weights"); reading falls back to the untagged file while it does not exist.
+    """
+    path = Path(checkpoint_path)
+    plain = path.parent / "thresholds.safetensors"
+    try:
+        spec = quantization_of(load_checkpoint(path), path) if path.is_file() else None
+    except CheckpointError:
+        spec = None  # the loader reports it
+    if spec is None:
+        return plain
+    tagged = path.parent / f"thresholds.{spec.wformat}.safetensors"
+    return tagged if for_writing or tagged.exists() else plain
+
+
+def greedy_beside(thresholds_path, for_writing: bool = False) -> Path:
+    """The greedy allocation file that goes with a calibration file: `greedy<tag>.json` for
+    `thresholds<tag>.safetensors` (tag e.g. ".int8"), else `greedy.json`, in its folder;
+    reading falls back to `greedy.json` while the tagged one does not exist."""
+    path = Path(thresholds_path)
+    plain = path.parent / "greedy.json"
+    name = path.name
+    if not (name.startswith("thresholds.") and name.endswith(".safetensors")) or name == "thresholds.safetensors":
+        return plain
+    tagged = path.parent / ("greedy" + name[len("thresholds"):-len(".safetensors")] + ".json")
+    return tagged if for_writing or tagged.exists() else plain
