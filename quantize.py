@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import signal
 import sys
 from pathlib import Path
 
@@ -30,11 +31,35 @@ HEAD_NOTE = ("int8 head: perplexity within 0.1% of the bf16 head; int4 head: cos
              "quality than the bytes it saves are worth, so it stays bf16 unless asked")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except a None one whose help already says "default:"."""
+
+    def _get_help_string(self, action):
+        if action.default is None and action.help and "default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError (one line naming the fix) unless `device` is a usable cpu/cuda device."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"visible; use --device cuda")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from teal.checkpoint import DEFAULT_CHECKPOINT
     from teal.quant import GROUP_SIZES, MODES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="the bf16/fp32 checkpoint to quantize")
     p.add_argument("--mode", choices=MODES, default="int8", help="weight format")
@@ -95,8 +120,7 @@ def run(args: argparse.Namespace) -> None:
     from teal.quant import QuantSpec
     from teal.sparse_linear import quantize_model, sparse_linears
 
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    check_device(args.device)
     spec = QuantSpec(args.mode, args.groupsize, args.quantize_head)
     src = args.checkpoint_path
     q = load_checkpoint(src).get("quantization")  # (memory-mapped: cheap)
@@ -126,9 +150,15 @@ def run(args: argparse.Namespace) -> None:
           f"{spec.wformat}{short}; {head}")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; source "
           f"{src.stat().st_size / 2**20:.1f} MiB)")
+    src_th = src.parent / "thresholds.safetensors"
+    if not src_th.is_file():
+        until = "the source has no thresholds.safetensors to fall back on"
+    elif out.parent.resolve() == src.parent.resolve():
+        until = "until then the source's thresholds.safetensors beside it is used"
+    else:
+        until = f"until then pass --thresholds {src_th} (it is not beside {out})"
     print(f"thresholds: `python calibrate.py --checkpoint_path {out}` writes its own "
-          f"(thresholds.{spec.wformat}.safetensors, preferred by every CLI); until then the "
-          f"source's thresholds.safetensors beside it is used")
+          f"(thresholds.{spec.wformat}.safetensors, preferred by every CLI); {until}")
 
 
 def main(argv=None) -> int:
@@ -137,8 +167,15 @@ def main(argv=None) -> int:
     from teal.paths import OutputPathError
 
     args = parse_args(argv)
-    return run_reporting_errors(lambda: run(args),
-                                (CheckpointError, OutputPathError, OSError, ValueError))
+
+    def terminated(signum, frame):  # kill (SIGTERM) as Ctrl-C: the temp file is removed
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        return run_reporting_errors(lambda: run(args),
+                                    (CheckpointError, OutputPathError, OSError, ValueError))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,12 @@ def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] =
            "meta": dict(meta or {})}
     if quantization is not None:
         obj["quantization"] = dict(quantization)
-    atomic_save(obj, path)
+    try:
+        atomic_save(obj, path)
+    except RuntimeError as e:  # Ctrl-C inside torch.save: its zip writer's __exit__ fails
+        if isinstance(e.__context__, KeyboardInterrupt):  # (the temp file is already gone)
+            raise KeyboardInterrupt from None
+        raise
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
@@ -168,6 +173,7 @@ def load_model(path, build: Callable[[dict], torch.nn.Module], device="cpu",
     except Exception as e:  # noqa: BLE001 - ZeroDivisionError, ValueError, TypeError, ...
         raise CheckpointError(f"checkpoint {path} has an invalid config "
                               f"({e.__class__.__name__}: {e}); convert it again") from None
+    redo = "quantize its source again with quantize.py" if spec is not None else "convert it again"
     sd = ckpt["state_dict"]
     tied = bool(ckpt["config"].get("tie_embeddings")) and not (spec and spec.head)
     if tied:
@@ -177,13 +183,13 @@ def load_model(path, build: Callable[[dict], torch.nn.Module], device="cpu",
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match its config "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
-                              f"; convert it again") from None
+                              f"; {redo}") from None
     if tied:
         model.output.weight = model.tok_embeddings.weight
         missing = [k for k in missing if k != "output.weight"]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match its config (missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}); convert it again")
+                              f"{missing[:3]}, unexpected {unexpected[:3]}); {redo}")
     for mod in model.modules():  # buffers created on meta: materialise them
         for name, buf in list(mod.named_buffers(recurse=False)):
             if buf.is_meta:

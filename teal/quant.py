@@ -77,7 +77,12 @@ class QuantSpec:
         """Raises ValueError for a malformed entry."""
         if not isinstance(d, dict) or "mode" not in d:
             raise ValueError(f"a quantization entry needs a 'mode', got {d!r}")
-        return cls(str(d["mode"]), int(d.get("group_size") or 0), bool(d.get("head", False)))
+        group, head = d.get("group_size") or 0, d.get("head", False)
+        if isinstance(group, bool) or not isinstance(group, int):
+            raise ValueError(f"'group_size' must be an integer, got {group!r}")
+        if not isinstance(head, bool):
+            raise ValueError(f"'head' must be true or false, got {head!r}")
+        return cls(str(d["mode"]), group, head)
 
 
 def format_name(mode: str, group_size: int = 0) -> str:

@@ -461,6 +461,14 @@ class QuantizedSparseLinear(SparseLinear):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for entry in self._STATE:
             v = state_dict.get(prefix + entry)
+            want = getattr(self, entry).dtype
+            if torch.is_tensor(v) and v.dtype != want:  # assign=True would keep any dtype
+                kwargs.get("error_msgs", args[-1]).append(
+                    f"dtype mismatch for {prefix}{entry} ({', '.join(self.names)}): {self.wformat} "
+                    f"stores {str(want).removeprefix('torch.')}, the checkpoint holds "
+                    f"{str(v.dtype).removeprefix('torch.')}.")
+                state_dict.pop(prefix + entry)
+                continue
             if torch.is_tensor(v) and not v.is_meta and not v.is_contiguous():
                 state_dict[prefix + entry] = v.contiguous()
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
@@ -745,10 +753,11 @@ def _merge_projections(owner, state_dict, prefix, local_metadata, strict, missin
             if own in state_dict or not any(k in state_dict for k in keys):
                 continue  # already fused, or nothing of this module given (reported as own)
             absent = [k for k in keys if k not in state_dict]
-            parts = [state_dict.pop(k) for k in keys if k in state_dict]
+            present = [(i, k) for i, k in enumerate(keys) if k in state_dict]
+            parts = [state_dict.pop(k) for _, k in present]
             bad = [f"size mismatch for {k}: copying a param with shape {tuple(p.shape)}, the shape "
                    f"in current model is {m._state_shape(entry, i)}."
-                   for i, (k, p) in enumerate(zip(keys, parts))
+                   for (i, k), p in zip(present, parts)
                    if tuple(p.shape) != m._state_shape(entry, i)]
             if absent or bad:
                 error_msgs.extend(bad)
@@ -813,7 +822,7 @@ def quantize_model(model: nn.Module, spec: "quant.QuantSpec", head: str = "outpu
         try:
             q = QuantizedSparseLinear.from_module(dense, spec)
         except ValueError as e:
-            raise ValueError(f"{head}: {e}") from None
+            raise ValueError(f"{head}: {e} (or keep the head unquantized: --no-quantize_head)") from None
         setattr(model, head, q)
         count(q)
         if progress is not None:
