@@ -320,11 +320,14 @@ def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -
         progress.update(1)
         progress.write(f"{name:18s} {label:>6s}  {med:8.1f} tok/s  {gb * med:7.0f} GB/s")
 
+    # a quantized --checkpoint is timed as it is, labelled with its own format
+    own = next((m.wformat for m in model.modules() if isinstance(m, QuantizedSparseLinear)), "dense")
     for fmt in args.quant:
         if fmt == "bf16":
-            run(model, fmt, "dense", "dense", None, compiled, True)
+            label = "bf16" if own == "dense" else parse_format(own)[0]
+            run(model, label, own, "dense", None, compiled, True)
             for s in args.sparsities:
-                run(model, fmt, "dense", f"{s:.0%}", s, compiled, False)
+                run(model, label, own, f"{s:.0%}", s, compiled, False)
             continue
         spec = QuantSpec(fmt, args.groupsize if fmt == "int4" else 0, args.quant_head)
         qmodel = copy.deepcopy(model)
