@@ -27,8 +27,8 @@ import torch
 # Output head quantized by default? Measured on SmolLM2-135M-Instruct (README, "Quantized
 # weights"): see HEAD_NOTE.
 HEAD_DEFAULT = {"int8": True, "int4": False}
-HEAD_NOTE = ("int8 head: perplexity within 0.1% of the bf16 head; int4 head: costs more "
-             "quality than the bytes it saves are worth, so it stays bf16 unless asked")
+HEAD_NOTE = ("SmolLM2-135M: an int8 head costs +0.15% perplexity dense and nothing at 50% "
+             "sparsity; an int4-g128 head +10.5% dense, so int4 keeps the head unless asked")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
