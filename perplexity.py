@@ -107,14 +107,8 @@ def configurations(args) -> list[tuple[float, str, str, str]]:
 def check_paths(args) -> None:
     """Cheap checks of the device and of the input/output paths, before the model is loaded
     (one-line errors)."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {args.device!r}; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {args.device} is not supported; use cpu or cuda")
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    from teal.cli import check_device
+    check_device(args.device)
     from teal.calibration import check_text_file
     from teal.paths import check_output_file
     check_text_file(args.text)

@@ -40,21 +40,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def check_device(device: str) -> None:
-    """Raise ValueError (one line naming the fix) unless `device` is a usable cpu/cuda device."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {device!r}; use cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device} is not supported; use cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) "
-                         f"visible; use --device cuda")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     from teal.checkpoint import DEFAULT_CHECKPOINT
     from teal.quant import GROUP_SIZES, MODES
@@ -120,6 +105,7 @@ def run(args: argparse.Namespace) -> None:
     from teal.quant import QuantSpec
     from teal.sparse_linear import quantize_model, sparse_linears
 
+    from teal.cli import check_device
     check_device(args.device)
     spec = QuantSpec(args.mode, args.groupsize, args.quantize_head)
     src = args.checkpoint_path

@@ -25,3 +25,20 @@ def run_reporting_errors(body: Callable[[], object], errors: tuple,
     if message is not None:
         print(message, file=sys.stderr)
     return status
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError (one line naming the fix) unless `device` names a usable CPU or CUDA
+    device: a known type, CUDA visible for "cuda", and an index below the GPU count."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"visible; use --device cuda")
