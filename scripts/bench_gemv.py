@@ -99,6 +99,17 @@ CANDIDATES = {
 }
 
 
+def _words(bn, bk, nw, waves):
+    return GemvConfig(algo="words", block_n=bn, block_k=bk, num_warps=nw, waves=waves, rchunk=0)
+
+
+# words (int8 / int4 only; dropped for dense): int8 tiles 512 columns a warp, int4 1024
+_WORDS = [_words(512, 16, 1, 4), _words(512, 16, 1, 8), _words(1024, 16, 2, 4), _words(512, 32, 1, 4),
+          _words(1024, 16, 1, 2), _words(1024, 32, 1, 4), _words(1024, 16, 1, 8)]
+for _name in CANDIDATES:
+    CANDIDATES[_name] = CANDIDATES[_name] + _WORDS
+
+
 def n_cols(kind, arg):
     return sum(arg) if kind == "seg" else arg
 
@@ -108,6 +119,8 @@ def label(cfg: GemvConfig) -> str:
         return f"{'i' if cfg.inline else 'l'}{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}k{cfg.ksplit}"
     if cfg.algo == "dot":
         return f"d{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}v{cfg.waves:g}"
+    if cfg.algo == "words":
+        return f"w{cfg.block_n}x{cfg.block_k}n{cfg.num_warps}v{cfg.waves:g}"
     return f"m{cfg.block_n}x{cfg.block_k}p{cfg.pipe}v{cfg.waves:g}"
 
 
@@ -438,6 +451,8 @@ def candidates(name, kind, K, arg, wformat) -> list:
     candidates `fit_format` maps to one config, e.g. lists under int4) dropped."""
     out, seen = [], set()
     for cfg in CANDIDATES[name]:
+        if cfg.algo == "words" and wformat == "dense":
+            continue
         cfg = fit_format(cfg, kind, K, n_cols(kind, arg), wformat)
         if cfg not in seen:
             seen.add(cfg)

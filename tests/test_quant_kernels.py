@@ -351,3 +351,72 @@ def test_errors():
         with pytest.raises(ValueError, match=word):
             fn()
             raise AssertionError(f"case {i} raised nothing")
+
+
+# the words kernel (int8 / int4 code words split into bit planes): segments and gate/up
+# widths that are whole words, several tiles per segment, ranges ending inside a group
+_WORDS = [GemvConfig(algo="words", block_n=64, block_k=8, num_warps=1, split=3),
+          GemvConfig(algo="words", block_n=32, block_k=16, num_warps=2, split=1),
+          GemvConfig(algo="words", block_n=256, block_k=32, num_warps=4, split=0, rchunk=2)]
+_WORDS_CASES = [(f, c) for f in FORMATS for c in _WORDS]
+
+
+@pytest.mark.parametrize("fmt,cfg", _WORDS_CASES,
+                         ids=[f"{f}-bn{c.block_n}bk{c.block_k}w{c.num_warps}s{c.split}"
+                              for f, c in _WORDS_CASES])
+def test_words_poisoned(fmt, cfg):
+    """The words kernel on segments (K = 200: a short last group for every group size) and
+    on gate/up (always paired through the workspace), NaN-poisoned output and workspace,
+    per-channel and scalar thresholds, against the float64 reference; counters left zero,
+    bitwise reproducible."""
+    seed = _seed()
+    dtype = DTYPES[_WORDS_CASES.index((fmt, cfg)) % 2]
+    cfg = D.fit_format(cfg, "seg", 200, 64, fmt)
+    g = get_format(fmt).group
+    K, sizes = 200, (16, 40, 8)
+    N = sum(sizes)
+    codes, scales, deq = _qweight(K, N, fmt)
+    x = torch.randn(K, device=DEV).to(dtype)
+    t = _thresholds(x, "channel", 3)
+    lc = D.resolve(cfg, "seg", K, sizes, D.num_sms(DEV), g)
+    assert lc.algo_name == "words"
+    out = torch.full((N,), float("nan"), dtype=dtype, device=DEV)
+    ws = torch.full((64, N), float("nan"), dtype=torch.float32, device=DEV)
+    launch.launch_gemv(x, codes, scales, t, list(sizes), False, fmt, lc, out=out, workspace=ws)
+    _close(out, R.sparse_gemv_ref(x, deq, t, _bounds(sizes)), dtype, seed, f"{fmt} words segments {cfg}")
+    F = 24
+    cg, sg, dg = _qweight(K, 2 * F, fmt)
+    tg = _thresholds(x, "q50", 2)
+    lcg = D.resolve(cfg, "gated", K, (F, F), D.num_sms(DEV), g)
+    outg = torch.full((F,), float("nan"), dtype=dtype, device=DEV)
+    wsg = torch.full((64, 2 * F), float("nan"), dtype=torch.float32, device=DEV)
+    launch.launch_gemv(x, cg, sg, tg, [F, F], True, fmt, lcg, out=outg, workspace=wsg)
+    _close(outg, R.sparse_gated_gemv_ref(x, dg, tg), dtype, seed, f"{fmt} words gated {cfg}")
+    assert int(launch.counters(DEV, 1).abs().sum()) == 0, "arrival counters not reset"
+    again = launch.launch_gemv(x, codes, scales, t, list(sizes), False, fmt, lc)
+    assert torch.equal(out, again), f"non-deterministic seed={seed}"
+    t0 = torch.zeros(3, device=DEV)
+    y0 = launch.launch_gemv(x, codes, scales, t0, list(sizes), False, fmt, lc)
+    _close(y0, x.double() @ deq.double(), dtype, seed, f"{fmt} words dense")
+
+
+def test_words_dispatch_and_errors():
+    """A words config falls back to the masked loop where segments are not whole words (the
+    policy) and is refused by the launcher; dense weights never take it."""
+    K = 64
+    words = GemvConfig(algo="words", block_n=64, block_k=16, num_warps=1)
+    policy = replace(POLICY, config=words)
+    assert policy.launch("seg", K, (16, 24), torch.bfloat16, "int8", 0.5, DEV).algo_name == "words"
+    assert policy.launch("seg", K, (16, 24), torch.bfloat16, "int4-g32", 0.5, DEV).algo_name == "words"
+    assert policy.launch("seg", K, (18, 22), torch.bfloat16, "int8", 0.5, DEV).algo_name == "mask"
+    assert policy.launch("seg", K, (12, 28), torch.bfloat16, "int4-g32", 0.5, DEV).algo_name == "mask"
+    assert policy.launch("seg", K, (16, 24), torch.bfloat16, "dense", 0.5, DEV).algo_name != "words"
+    x = torch.randn(K, device=DEV).to(torch.bfloat16)
+    c4, s4, _ = _qweight(K, 40, "int4-g32")
+    lc = D.resolve(words, "seg", K, (12, 28), 4, 32)
+    with pytest.raises(ValueError, match="whole"):
+        launch.launch_gemv(x, c4, s4, torch.zeros(2, device=DEV), [12, 28], False, "int4-g32", lc)
+    lc = D.resolve(words, "seg", K, (16, 24), 4)  # no group given: ranges not whole groups
+    if lc.k_per_split % 32:
+        with pytest.raises(ValueError, match="groups"):
+            launch.launch_gemv(x, c4, s4, torch.zeros(2, device=DEV), [16, 24], False, "int4-g32", lc)

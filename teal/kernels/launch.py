@@ -15,15 +15,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _interp_compat, dot, lists, masked
-from .dispatch import Launch, cdiv
+from . import _interp_compat, dot, lists, masked, words
+from .dispatch import Launch, cdiv, words_fit
 from .formats import get_format
 
 _COUNTERS: dict = {}  # per-device counter buffers (a cache of allocations, not a setting)
 _MIN_COUNTERS = 1 << 16
 _HUGE = 1 << 30
 _I32_LIMIT = 2**31 - 1
-_MODULES = (masked, dot, lists)  # index = Launch.algo (dispatch.ALGORITHMS order)
+_MODULES = (masked, dot, lists, words)  # index = Launch.algo (dispatch.ALGORITHMS order)
 
 
 def interpreted() -> bool:
@@ -74,6 +74,18 @@ class Plan:
     interpreted: bool
 
 
+def _check_words(fmt, sizes, lc: Launch, wformat: str) -> None:
+    if not words_fit(wformat, sizes):
+        raise ValueError(f"the words kernel takes int8 / int4 weights whose segments are whole "
+                         f"32-bit words (int8: multiples of 4 columns, int4: of 8), got "
+                         f"{wformat} with segments {list(sizes)}; resolve the launch with "
+                         f"KernelPolicy.launch (it falls back to the masked loop)")
+    if fmt.group and (fmt.group % lc.block_k or lc.k_per_split % fmt.group):
+        raise ValueError(f"a words launch on {wformat} needs block_k dividing the group and whole "
+                         f"groups per split: got block_k {lc.block_k}, k_per_split "
+                         f"{lc.k_per_split}; resolve it with KernelPolicy.launch")
+
+
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                 thresholds: torch.Tensor, sizes: Sequence[int], gated: bool, wformat: str,
                 lc: Launch, out: Optional[torch.Tensor] = None,
@@ -99,6 +111,8 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
                          f"int4 tiles must lie inside one scale group (block_k <= {fmt.group}, no "
                          f"kept-row lists); resolve the launch for this format "
                          f"(KernelPolicy.launch / dispatch.fit_format)")
+    if lc.algo_name == "words":
+        _check_words(fmt, sizes, lc, wformat)
     K = x.numel()
     bn, split = lc.block_n, lc.split
     if gated:
@@ -118,8 +132,10 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
         part_n = split * N
     if out is None:
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    part = _workspace(workspace, part_n, x.device) if split > 1 else out
-    cnt = counters(x.device, n_tiles) if split > 1 else out
+    # (the words kernel always pairs gate and up tiles through the workspace)
+    paired = split > 1 or (gated and lc.algo_name == "words")
+    part = _workspace(workspace, part_n, x.device) if paired else out
+    cnt = counters(x.device, n_tiles) if paired else out
     per_channel = thresholds.dim() == 2
     stride_tk = thresholds.stride(1) if per_channel else 0
     stride_wk = weight.stride(0)
