@@ -103,9 +103,10 @@ def _words(bn, bk, nw, waves):
     return GemvConfig(algo="words", block_n=bn, block_k=bk, num_warps=nw, waves=waves, rchunk=0)
 
 
-# words (int8 / int4 only; dropped for dense): int8 tiles 512 columns a warp, int4 1024
-_WORDS = [_words(512, 16, 1, 4), _words(512, 16, 1, 8), _words(1024, 16, 2, 4), _words(512, 32, 1, 4),
-          _words(1024, 16, 1, 2), _words(1024, 32, 1, 4), _words(1024, 16, 1, 8)]
+# words (int8 / int4 only; dropped for dense): 128 words a row (int8 512 columns, int4 1024),
+# block_k rows a step over num_warps warps
+_WORDS = [_words(512, 16, 4, 2), _words(512, 32, 4, 2), _words(512, 32, 8, 2), _words(512, 16, 4, 4),
+          _words(1024, 16, 4, 2), _words(1024, 32, 8, 2), _words(1024, 16, 4, 4), _words(1024, 32, 4, 1)]
 for _name in CANDIDATES:
     CANDIDATES[_name] = CANDIDATES[_name] + _WORDS
 

@@ -320,8 +320,8 @@ _MASK_Q = GemvConfig(block_n=256, block_k=32, num_warps=4, acc2d=True, pipe=2, w
 # The words kernel (int8 / int4 code words split into bit planes): one warp per program, 16
 # rows per step; chosen from its offline sm_90 SASS (about 4.6 instructions per int8 code and
 # 3.3 per int4 code in the loop, against 5.4 and 9.4 for the masked loop's configs above).
-_WORDS_Q8 = GemvConfig(algo="words", block_n=512, block_k=16, num_warps=1, waves=4, rchunk=0)
-_WORDS_Q4 = GemvConfig(algo="words", block_n=1024, block_k=16, num_warps=1, waves=4, rchunk=0)
+_WORDS_Q8 = GemvConfig(algo="words", block_n=512, block_k=16, num_warps=4, waves=2, rchunk=0)
+_WORDS_Q4 = GemvConfig(algo="words", block_n=1024, block_k=16, num_warps=4, waves=2, rchunk=0)
 
 
 def generic_config(kind: str, K: int, n_cols: int, wformat: str = "dense") -> GemvConfig:
@@ -457,7 +457,7 @@ def fit_format(cfg: GemvConfig, kind: str, K: int, n_cols: int, wformat: str) ->
     if cfg.algo == "words":
         if not fmt.quantized:
             return generic_config(kind, K, n_cols, wformat)
-        return replace(cfg, block_k=min(cfg.block_k, fmt.group or cfg.block_k))
+        return replace(cfg, block_k=max(cfg.num_warps, min(cfg.block_k, fmt.group or cfg.block_k)))
     group = fmt.group
     if not group:
         return cfg

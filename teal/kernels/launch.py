@@ -80,6 +80,9 @@ def _check_words(fmt, sizes, lc: Launch, wformat: str) -> None:
                          f"32-bit words (int8: multiples of 4 columns, int4: of 8), got "
                          f"{wformat} with segments {list(sizes)}; resolve the launch with "
                          f"KernelPolicy.launch (it falls back to the masked loop)")
+    if lc.block_k % lc.num_warps:
+        raise ValueError(f"a words launch needs block_k ({lc.block_k}) a multiple of num_warps "
+                         f"({lc.num_warps}); resolve it with KernelPolicy.launch")
     if fmt.group and (fmt.group % lc.block_k or lc.k_per_split % fmt.group):
         raise ValueError(f"a words launch on {wformat} needs block_k dividing the group and whole "
                          f"groups per split: got block_k {lc.block_k}, k_per_split "

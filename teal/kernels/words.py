@@ -56,7 +56,7 @@ def _plane(u, magic, MASK: tl.constexpr, BIAS: tl.constexpr):
 
 @triton.jit
 def _rows_x(x_ptr, t_ptr, t_off, rows, k_end, stride_tk, PER_CHANNEL: tl.constexpr):
-    """x at `rows` ([BLOCK_K]) in fp32 with dropped channels zeroed, and the keep-mask."""
+    """x at `rows` ([NW]) in fp32 with dropped channels zeroed, and the keep-mask."""
     kin = rows < k_end
     xr = tl.load(x_ptr + rows, mask=kin, other=0.0).to(tl.float32)
     tk = load_threshold(t_ptr, t_off, rows, kin, stride_tk, PER_CHANNEL)
@@ -66,7 +66,7 @@ def _rows_x(x_ptr, t_ptr, t_off, rows, k_end, stride_tk, PER_CHANNEL: tl.constex
 
 @triton.jit
 def _codes(w_ptr, rows, words, wmask, keep, stride_wk, EVEN_N: tl.constexpr, BIG: tl.constexpr):
-    """The [BLOCK_K, BW] int32 code words of `rows` x `words`; dropped rows are not read."""
+    """The [NW, BW] int32 code words of `rows` x `words`; dropped rows are not read."""
     if BIG:
         r = rows.to(tl.int64) * stride_wk
     else:
@@ -97,10 +97,10 @@ def _int8_step(a0, a1, a2, a3, c, x3, magic):
     """Accumulate the 4 byte planes of int8 code words c (x3: x broadcast over the words)."""
     u = c ^ _X80
     v = u >> 16
-    a0 += tl.sum(_plane(u, magic, 0xFF, 8388736.0) * x3, axis=0)
-    a1 += tl.sum(_plane(u, magic, 0xFF00, 8421376.0) * x3, axis=0)
-    a2 += tl.sum(_plane(v, magic, 0xFF, 8388736.0) * x3, axis=0)
-    a3 += tl.sum(_plane(v, magic, 0xFF00, 8421376.0) * x3, axis=0)
+    a0 += _plane(u, magic, 0xFF, 8388736.0) * x3
+    a1 += _plane(u, magic, 0xFF00, 8421376.0) * x3
+    a2 += _plane(v, magic, 0xFF, 8388736.0) * x3
+    a3 += _plane(v, magic, 0xFF00, 8421376.0) * x3
     return a0, a1, a2, a3
 
 
@@ -108,14 +108,14 @@ def _int8_step(a0, a1, a2, a3, c, x3, magic):
 def _int4_step(p0, p1, p2, p3, p4, p5, p6, p7, c, x3, magic):
     """Accumulate the 8 nibble planes of int4 code words c (raw codes times 2^shift_p)."""
     v = c >> 16
-    p0 += tl.sum(_plane(c, magic, 0xF, 8388608.0) * x3, axis=0)
-    p1 += tl.sum(_plane(c, magic, 0xF0, 8388608.0) * x3, axis=0)
-    p2 += tl.sum(_plane(c, magic, 0xF00, 8388608.0) * x3, axis=0)
-    p3 += tl.sum(_plane(c, magic, 0xF000, 8388608.0) * x3, axis=0)
-    p4 += tl.sum(_plane(c, magic, 0xF0000, 8388608.0) * x3, axis=0)
-    p5 += tl.sum(_plane(v, magic, 0xF0, 8388608.0) * x3, axis=0)
-    p6 += tl.sum(_plane(v, magic, 0xF00, 8388608.0) * x3, axis=0)
-    p7 += tl.sum(_plane(v, magic, 0xF000, 8388608.0) * x3, axis=0)
+    p0 += _plane(c, magic, 0xF, 8388608.0) * x3
+    p1 += _plane(c, magic, 0xF0, 8388608.0) * x3
+    p2 += _plane(c, magic, 0xF00, 8388608.0) * x3
+    p3 += _plane(c, magic, 0xF000, 8388608.0) * x3
+    p4 += _plane(c, magic, 0xF0000, 8388608.0) * x3
+    p5 += _plane(v, magic, 0xF0, 8388608.0) * x3
+    p6 += _plane(v, magic, 0xF00, 8388608.0) * x3
+    p7 += _plane(v, magic, 0xF000, 8388608.0) * x3
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
@@ -124,7 +124,7 @@ def _scaled(acc, p, xs, s_ptr, g, stride_s, words, wmask, kept, P: tl.constexpr,
             FACTOR: tl.constexpr):
     """acc + p * s + (sum x) * b for plane P of group g."""
     s, b = _int4_scales(s_ptr, g, stride_s, words, wmask, kept, P, FACTOR)
-    return acc + p * s + xs * b
+    return acc + p * s[None, :] + xs[:, None] * b[None, :]
 
 
 @triton.jit
@@ -149,6 +149,7 @@ def words_gemv_kernel(
     GATED: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
     WALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
+    NW: tl.constexpr,
 ):
     """y[cols] = sum_k keep(k) x_k dequant(w)[k, cols] (GATED: silu(gate) * up) for int8
     (WFMT 1) or int4 (WFMT 2) code words; w_ptr is the codes viewed as int32, stride_wk in
@@ -156,6 +157,7 @@ def words_gemv_kernel(
     tl.static_assert(WFMT != 0, "the words GEMV takes int8 or int4 weights")
     CPW: tl.constexpr = 4 if WFMT == 1 else 8  # codes per word
     BW: tl.constexpr = BLOCK_N // CPW
+    U: tl.constexpr = BLOCK_K // NW  # rows per warp per step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if GATED:
@@ -179,23 +181,25 @@ def words_gemv_kernel(
         w0 = tl.multiple_of(w0, 4)
     words = w0 + lw
     wmask = lw * CPW < n_valid
-    rows0 = tl.arange(0, BLOCK_K)
+    rw = tl.arange(0, NW)  # warp j takes rows k0 + i * NW + j
     k_lo = pid_k * k_per_split
     k_end = tl.minimum(K, k_lo + k_per_split)
     if WFMT == 1:
-        a0 = tl.zeros([BW], dtype=tl.float32)
+        a0 = tl.zeros([NW, BW], dtype=tl.float32)
         a1 = tl.zeros_like(a0)
         a2 = tl.zeros_like(a0)
         a3 = tl.zeros_like(a0)
         for k0 in range(k_lo, k_end, BLOCK_K):
-            xk, keep = _rows_x(x_ptr, t_ptr, t_off, k0 + rows0, k_end, stride_tk, PER_CHANNEL)
-            c = _codes(w_ptr, k0 + rows0, words, wmask, keep, stride_wk, EVEN_N, BIG)
-            a0, a1, a2, a3 = _int8_step(a0, a1, a2, a3, c, xk[:, None], magic)
-        out = _interleave4(a0, a1 * (1.0 / 256),
-                           a2, a3 * (1.0 / 256), BLOCK_N)
+            for i in tl.static_range(U):
+                r = k0 + i * NW + rw
+                xk, keep = _rows_x(x_ptr, t_ptr, t_off, r, k_end, stride_tk, PER_CHANNEL)
+                c = _codes(w_ptr, r, words, wmask, keep, stride_wk, EVEN_N, BIG)
+                a0, a1, a2, a3 = _int8_step(a0, a1, a2, a3, c, xk[:, None], magic)
+        out = _interleave4(tl.sum(a0, axis=0), tl.sum(a1, axis=0) * (1.0 / 256),
+                           tl.sum(a2, axis=0), tl.sum(a3, axis=0) * (1.0 / 256), BLOCK_N)
         out = scale_output(out, s_ptr, c0 + tl.arange(0, BLOCK_N), nmask, WFMT)
     else:
-        a0 = tl.zeros([BW], dtype=tl.float32)
+        a0 = tl.zeros([NW, BW], dtype=tl.float32)
         a1 = tl.zeros_like(a0)
         a2 = tl.zeros_like(a0)
         a3 = tl.zeros_like(a0)
@@ -204,7 +208,7 @@ def words_gemv_kernel(
         a6 = tl.zeros_like(a0)
         a7 = tl.zeros_like(a0)
         for g0 in range(k_lo, k_end, GROUP):
-            p0 = tl.zeros([BW], dtype=tl.float32)
+            p0 = tl.zeros([NW, BW], dtype=tl.float32)
             p1 = tl.zeros_like(p0)
             p2 = tl.zeros_like(p0)
             p3 = tl.zeros_like(p0)
@@ -212,18 +216,19 @@ def words_gemv_kernel(
             p5 = tl.zeros_like(p0)
             p6 = tl.zeros_like(p0)
             p7 = tl.zeros_like(p0)
-            xs = 0.0
-            nk = 0
+            xs = tl.zeros([NW], dtype=tl.float32)
+            nk = tl.zeros([NW], dtype=tl.int32)
             for k0 in range(g0, g0 + GROUP, BLOCK_K):
-                xk, keep = _rows_x(x_ptr, t_ptr, t_off, k0 + rows0, k_end, stride_tk,
-                                   PER_CHANNEL)
-                c = _codes(w_ptr, k0 + rows0, words, wmask, keep, stride_wk, EVEN_N, BIG)
-                p0, p1, p2, p3, p4, p5, p6, p7 = _int4_step(p0, p1, p2, p3, p4, p5, p6, p7,
-                                                            c, xk[:, None], magic)
-                xs += tl.sum(xk, axis=0)
-                nk += tl.sum(keep.to(tl.int32), axis=0)
+                for i in tl.static_range(U):
+                    r = k0 + i * NW + rw
+                    xk, keep = _rows_x(x_ptr, t_ptr, t_off, r, k_end, stride_tk, PER_CHANNEL)
+                    c = _codes(w_ptr, r, words, wmask, keep, stride_wk, EVEN_N, BIG)
+                    p0, p1, p2, p3, p4, p5, p6, p7 = _int4_step(p0, p1, p2, p3, p4, p5, p6,
+                                                                p7, c, xk[:, None], magic)
+                    xs += xk
+                    nk += keep.to(tl.int32)
             g = g0 // GROUP
-            kept = (lw * 0 + nk) > 0  # (a vector mask: the interpreter needs one)
+            kept = (lw * 0 + tl.sum(nk, axis=0)) > 0  # (a vector mask: the interpreter needs one)
             a0 = _scaled(a0, p0, xs, s_ptr, g, stride_s, words, wmask, kept, 0, 1.0)
             a1 = _scaled(a1, p1, xs, s_ptr, g, stride_s, words, wmask, kept, 1, 16.0)
             a2 = _scaled(a2, p2, xs, s_ptr, g, stride_s, words, wmask, kept, 2, 256.0)
@@ -232,9 +237,9 @@ def words_gemv_kernel(
             a5 = _scaled(a5, p5, xs, s_ptr, g, stride_s, words, wmask, kept, 5, 16.0)
             a6 = _scaled(a6, p6, xs, s_ptr, g, stride_s, words, wmask, kept, 6, 256.0)
             a7 = _scaled(a7, p7, xs, s_ptr, g, stride_s, words, wmask, kept, 7, 4096.0)
-        out = _interleave8(a0, a1, a2,
-                           a3, a4, a5,
-                           a6, a7, BLOCK_N)
+        out = _interleave8(tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0),
+                           tl.sum(a3, axis=0), tl.sum(a4, axis=0), tl.sum(a5, axis=0),
+                           tl.sum(a6, axis=0), tl.sum(a7, axis=0), BLOCK_N)
     if GATED:
         row = 2 * ncols
         tl.store(part_ptr + pid_k * row + half * ncols + cols, out, mask=nmask)
@@ -258,4 +263,4 @@ def launch(plan, lc) -> None:
     args[7] = args[1].stride(0)
     grid = (plan.grid[0] * (2 if plan.meta["GATED"] else 1), plan.grid[1])
     meta = dict(plan.meta, HAS_SPLIT=plan.grid[1] > 1 or plan.meta["GATED"])
-    words_gemv_kernel[grid](*args, _MAGIC, **meta, num_warps=lc.num_warps, num_stages=1)
+    words_gemv_kernel[grid](*args, _MAGIC, **meta, NW=lc.num_warps, num_warps=lc.num_warps, num_stages=1)
