@@ -377,11 +377,14 @@ def test_table_rows_and_json_roundtrip(tmp_path):
     assert algo("seg", 4096, 12288, 0.75) == ("list", True)
     assert algo("seg", 576, 960, 0.95) is None
     for r in T.rows:  # every shape's ranges cover [0, 1) once
-        ranges = sorted(x.sparsity for x in T.rows if (x.kind, x.K, x.N) == (r.kind, r.K, r.N))
+        ranges = sorted(x.sparsity for x in T.rows
+                        if (x.kind, x.K, x.N, x.wformat) == (r.kind, r.K, r.N, r.wformat))
         assert ranges[0][0] == 0.0 and ranges[-1][1] == 1.0
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), ranges
     assert T.lookup("NVIDIA H100", "seg", 4096, 6144, "bfloat16", "dense", 0.5) is None
-    assert T.lookup(h200, "seg", 4096, 6144, "bfloat16", "int8", 0.5) is None
+    assert T.lookup(h200, "seg", 4096, 6144, "bfloat16", "int8", 0.5).wformat == "int8"
+    assert T.lookup(h200, "seg", 4096, 6144, "float16", "int8", 0.5) is None  # measured in bf16
+    assert T.lookup(h200, "seg", 4096, 6144, "bfloat16", "int4-g128", 0.5) is None  # generic rule
     assert all(r.source for r in T.rows), "every row names its provenance"
     assert D.generic_config("seg", 576, 960).algo == "mask"
     assert D.generic_config("gated", 4096, 14336).algo == "dot"

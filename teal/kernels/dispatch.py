@@ -320,8 +320,11 @@ _MASK_Q = GemvConfig(block_n=256, block_k=32, num_warps=4, acc2d=True, pipe=2, w
 # The words kernel (int8 / int4 code words split into bit planes): one warp per program, 16
 # rows per step; chosen from its offline sm_90 SASS (about 4.6 instructions per int8 code and
 # 3.3 per int4 code in the loop, against 5.4 and 9.4 for the masked loop's configs above).
-_WORDS_Q8 = GemvConfig(algo="words", block_n=512, block_k=16, num_warps=4, waves=2, rchunk=0)
-_WORDS_Q4 = GemvConfig(algo="words", block_n=1024, block_k=16, num_warps=4, waves=2, rchunk=0)
+# Generic rule: the best words configs of the H200 compare at 73c4a95 (notes/quant_gemv_words_h200.json).
+_WORDS_Q8 = GemvConfig(algo="words", block_n=512, block_k=16, num_warps=4, waves=4, rchunk=0)
+_WORDS_Q4 = GemvConfig(algo="words", block_n=512, block_k=16, num_warps=4, waves=4, rchunk=0)
+_WORDS_Q4_WIDE = GemvConfig(algo="words", block_n=512, block_k=32, num_warps=4, waves=2, rchunk=0)
+_WORDS_Q8_GATED = GemvConfig(algo="words", block_n=1024, block_k=32, num_warps=4, waves=1, rchunk=0)
 
 
 def generic_config(kind: str, K: int, n_cols: int, wformat: str = "dense") -> GemvConfig:
@@ -367,7 +370,28 @@ H200_ROWS = (
     *_rows(4096, 11008, "gated", _DOT_GATED, _LIST_GATED, 0.70, "at 70% 26.0 vs 27.2 us (mask), tie at 65%"),
     *_rows(11008, 4096, "seg", _DOT_DOWN, _LIST_DOWN, 0.65, "at 65% 15.8 vs 17.0 us (dot), tie at 60%"),
 )
-DEFAULT_TABLE = DispatchTable(H200_ROWS)
+# Quantized weights on the Llama-3-8B shapes: the winners of `bench_gemv.py --compare --wformat
+# int8 int4-g32 int4-g128 --compare-sparsities 0 0.5` at 73c4a95 (score t0 + 2 t50; raw:
+# notes/quant_gemv_words_h200.json).  int8: the tensor-core kept-row lists except on gate/up;
+# int4 (g64 takes g128's rows): the words kernel.
+_Q = "bench_gemv.py --compare --wformat int8 int4-g32 int4-g128 at 73c4a95 (notes/quant_gemv_words_h200.json)"
+
+
+def _qrow(kind, K, N, wformat, cfg, why):
+    return TableRow(_H200, kind, K, N, cfg, dtypes=("bfloat16",), wformat=wformat, source=f"{_Q}; {why}")
+
+
+_LIST_QKV_PRE = replace(_LIST_QKV_O, inline=False)
+H200_QUANT_ROWS = (
+    _qrow("seg", 4096, 6144, "int8", _LIST_QKV_PRE, "18.3/13.4 us at 0/50% (torch int8 10.8)"),
+    _qrow("seg", 4096, 4096, "int8", _LIST_QKV_O, "13.3/11.0 us"),
+    _qrow("gated", 4096, 14336, "int8", _WORDS_Q8_GATED, "45.6/40.5 us (torch int8 37.3)"),
+    _qrow("seg", 14336, 4096, "int8", _LIST_DOWN, "37.4/25.4 us"),
+    *(_qrow("seg", 4096, 4096, f, _WORDS_Q4_WIDE, "o: 512x32 (g128 11.9/11.4 us, tinygemm 7.0)")
+      for f in ("int4-g32", "int4-g64", "int4-g128")),
+    _qrow("gated", 4096, 14336, "int4-g32", _WORDS_Q4_WIDE, "51.0/50.7 us (tinygemm 40.2)"),
+)
+DEFAULT_TABLE = DispatchTable(H200_QUANT_ROWS + H200_ROWS)
 
 
 # --------------------------------------------------------------------------- devices
