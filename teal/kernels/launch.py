@@ -2,7 +2,7 @@
 
 `launch_gemv` turns one validated call into a `Plan` (grid, runtime arguments and
 constexprs shared by every algorithm) and hands it to the algorithm's module (`masked`,
-`dot`, `lists`), whose `launch(plan, lc)` adds its own constexprs.  Outputs and the fp32
+`dot`, `lists`, `words`), whose `launch(plan, lc)` adds its own constexprs.  Outputs and the fp32
 split-K workspace are allocated here unless passed in (tests pass NaN-poisoned buffers).  The
 per-column-tile arrival counters live in a persistent, per-device int32 buffer that every
 launch leaves all-zero (the last-arriving program resets its slot).

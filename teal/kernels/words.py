@@ -10,11 +10,10 @@ FADD (subtract 2^23: the code times a power of two, exactly) and one FFMA.
 Layout.  The codes are read as 32-bit words: int8 4 codes per word (byte b of word w is
 column 4w + b), int4 8 (nibble p of word w is column 8w + p; teal.quant packs two per byte
 along N, low nibble first).  A program owns BW = BLOCK_N / codes-per-word words of each row
-of its K range; its NW warps take different rows (warp j: rows k0 + i * NW + j, i < U,
-BLOCK_K = U * NW rows per step), a thread takes words t, t + 32, ... (one word per load:
-the tile's word index is hinted non-contiguous, so the accumulators, the scales and the codes
-share one register layout), so every sum over K stays in a thread's registers until one
-cross-warp reduction per program.  Plane p of a word is the code at its place in the word:
+of its K range; its NW = num_warps warps take different rows (warp j: rows k0 + i * NW + j,
+i < BLOCK_K / NW per step) and its threads 16-byte vectors of 4 words, so each plane's
+[NW, BW] fp32 accumulator is updated by one FFMA per code and summed across warps once per
+program.  Plane p of a word is the code at its place in the word:
 (word & mask_p) | 0x4B000000 is exactly the float 2^23 + code * 2^(shift_p) for codes below
 bit 23 (int8 bytes 2 and 3 and int4 nibbles 5..7 come from the word shifted right by 16);
 the power of two 2^(shift_p) is folded into the plane's scale.  int8 codes are signed:
@@ -30,7 +29,7 @@ BLOCK_N columns of F); both write fp32 partials and count on tile n's arrival co
 of the 2 x SPLIT programs sums gate and up in a fixed order and stores silu(gate) * up.
 
 Dropped rows (|x| <= t) are never loaded (masked loads); their instructions are still spent.
-Deterministic (fixed order).
+Deterministic (fixed order).  Measured: notes/kernels.md, "The words kernel".
 """
 
 from __future__ import annotations
