@@ -59,6 +59,17 @@ def load_keep(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL: tl.con
 
 
 @triton.jit
+def masked_x(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL: tl.constexpr):
+    """(x in fp32 with dropped channels zeroed, keep-mask): inf/nan in a dropped channel can
+    never leak into the sum (0 * inf)."""
+    kin = offs_k < k_end
+    xk = tl.load(x_ptr + offs_k, mask=kin, other=0.0).to(tl.float32)
+    tk = load_threshold(t_ptr, t_off, offs_k, kin, stride_tk, PER_CHANNEL)
+    keep = (tl.abs(xk) > tk) & kin
+    return tl.where(keep, xk, 0.0), keep
+
+
+@triton.jit
 def range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL: tl.constexpr,
                WARM: tl.constexpr):
     """Number of kept channels in the program's K range [k_lo, k_end), read WARM at a time.
@@ -105,7 +116,8 @@ def load_weight_tile(w_ptr, rows_k, wcols, wmask, stride_wk, keep,
     (`weight_columns`), as stored codes: rows with keep == False are not read (zeros).
 
     WFMT 0 (dense): wt[rows_k, cols] in the activation dtype.  WFMT 1 (int8): int8 codes.
-    WFMT 2 (int4): the packed bytes (BLOCK_K, BLOCK_N / 2), loaded as they are (16-byte
+    (The words kernel passes the codes viewed as int32 words.)  WFMT 2 (int4): the packed
+    bytes (BLOCK_K, BLOCK_N / 2), loaded as they are (16-byte
     vectors); the caller splits the nibble planes (`int4_planes`).  Callers convert the codes
     (exactly: |code| <= 127) and apply the scales (`scale_output`, `group_scales`).
     """

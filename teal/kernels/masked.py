@@ -18,18 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (finish, group_scales, int4_planes, int8_codes_f32, interleave_columns,
-                     load_threshold, load_weight_tile, program_columns, weight_columns)
-
-
-@triton.jit
-def _masked_x(x_ptr, t_ptr, t_off, offs_k, k_end, stride_tk, PER_CHANNEL: tl.constexpr):
-    """(x in fp32 with dropped channels zeroed, keep-mask): inf/nan in a dropped channel can
-    never leak into the sum (0 * inf)."""
-    kin = offs_k < k_end
-    xk = tl.load(x_ptr + offs_k, mask=kin, other=0.0).to(tl.float32)
-    tk = load_threshold(t_ptr, t_off, offs_k, kin, stride_tk, PER_CHANNEL)
-    keep = (tl.abs(xk) > tk) & kin
-    return tl.where(keep, xk, 0.0), keep
+                     load_weight_tile, masked_x, program_columns, weight_columns)
 
 
 @triton.jit
@@ -108,9 +97,9 @@ def masked_gemv_kernel(
     else:
         acc_o = 0.0
         acc_uo = 0.0
-    xk, keep = _masked_x(x_ptr, t_ptr, t_off, k_lo + ar, k_end, stride_tk, PER_CHANNEL)
+    xk, keep = masked_x(x_ptr, t_ptr, t_off, k_lo + ar, k_end, stride_tk, PER_CHANNEL)
     if GATED:
-        xu, ku = _masked_x(x_ptr, t_ptr, t_off + stride_ts, k_lo + ar, k_end, stride_tk, PER_CHANNEL)
+        xu, ku = masked_x(x_ptr, t_ptr, t_off + stride_ts, k_lo + ar, k_end, stride_tk, PER_CHANNEL)
     if PIPE == 2:
         w = load_weight_tile(w_ptr, k_lo + ar, wcols, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
         if GATED:
@@ -120,9 +109,9 @@ def masked_gemv_kernel(
             w = load_weight_tile(w_ptr, k0 + ar, wcols, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
             if GATED:
                 wu = load_weight_tile(w_ptr, k0 + ar, wcols_u, wmask, stride_wk, ku, EVEN_N, BIG, WFMT)
-            xn, kn = _masked_x(x_ptr, t_ptr, t_off, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
+            xn, kn = masked_x(x_ptr, t_ptr, t_off, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
             if GATED:
-                xun, kun = _masked_x(x_ptr, t_ptr, t_off + stride_ts, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
+                xun, kun = masked_x(x_ptr, t_ptr, t_off + stride_ts, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
             acc, acc_o = _accum(acc, acc_o, w, xk, s_ptr, k0, wcols, wmask, stride_s, keep, ACC2D,
                                 WFMT, GROUP, WALIGN)
             if GATED:
@@ -131,9 +120,9 @@ def masked_gemv_kernel(
                 xu, ku = xun, kun
             xk, keep = xn, kn
         else:
-            xn, kn = _masked_x(x_ptr, t_ptr, t_off, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
+            xn, kn = masked_x(x_ptr, t_ptr, t_off, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
             if GATED:
-                xun, kun = _masked_x(x_ptr, t_ptr, t_off + stride_ts, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
+                xun, kun = masked_x(x_ptr, t_ptr, t_off + stride_ts, k0 + BLOCK_K + ar, k_end, stride_tk, PER_CHANNEL)
             wn = load_weight_tile(w_ptr, k0 + BLOCK_K + ar, wcols, wmask, stride_wk, kn, EVEN_N,
                                   BIG, WFMT)
             if GATED:

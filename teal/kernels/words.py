@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_reduce_partials, arrive_last, load_threshold, program_columns,
+from .common import (_reduce_partials, arrive_last, load_weight_tile, masked_x, program_columns,
                      scale_output, store_output)
 
 _MAGIC = 0x4B000000  # the bit pattern of 2^23 (a kernel argument: see `_plane`)
@@ -54,28 +54,10 @@ def _plane(u, magic, MASK: tl.constexpr, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _rows_x(x_ptr, t_ptr, t_off, rows, k_end, stride_tk, PER_CHANNEL: tl.constexpr):
-    """x at `rows` ([NW]) in fp32 with dropped channels zeroed, and the keep-mask."""
-    kin = rows < k_end
-    xr = tl.load(x_ptr + rows, mask=kin, other=0.0).to(tl.float32)
-    tk = load_threshold(t_ptr, t_off, rows, kin, stride_tk, PER_CHANNEL)
-    keep = (tl.abs(xr) > tk) & kin
-    return tl.where(keep, xr, 0.0), keep
-
-
-@triton.jit
-def _codes(w_ptr, rows, words, wmask, keep, stride_wk, EVEN_N: tl.constexpr, BIG: tl.constexpr):
-    """The [NW, BW] int32 code words of `rows` x `words`; dropped rows are not read."""
-    if BIG:
-        r = rows.to(tl.int64) * stride_wk
-    else:
-        r = rows * stride_wk
-    ptrs = w_ptr + r[:, None] + words[None, :]
-    if EVEN_N:
-        m = keep[:, None]
-    else:
-        m = keep[:, None] & wmask[None, :]
-    return tl.load(ptrs, mask=m, other=0)
+def _zeros8(NW: tl.constexpr, BW: tl.constexpr):
+    """Eight [NW, BW] fp32 zero accumulators (one per int4 nibble plane)."""
+    z = tl.zeros([NW, BW], dtype=tl.float32)
+    return z, z, z, z, z, z, z, z
 
 
 @triton.jit
@@ -191,37 +173,23 @@ def words_gemv_kernel(
         for k0 in range(k_lo, k_end, BLOCK_K):
             for i in tl.static_range(U):
                 r = k0 + i * NW + rw
-                xk, keep = _rows_x(x_ptr, t_ptr, t_off, r, k_end, stride_tk, PER_CHANNEL)
-                c = _codes(w_ptr, r, words, wmask, keep, stride_wk, EVEN_N, BIG)
+                xk, keep = masked_x(x_ptr, t_ptr, t_off, r, k_end, stride_tk, PER_CHANNEL)
+                c = load_weight_tile(w_ptr, r, words, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
                 a0, a1, a2, a3 = _int8_step(a0, a1, a2, a3, c, xk[:, None], magic)
         out = _interleave4(tl.sum(a0, axis=0), tl.sum(a1, axis=0) * (1.0 / 256),
                            tl.sum(a2, axis=0), tl.sum(a3, axis=0) * (1.0 / 256), BLOCK_N)
         out = scale_output(out, s_ptr, c0 + tl.arange(0, BLOCK_N), nmask, WFMT)
     else:
-        a0 = tl.zeros([NW, BW], dtype=tl.float32)
-        a1 = tl.zeros_like(a0)
-        a2 = tl.zeros_like(a0)
-        a3 = tl.zeros_like(a0)
-        a4 = tl.zeros_like(a0)
-        a5 = tl.zeros_like(a0)
-        a6 = tl.zeros_like(a0)
-        a7 = tl.zeros_like(a0)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _zeros8(NW, BW)
         for g0 in range(k_lo, k_end, GROUP):
-            p0 = tl.zeros([NW, BW], dtype=tl.float32)
-            p1 = tl.zeros_like(p0)
-            p2 = tl.zeros_like(p0)
-            p3 = tl.zeros_like(p0)
-            p4 = tl.zeros_like(p0)
-            p5 = tl.zeros_like(p0)
-            p6 = tl.zeros_like(p0)
-            p7 = tl.zeros_like(p0)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _zeros8(NW, BW)
             xs = tl.zeros([NW], dtype=tl.float32)
             nk = tl.zeros([NW], dtype=tl.int32)
             for k0 in range(g0, g0 + GROUP, BLOCK_K):
                 for i in tl.static_range(U):
                     r = k0 + i * NW + rw
-                    xk, keep = _rows_x(x_ptr, t_ptr, t_off, r, k_end, stride_tk, PER_CHANNEL)
-                    c = _codes(w_ptr, r, words, wmask, keep, stride_wk, EVEN_N, BIG)
+                    xk, keep = masked_x(x_ptr, t_ptr, t_off, r, k_end, stride_tk, PER_CHANNEL)
+                    c = load_weight_tile(w_ptr, r, words, wmask, stride_wk, keep, EVEN_N, BIG, WFMT)
                     p0, p1, p2, p3, p4, p5, p6, p7 = _int4_step(p0, p1, p2, p3, p4, p5, p6,
                                                                 p7, c, xk[:, None], magic)
                     xs += xk
