@@ -128,12 +128,11 @@ def check_args(args) -> None:
         fail(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.calib_tokens < 1:
         fail(f"--calib_tokens must be at least 1, got {args.calib_tokens}")
+    from teal.cli import check_device
     try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}; use cpu or cuda")
-    if dev.type not in ("cpu", "cuda"):
-        fail(f"--device {args.device} is not supported; use cpu or cuda")
+        check_device(args.device)  # the one --device check of every CLI
+    except ValueError as e:
+        fail(str(e))
 
 
 def main(argv=None) -> None:
@@ -181,12 +180,10 @@ def main(argv=None) -> None:
     check_args(args)
 
     from tp import aggregate_counts, apply_tp, is_rank0, maybe_init_dist  # noqa: F401
-    rank = maybe_init_dist()
+    rank = maybe_init_dist(device=args.device)
     device = args.device
     if rank is not None and torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     out = print if rank in (None, 0) else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 

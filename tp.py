@@ -31,18 +31,24 @@ def set_safe_nccl_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def maybe_init_dist(backend: Optional[str] = None) -> Optional[int]:
+def maybe_init_dist(backend: Optional[str] = None, device: Optional[str] = None) -> Optional[int]:
     """Initialise torch.distributed from a torchrun environment; return this rank or None.
 
     Not under torchrun (no RANK / WORLD_SIZE in the environment): returns None and does
     nothing, so single-process runs need no special casing. Under torchrun: picks NCCL when
     CUDA is available (and binds this process to GPU LOCAL_RANK) and gloo otherwise (or
     `backend`), initialises the default process group once (later calls return the rank).
+    `device` (a CLI's --device) is checked first (`teal.cli.check_device`, also when not under
+    torchrun) and picks the backend: gloo for "cpu", NCCL for "cuda".
 
     Raises:
+        ValueError: an unusable `device` (one line naming the fix).
         RuntimeError: a partial torchrun environment (e.g. RANK without MASTER_ADDR), or more
             ranks on this node than visible GPUs.
     """
+    if device is not None:
+        from teal.cli import check_device
+        check_device(device)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     present = [k for k in _TORCHRUN_VARS if k in os.environ]
@@ -57,7 +63,8 @@ def maybe_init_dist(backend: Optional[str] = None) -> Optional[int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        backend = "nccl" if on_gpu else "gloo"
     if backend == "nccl":
         set_safe_nccl_env()
         n_gpu = torch.cuda.device_count()

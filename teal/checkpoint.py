@@ -40,7 +40,9 @@ def atomic_save(obj, path) -> None:
     """torch.save `obj` to `path` atomically, creating missing parent folders.
 
     Raises:
-        OSError: the folder cannot be created or written (nothing is left behind).
+        teal.io.WriteError (an OSError): the folder cannot be created or written, the disk is
+            full, torch.save failed (one line naming the path and the cause; nothing is left
+            behind).
     """
     atomic_torch_save(obj, path, make_parents=True)
 
@@ -103,12 +105,7 @@ def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] =
            "meta": dict(meta or {})}
     if quantization is not None:
         obj["quantization"] = dict(quantization)
-    try:
-        atomic_save(obj, path)
-    except RuntimeError as e:  # Ctrl-C inside torch.save: its zip writer's __exit__ fails
-        if isinstance(e.__context__, KeyboardInterrupt):  # (the temp file is already gone)
-            raise KeyboardInterrupt from None
-        raise
+    atomic_save(obj, path)  # teal.io.WriteError (one line: path and cause) on any failure
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
