@@ -155,6 +155,10 @@ def run(args: argparse.Namespace) -> None:
         calib.meta.setdefault("extra", {}).update(
             checkpoint=str(args.checkpoint_path), model_name=meta.get("name"),
             seq_len=args.seq_len, dtype=args.dtype)
+        for layer, name in calib.zero_inputs():
+            print(f"warning: layer {layer} {name} is all zero on the calibration text; its "
+                  f"projections get threshold 0 (only exact zeros dropped) at every sparsity",
+                  file=sys.stderr)
         calib.save(args.output)  # atomic; nothing was written before this point
         print(f"wrote {args.output} ({calib.meta['tokens']} tokens, {calib.hist.shape[0]} layers)")
     if args.greedy or args.greedy_only:

@@ -189,7 +189,19 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     tokenizer = _load_tokenizer(args.checkpoint_path)
-    model, meta = load_sparse_model(args.checkpoint_path, device, DTYPES[args.dtype],
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float16:  # refused (bfloat16) where calibration saw activations beyond it
+        from teal.checkpoint import load_checkpoint
+        from teal.fp16 import choose_dtype
+        try:
+            dtype, note = choose_dtype(dtype, args.thresholds or default_thresholds(
+                args.checkpoint_path), load_checkpoint(args.checkpoint_path)["config"])
+        except (CheckpointError, ThresholdsError) as e:
+            fail(str(e))
+        if note:
+            out(note, file=sys.stderr)
+        args.dtype = "bfloat16" if dtype == torch.bfloat16 else args.dtype
+    model, meta = load_sparse_model(args.checkpoint_path, device, dtype,
                                     args.sparsity, args.thresholds, args.allocation, args.scoring,
                                     args.calibration, args.calib_text, args.calib_tokens)
     if rank is not None:
@@ -218,6 +230,10 @@ def main(argv=None) -> None:
         else:
             decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
+    from teal.fp16 import OverflowGuard
+    guard = OverflowGuard(model) if dtype == torch.float16 else None
+    if guard is not None:
+        guard.__enter__()
     prompts = _interactive_prompts() if args.interactive else [args.prompt] * args.num_samples
     warmup = args.compile and not args.interactive
     stats = []
@@ -248,6 +264,10 @@ def main(argv=None) -> None:
         out(f"\n[sample {i + 1}] {tm['decode_tokens'] + 1} tokens, prefill {tm['prefill_s']:.3f} s,"
             f" decode {tok_s:.2f} tokens/s", file=sys.stderr)
 
+    if guard is not None:
+        guard.__exit__(None, None, None)
+        if guard.check():
+            out(guard.check(), file=sys.stderr)
     if not stats:
         return
     tok_s, _, seq, plen = stats[-1]
