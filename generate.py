@@ -39,7 +39,10 @@ def default_device() -> str:
 
 
 def fail(msg: str) -> None:
-    """Exit with a one-line error (no traceback)."""
+    """Exit with a one-line error (no traceback); under torchrun printed once, by rank 0,
+    and the process group ends cleanly (tp.exit_on_config_error)."""
+    from tp import exit_on_config_error
+    exit_on_config_error(msg)
     raise SystemExit(f"error: {msg}")
 
 

@@ -10,6 +10,7 @@ rank-summed counters) is `teal.tp`, re-exported here: `apply_tp`, `aggregate_cou
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -91,3 +92,27 @@ def destroy() -> None:
     """Tear down the default process group if there is one (call at the end of a script)."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def exit_on_config_error(message: str) -> None:
+    """Under torchrun, end this rank cleanly on a configuration error; else return.
+
+    Every rank meets the same configuration error (bad flags, a world size that does not
+    divide the heads), so: rank 0 prints `error: <message>` (once for the whole run), the
+    process group is destroyed, and every rank exits with status 0. torchrun prints its own
+    traceback (ChildFailedError) for any non-zero exit of a worker, so status 0 is the only
+    way to end with just the one line. Not under torchrun: returns (the caller exits 1).
+    """
+    if is_initialized():
+        rank = get_rank()
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # before the group started
+        try:
+            rank = int(os.environ["RANK"])
+        except ValueError:
+            return
+    else:
+        return
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    destroy()
+    raise SystemExit(0)
