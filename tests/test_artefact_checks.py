@@ -216,3 +216,17 @@ def test_prepare_remakes_an_existing_artefact_that_does_not_load(tmp_path, capsy
     gguf.write_bytes(good)
     assert prepare.ensure_checkpoint(ck, dl, progress=False) == ck
     load_checkpoint(ck)
+
+
+def test_plot_script_names_the_extra_without_matplotlib(tmp_path, monkeypatch):
+    """Issue 14 item 18: plots need matplotlib, which is an extra (`.[plot]`)."""
+    import sys
+    from scripts import plot_sparsity
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    res = tmp_path / "r.json"
+    res.write_text('{"results": []}')
+    with pytest.raises(SystemExit) as e:
+        plot_sparsity.main(["--greedy", str(tmp_path / "none.json"), "--results", str(res),
+                            "--out_dir", str(tmp_path / "out")])
+    assert "matplotlib" in str(e.value) and '".[plot]"' in str(e.value)
+    assert not (tmp_path / "out").exists()
