@@ -137,6 +137,11 @@ def run(args: argparse.Namespace) -> None:
         if value > block and (flag == "--seq_len" or args.greedy or args.greedy_only):
             raise ValueError(f"{flag} {value} exceeds the model's context length {block}; pass "
                              f"{flag} {min(2048, block)} or less")
+    if not args.greedy_only:  # the file's size is known: a full disk fails now, not at the end
+        from teal.io import check_free_space
+        from teal.projections import INPUTS, PROJECTIONS
+        n_hist = len(INPUTS) + (len(PROJECTIONS) if args.weighted else 0)
+        check_free_space(args.output, model.config.n_layer * n_hist * 8192 * 8 + (1 << 20))
     ids = load_token_ids(args.text, args.checkpoint_path, meta)
     progress = not args.quiet
     if args.greedy_only:
@@ -150,6 +155,10 @@ def run(args: argparse.Namespace) -> None:
         calib.meta.setdefault("extra", {}).update(
             checkpoint=str(args.checkpoint_path), model_name=meta.get("name"),
             seq_len=args.seq_len, dtype=args.dtype)
+        for layer, name in calib.zero_inputs():
+            print(f"warning: layer {layer} {name} is all zero on the calibration text; its "
+                  f"projections get threshold 0 (only exact zeros dropped) at every sparsity",
+                  file=sys.stderr)
         calib.save(args.output)  # atomic; nothing was written before this point
         print(f"wrote {args.output} ({calib.meta['tokens']} tokens, {calib.hist.shape[0]} layers)")
     if args.greedy or args.greedy_only:

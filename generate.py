@@ -39,7 +39,10 @@ def default_device() -> str:
 
 
 def fail(msg: str) -> None:
-    """Exit with a one-line error (no traceback)."""
+    """Exit with a one-line error (no traceback); under torchrun printed once, by rank 0,
+    and the process group ends cleanly (tp.exit_on_config_error)."""
+    from tp import exit_on_config_error
+    exit_on_config_error(msg)
     raise SystemExit(f"error: {msg}")
 
 
@@ -128,12 +131,11 @@ def check_args(args) -> None:
         fail(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.calib_tokens < 1:
         fail(f"--calib_tokens must be at least 1, got {args.calib_tokens}")
+    from teal.cli import check_device
     try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown --device {args.device!r}; use cpu or cuda")
-    if dev.type not in ("cpu", "cuda"):
-        fail(f"--device {args.device} is not supported; use cpu or cuda")
+        check_device(args.device)  # the one --device check of every CLI
+    except ValueError as e:
+        fail(str(e))
 
 
 def main(argv=None) -> None:
@@ -181,18 +183,28 @@ def main(argv=None) -> None:
     check_args(args)
 
     from tp import aggregate_counts, apply_tp, is_rank0, maybe_init_dist  # noqa: F401
-    rank = maybe_init_dist()
+    rank = maybe_init_dist(device=args.device)
     device = args.device
     if rank is not None and torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     out = print if rank in (None, 0) else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
     tokenizer = _load_tokenizer(args.checkpoint_path)
-    model, meta = load_sparse_model(args.checkpoint_path, device, DTYPES[args.dtype],
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float16:  # refused (bfloat16) where calibration saw activations beyond it
+        from teal.checkpoint import load_checkpoint
+        from teal.fp16 import choose_dtype
+        try:
+            dtype, note = choose_dtype(dtype, args.thresholds or default_thresholds(
+                args.checkpoint_path), load_checkpoint(args.checkpoint_path)["config"])
+        except (CheckpointError, ThresholdsError) as e:
+            fail(str(e))
+        if note:
+            out(note, file=sys.stderr)
+        args.dtype = "bfloat16" if dtype == torch.bfloat16 else args.dtype
+    model, meta = load_sparse_model(args.checkpoint_path, device, dtype,
                                     args.sparsity, args.thresholds, args.allocation, args.scoring,
                                     args.calibration, args.calib_text, args.calib_tokens)
     if rank is not None:
@@ -221,6 +233,10 @@ def main(argv=None) -> None:
         else:
             decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
+    from teal.fp16 import OverflowGuard
+    guard = OverflowGuard(model) if dtype == torch.float16 else None
+    if guard is not None:
+        guard.__enter__()
     prompts = _interactive_prompts() if args.interactive else [args.prompt] * args.num_samples
     warmup = args.compile and not args.interactive
     stats = []
@@ -251,6 +267,10 @@ def main(argv=None) -> None:
         out(f"\n[sample {i + 1}] {tm['decode_tokens'] + 1} tokens, prefill {tm['prefill_s']:.3f} s,"
             f" decode {tok_s:.2f} tokens/s", file=sys.stderr)
 
+    if guard is not None:
+        guard.__exit__(None, None, None)
+        if guard.check():
+            out(guard.check(), file=sys.stderr)
     if not stats:
         return
     tok_s, _, seq, plen = stats[-1]

@@ -4,8 +4,11 @@
         --text ../shared/data/wikitext-2-raw-test.txt --sparsity 0 0.25 0.5 \
         [--allocation uniform greedy] [--scoring magnitude weight] [--max_tokens 32768]
 
-The text is tokenized once (no BOS), cut into non-overlapping windows of `--seq_len` tokens,
-and scored as exp(mean NLL) over every predicted token. Sparse configurations sparsify every
+The text is tokenized once (no BOS) and scored as exp(mean NLL) over every predicted token,
+in windows of `--seq_len` tokens that overlap by one (each window starts with the last token
+of the one before, as context): every token after the first is predicted exactly once
+(`teal.evaluation.scoring_windows`). With `--start_token S` the token before S is carried in
+as context, so S itself is predicted and consecutive runs add up to one run exactly. Sparse configurations sparsify every
 token's projections (the teacher-forced equivalent of generating every token sparsely, KV
 cache included). Each (sparsity, allocation, scoring) combination is evaluated on the same
 windows with one loaded model; a sparsity of 0 is the dense baseline (evaluated once).
@@ -61,12 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calibration tokens for --calibration sequential")
     p.add_argument("--max_tokens", type=int, default=32768, help="tokens to score")
     p.add_argument("--start_token", type=int, default=0,
-                   help="skip this many tokens first (a multiple of seq_len keeps the windows of "
-                        "a full run, so split runs can be merged from their nll_sum/predicted)")
-    p.add_argument("--seq_len", type=int, default=2048, help="window length")
+                   help="skip this many tokens first; the token before is carried in as "
+                        "context, so runs over consecutive ranges merge exactly from their "
+                        "nll_sum/predicted (1 + k*(seq_len-1) keeps the windows of a full run)")
+    p.add_argument("--seq_len", type=int, default=2048,
+                   help="window length; windows overlap by one token")
     p.add_argument("--report_tokens", type=int, nargs="*", default=[],
-                   help="also report perplexity and sparsity of these prefixes (token counts "
-                        "that are multiples of seq_len) from the same run")
+                   help="also report perplexity and sparsity of these prefixes from the same "
+                        "run (token counts at which a window ends: 1 + k*(seq_len-1) from "
+                        "token 0, k*(seq_len-1) from a --start_token > 0)")
     p.add_argument("--thresholds", type=Path, default=None,
                    help="calibration file (default: thresholds.safetensors next to the checkpoint; "
                         "a quantized one's thresholds.<format>.safetensors when present)")
@@ -77,8 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if args.seq_len < 1:
-        p.error(f"--seq_len must be >= 1, got {args.seq_len}")
+    if args.seq_len < 2:
+        p.error(f"--seq_len must be >= 2 (a window predicts all but its first token), "
+                f"got {args.seq_len}")
     if args.max_tokens < 2:
         p.error(f"--max_tokens must be >= 2 (perplexity needs a token to predict), "
                 f"got {args.max_tokens}")
@@ -122,7 +129,7 @@ def run(args) -> list[dict]:
     from teal.calibration import load_token_ids
     from model import load_model
     from teal.dtypes import DTYPES
-    from teal.evaluation import perplexity
+    from teal.evaluation import perplexity, scoring_windows, window_ends
     from teal.thresholds import Calibration
 
     rows = configurations(args)
@@ -135,15 +142,25 @@ def run(args) -> list[dict]:
             from teal.greedy import GreedyAllocation
             greedy = GreedyAllocation.load(args.greedy)
             greedy.check_model(model.config.to_dict())
-    ids = load_token_ids(args.text, args.checkpoint_path, meta)[args.start_token:]
+    all_ids = load_token_ids(args.text, args.checkpoint_path, meta)
+    ids = all_ids[args.start_token:]
+    # the token before --start_token is context: token start_token itself is predicted too
+    context = all_ids[args.start_token - 1:args.start_token] if args.start_token > 0 else None
     n = min(ids.numel(), args.max_tokens)
-    if n < 2:
-        raise ValueError(f"{args.text} has {ids.numel()} tokens after --start_token "
-                         f"{args.start_token}; need at least 2 (lower --start_token or use a "
-                         f"longer text)")
+    if n < (1 if context is not None else 2):
+        raise ValueError(f"{args.text} has {all_ids.numel()} tokens, {ids.numel()} after "
+                         f"--start_token {args.start_token}; nothing to predict (lower "
+                         f"--start_token or use a longer text)")
     seq_len = min(args.seq_len, model.config.block_size)
-    print(f"{args.text}: tokens {args.start_token}..{args.start_token + n}, {-(-n // seq_len)} "
-          f"windows of {seq_len}, {args.dtype} on {args.device}", flush=True)
+    ends = window_ends(n, seq_len, context is not None)
+    bad = [t for t in args.report_tokens if t not in ends and t < n]
+    if bad:
+        raise ValueError(f"--report_tokens {bad} do not end a window (windows of {seq_len} "
+                         f"overlapping by one end at {ends[:4]}...); pick from those")
+    n_win = len(scoring_windows(ids, seq_len, n, context))
+    print(f"{args.text}: tokens {args.start_token}..{args.start_token + n} "
+          f"({n - (context is None)} predicted), {n_win} windows of {seq_len} overlapping by "
+          f"one, {args.dtype} on {args.device}", flush=True)
     calib_ids = None
     if "sequential" in args.calibration and any(row[0] > 0 for row in rows):
         calib_ids = load_token_ids(args.calib_text, args.checkpoint_path, meta)
@@ -167,7 +184,7 @@ def run(args) -> list[dict]:
                 prefix = dict(tokens=done, perplexity=math.exp(nll / count), nll_sum=nll,
                               predicted=count)
                 row["prefixes"].append(_measure(model, sparse, prefix))
-        row["perplexity"] = perplexity(model, ids, seq_len, max_tokens=n,
+        row["perplexity"] = perplexity(model, ids, seq_len, max_tokens=n, context=context,
                                        progress=not args.quiet, on_window=on_window,
                                        desc=f"{alloc} {scoring} {calibration} {s:.2f}")
         _measure(model, s > 0, row)
@@ -203,6 +220,8 @@ def _format_row(row: dict, rec: dict) -> str:
 def _write_json(args, seq_len: int, results: list) -> None:
     atomic_write_json(args.output, dict(checkpoint=str(args.checkpoint_path), text=str(args.text),
                                         thresholds=str(args.thresholds), seq_len=seq_len,
+                                        windows="overlapping by one token (every token after "
+                                                "the first predicted once)",
                                         dtype=args.dtype, results=results))
 
 

@@ -96,6 +96,18 @@ def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
             atomic_write(out_dir / name, lambda tmp, f=src_dir / name: shutil.copyfile(f, tmp))
 
 
+def estimated_bytes(model, spec) -> int:
+    """About the size of the quantized checkpoint: int8 1 byte, int4 half a byte per
+    projection weight (plus the scales), everything else as it is."""
+    from teal.sparse_linear import sparse_linears
+    proj = sum(m.weight.numel() for m in sparse_linears(model))
+    head = model.output.weight.numel() if spec.head else 0
+    rest = sum(p.numel() * p.element_size() for p in model.parameters()) \
+        - (proj + head) * model.tok_embeddings.weight.element_size()
+    per = 1.0 if spec.mode == "int8" else 0.5
+    return int((proj + head) * per * 1.1 + max(rest, 0))
+
+
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -119,6 +131,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--output {out} is the source checkpoint; choose another file")
     check_output_file(out, "--output")
     model, meta = load_model(src, device=args.device)
+    from teal.io import check_free_space
+    check_free_space(out, estimated_bytes(model, spec))  # before the quantization and sha256
     n_modules = len(sparse_linears(model)) + int(spec.head)
     with tqdm(total=n_modules, desc=f"quantize {spec.wformat}", disable=args.quiet) as bar:
         report = quantize_model(model, spec, progress=lambda name: bar.update(1))

@@ -10,6 +10,7 @@ rank-summed counters) is `teal.tp`, re-exported here: `apply_tp`, `aggregate_cou
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -31,18 +32,24 @@ def set_safe_nccl_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def maybe_init_dist(backend: Optional[str] = None) -> Optional[int]:
+def maybe_init_dist(backend: Optional[str] = None, device: Optional[str] = None) -> Optional[int]:
     """Initialise torch.distributed from a torchrun environment; return this rank or None.
 
     Not under torchrun (no RANK / WORLD_SIZE in the environment): returns None and does
     nothing, so single-process runs need no special casing. Under torchrun: picks NCCL when
     CUDA is available (and binds this process to GPU LOCAL_RANK) and gloo otherwise (or
     `backend`), initialises the default process group once (later calls return the rank).
+    `device` (a CLI's --device) is checked first (`teal.cli.check_device`, also when not under
+    torchrun) and picks the backend: gloo for "cpu", NCCL for "cuda".
 
     Raises:
+        ValueError: an unusable `device` (one line naming the fix).
         RuntimeError: a partial torchrun environment (e.g. RANK without MASTER_ADDR), or more
             ranks on this node than visible GPUs.
     """
+    if device is not None:
+        from teal.cli import check_device
+        check_device(device)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     present = [k for k in _TORCHRUN_VARS if k in os.environ]
@@ -57,7 +64,8 @@ def maybe_init_dist(backend: Optional[str] = None) -> Optional[int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        backend = "nccl" if on_gpu else "gloo"
     if backend == "nccl":
         set_safe_nccl_env()
         n_gpu = torch.cuda.device_count()
@@ -84,3 +92,27 @@ def destroy() -> None:
     """Tear down the default process group if there is one (call at the end of a script)."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def exit_on_config_error(message: str) -> None:
+    """Under torchrun, end this rank cleanly on a configuration error; else return.
+
+    Every rank meets the same configuration error (bad flags, a world size that does not
+    divide the heads), so: rank 0 prints `error: <message>` (once for the whole run), the
+    process group is destroyed, and every rank exits with status 0. torchrun prints its own
+    traceback (ChildFailedError) for any non-zero exit of a worker, so status 0 is the only
+    way to end with just the one line. Not under torchrun: returns (the caller exits 1).
+    """
+    if is_initialized():
+        rank = get_rank()
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # before the group started
+        try:
+            rank = int(os.environ["RANK"])
+        except ValueError:
+            return
+    else:
+        return
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    destroy()
+    raise SystemExit(0)

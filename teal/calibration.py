@@ -185,8 +185,8 @@ def collect_histograms(model, token_ids: Tensor, seq_len: int = 2048, *,
     windows = token_windows(token_ids, seq_len, max_tokens)
     with configured(model, sparse=False, track=False), HistogramCollector(model, calib, weighted):
         for w in tqdm(windows, desc="calibrate", unit="win", disable=not progress):
-            for _ in block_inputs(model, w[None].to(device)):
-                pass
+            for layer, x in block_inputs(model, w[None].to(device)):
+                calib.update_absmax(layer, "residual", x)
             calib.meta["tokens"] = calib.meta.get("tokens", 0) + w.numel()
     if text_meta is not None:
         calib.meta["text"] = text_meta

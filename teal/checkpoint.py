@@ -40,7 +40,9 @@ def atomic_save(obj, path) -> None:
     """torch.save `obj` to `path` atomically, creating missing parent folders.
 
     Raises:
-        OSError: the folder cannot be created or written (nothing is left behind).
+        teal.io.WriteError (an OSError): the folder cannot be created or written, the disk is
+            full, torch.save failed (one line naming the path and the cause; nothing is left
+            behind).
     """
     atomic_torch_save(obj, path, make_parents=True)
 
@@ -103,12 +105,7 @@ def save_checkpoint(path, config: dict, state_dict: dict, meta: Optional[dict] =
            "meta": dict(meta or {})}
     if quantization is not None:
         obj["quantization"] = dict(quantization)
-    try:
-        atomic_save(obj, path)
-    except RuntimeError as e:  # Ctrl-C inside torch.save: its zip writer's __exit__ fails
-        if isinstance(e.__context__, KeyboardInterrupt):  # (the temp file is already gone)
-            raise KeyboardInterrupt from None
-        raise
+    atomic_save(obj, path)  # teal.io.WriteError (one line: path and cause) on any failure
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
@@ -119,8 +116,20 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
             "convert one with scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py"
         raise CheckpointError(f"checkpoint {path} not found; {hint}")
     if path.is_dir():
+        if (path / "config.json").is_file() and not (path / "model.pth").is_file():
+            raise CheckpointError(f"{path} is a Hugging Face model folder, not a teal-fast "
+                                  f"checkpoint; convert it first: python "
+                                  f"scripts/convert_hf_checkpoint.py {path}")
         raise CheckpointError(f"checkpoint {path} is a directory; pass the model.pth file "
                               f"inside it (e.g. {path / 'model.pth'})")
+    kind = _foreign_kind(path)
+    if kind == "gguf":
+        raise CheckpointError(f"{path} is a GGUF file, not a teal-fast checkpoint; convert it "
+                              f"first: python scripts/convert_gguf_checkpoint.py {path}")
+    if kind == "safetensors":
+        raise CheckpointError(f"{path} is a safetensors weights file, not a teal-fast "
+                              f"checkpoint; convert the Hugging Face folder holding it: python "
+                              f"scripts/convert_hf_checkpoint.py {path.parent}")
     convert = "scripts/convert_hf_checkpoint.py or scripts/convert_gguf_checkpoint.py"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -133,11 +142,28 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = True) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a teal-fast checkpoint ({FORMAT}); convert it "
                               f"with {convert}")
-    for key, kind in (("config", dict), ("state_dict", dict)):
+    for key, kind in (("config", dict), ("state_dict", dict), ("meta", dict)):
+        if key == "meta" and key not in ckpt:
+            continue
         if not isinstance(ckpt.get(key), kind):
             raise CheckpointError(f"checkpoint {path} has no valid {key!r} entry; "
                                   f"delete it and convert again with {convert}")
     return ckpt
+
+
+def _foreign_kind(path: Path) -> Optional[str]:
+    """"gguf" or "safetensors" when the file starts like one (a model that needs a
+    converter), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"
+    return None
 
 
 def _looks_like_torch_file(path: Path) -> bool:

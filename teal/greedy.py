@@ -93,18 +93,11 @@ class GreedyAllocation:
             d = json.loads(path.read_text())
             meta, allocs = d["meta"], d["allocations"]
             ok = meta.get("format") == FORMAT and isinstance(allocs, dict)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             ok = False
         if not ok:
             raise AllocationError(f"{path} is not a greedy allocation file ({FORMAT}); {fix}")
-        n_layer = meta.get("n_layer")
-        for scoring, table in allocs.items():
-            for target, rows in table.items():
-                if (len(rows) != n_layer or any(len(r) != len(PROJECTIONS) for r in rows)
-                        or any(not 0.0 <= s < 1.0 for r in rows for s in r)):
-                    raise AllocationError(f"{path}: allocation {scoring}/{target} is malformed"
-                                          f" (expected {n_layer} x {len(PROJECTIONS)} sparsities"
-                                          f" in [0, 1)); {fix}")
+        _check_fields(path, meta, allocs, d.get("errors", {}), fix)
         return cls(meta, allocs, d.get("errors", {}))
 
     def check_model(self, model_args: dict, path="greedy.json") -> None:
@@ -151,6 +144,54 @@ class GreedyAllocation:
                 return [[(1 - w) * x0 + w * x1 for x0, x1 in zip(r0, r1)]
                         for r0, r1 in zip(a0, a1)]
         return points[0][1]
+
+
+def _check_fields(path, meta: dict, allocs: dict, errors, fix: str) -> None:
+    """Raise AllocationError (naming the file, the field and the fix) unless every field of a
+    greedy.json is valid: `n_layer` a positive integer, `model` a dict, scorings of
+    `SCORINGS`, every target key a sparsity in (0, 1) written as `_key` writes it, every
+    allocation n_layer x 7 sparsities in [0, 1), `errors` (when present) keyed likewise."""
+    from teal.thresholds import SCORINGS
+    n_layer = meta.get("n_layer")
+    if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+        raise AllocationError(f"{path}: meta n_layer {n_layer!r} is not a positive integer; {fix}")
+    if not isinstance(meta.get("model"), dict):
+        raise AllocationError(f"{path}: meta has no model config; {fix}")
+    if not allocs:
+        raise AllocationError(f"{path} holds no allocation; {fix}")
+    if not isinstance(errors, dict):
+        raise AllocationError(f"{path}: `errors` is not a mapping; {fix}")
+    for what, tables in (("allocation", allocs), ("errors", errors)):
+        for scoring, table in tables.items():
+            if scoring not in SCORINGS or not isinstance(table, dict):
+                raise AllocationError(f"{path}: {what} scoring {scoring!r} is not one of "
+                                      f"{', '.join(SCORINGS)}; {fix}")
+            for target, rows in table.items():
+                try:
+                    t = float(target)
+                    ok = 0.0 < t < 1.0 and _key(t) == target
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise AllocationError(f"{path}: {what} {scoring} has target key "
+                                          f"{target!r}, not a sparsity in (0, 1) written as "
+                                          f"{_key(0.5)!r}; {fix}")
+                if what == "errors":
+                    if (not isinstance(rows, list) or len(rows) != n_layer or
+                            not all(isinstance(e, (int, float)) and e >= 0 for e in rows)):
+                        raise AllocationError(f"{path}: errors {scoring}/{target} is not "
+                                              f"{n_layer} non-negative numbers; {fix}")
+                    continue
+                try:
+                    ok = (len(rows) == n_layer and all(len(r) == len(PROJECTIONS) for r in rows)
+                          and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                  and 0.0 <= x < 1.0 for r in rows for x in r))
+                except TypeError:
+                    ok = False
+                if not ok:
+                    raise AllocationError(f"{path}: allocation {scoring}/{target} is malformed"
+                                          f" (expected {n_layer} x {len(PROJECTIONS)} "
+                                          f"sparsities in [0, 1)); {fix}")
 
 
 def _mask(x: Tensor, t) -> Tensor:

@@ -38,6 +38,11 @@ def check_output_file(path, flag: str = "--output", create_parent: bool = False)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"{flag} {path}: folder {parent} is not writable; "
                               f"choose another location")
+    from teal.io import WriteError, probe_writable
+    try:
+        probe_writable(path)
+    except WriteError as e:
+        raise OutputPathError(f"{flag} {e}; choose another location") from None
 
 
 def check_output_dir(path, flag: str = "--out-dir") -> None:

@@ -16,6 +16,14 @@ File format (`thresholds.safetensors`, written atomically next to the checkpoint
     `text` (calibration source), `bins` ({lo, hi, n}), and free-form `extra`.
     tensor `hist_weighted` (optional): float64 (n_layer, 7, n_bins) histograms of the
     weight-informed score |x_i| * ||W[:, i]||_2 of every projection (order `PROJECTIONS`).
+    tensor `absmax` (optional, written by every calibration since issue 14): float64
+    (n_layer, 5) max |x| seen of the four inputs (order `INPUTS`) and of the residual stream
+    entering the block (`ABSMAX_COLUMNS`): what loading in float16 checks (`fp16_overflow`).
+    Every tensor is validated on load (shape, finite, non-negative, no empty histogram).
+
+An input that is all zero on the calibration text (its whole histogram in the lowest bin)
+gets threshold 0 (nothing that is non-zero elsewhere is dropped) and a warning, not a
+quantile of nothing.
 
 Scoring (which entries of x a projection with weight W zeroes, `projection_threshold`):
 - "magnitude": |x_i| <= t, t the s-quantile of |x| of that input (TEAL);
@@ -33,12 +41,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import warnings
+
 from teal.io import atomic_write
 from teal.projections import INPUT_OF, INPUTS, PROJECTIONS
 from teal.sparse_linear import set_thresholds
 
 FORMAT = "teal-thresholds/1"
 WEIGHTED_KEY = "hist_weighted"
+ABSMAX_KEY = "absmax"
+ABSMAX_COLUMNS = (*INPUTS, "residual")
+FP16_MAX = 65504.0
+# float16 is refused when a calibrated max |x| exceeds FP16_MAX / FP16_HEADROOM: other text
+# can go beyond what the calibration text showed, and a projection's output is wider still.
+FP16_HEADROOM = 4.0
 SCORINGS = ("magnitude", "weight")
 
 # Log-spaced bins of |x| in [LO, HI): 12 decades in 8192 bins, ~0.34% relative width.
@@ -80,6 +96,8 @@ def histogram_quantile(hist: Tensor, s: float, lo: float, hi: float) -> float:
     if total <= 0:
         raise ValueError("empty histogram (calibrated on 0 tokens?); re-run calibrate.py with "
                          "--max_tokens >= 1")
+    if h[0].item() >= total:  # all zero (below lo): no quantile to take, keep every non-zero
+        return 0.0
     cdf = torch.cumsum(h, 0) / total
     i = int(torch.searchsorted(cdf, torch.tensor([s], dtype=cdf.dtype)).item())
     i = min(i, h.numel() - 1)
@@ -118,11 +136,47 @@ class Calibration:
         return self.meta["bins"]
 
     def update(self, layer: int, input_name: str, x: Tensor) -> None:
-        """Accumulate |x| into the histogram of `input_name` at `layer` (x on any device)."""
+        """Accumulate |x| into the histogram of `input_name` at `layer` (x on any device), and
+        its max |x| into `absmax`."""
         h = self.hist[layer, INPUTS.index(input_name)]
         local = torch.zeros(h.numel(), dtype=torch.float64, device=x.device)
         update_histogram(local, x, self.bins["lo"], self.bins["hi"])
         h += local.cpu()
+        self.update_absmax(layer, input_name, x)
+
+    def update_absmax(self, layer: int, column: str, x: Tensor) -> None:
+        """Raise the recorded max |x| of `column` (an input of `INPUTS` or "residual")."""
+        if ABSMAX_KEY not in self.extra_tensors:
+            self.extra_tensors[ABSMAX_KEY] = torch.zeros(self.hist.shape[0], len(ABSMAX_COLUMNS),
+                                                         dtype=torch.float64)
+        if x.numel():
+            m = self.extra_tensors[ABSMAX_KEY]
+            j = ABSMAX_COLUMNS.index(column)
+            m[layer, j] = max(m[layer, j].item(), float(x.detach().abs().max().float()))
+
+    def zero_inputs(self) -> list[tuple[int, str]]:
+        """(layer, input) pairs whose every calibration value was zero (below `bins.lo`)."""
+        h = self.hist.double()
+        zero = (h[..., 0] >= h.sum(-1)) & (h.sum(-1) > 0)
+        return [(layer, INPUTS[i]) for layer, i in zero.nonzero().tolist()]
+
+    def fp16_overflow(self, headroom: float = FP16_HEADROOM) -> Optional[str]:
+        """Why float16 is unsafe for this model, or None: a recorded max |x| above
+        FP16_MAX / headroom (one line naming the largest); a file without the record says
+        so too.
+        """
+        m = self.extra_tensors.get(ABSMAX_KEY)
+        if m is None:
+            return ("the calibration file has no max |x| record (made before it was "
+                    "recorded), so float16 cannot be checked; re-run calibrate.py")
+        limit = FP16_MAX / headroom
+        if float(m.max()) <= limit:
+            return None
+        flat = int(m.argmax())
+        layer, col = divmod(flat, m.shape[1])
+        return (f"max |x| {float(m.max()):.4g} of layer {layer} {ABSMAX_COLUMNS[col]} on the "
+                f"calibration text is beyond float16's safe range ({limit:.0f} = {FP16_MAX:.0f}"
+                f"/{headroom:g})")
 
     def threshold(self, layer: int, input_name: str, sparsity: float) -> float:
         """Threshold giving `sparsity` on the calibration distribution of that input.
@@ -135,7 +189,15 @@ class Calibration:
             raise ThresholdsError(f"the thresholds histogram of layer {layer} {input_name} is "
                                   f"empty (calibrated on 0 tokens?); re-run calibrate.py with "
                                   f"--max_tokens >= 1")
-        return histogram_quantile(h, sparsity, self.bins["lo"], self.bins["hi"])
+        return self._quantile(h, sparsity, f"layer {layer} {input_name}")
+
+    def _quantile(self, h: Tensor, sparsity: float, what: str) -> float:
+        t = histogram_quantile(h, sparsity, self.bins["lo"], self.bins["hi"])
+        if sparsity > 0 and t == 0.0:
+            warnings.warn(f"{what} is all zero on the calibration text: threshold 0 (only "
+                          f"exact zeros are dropped), not {sparsity:.0%} of nothing",
+                          stacklevel=3)
+        return t
 
     def weighted_histograms(self) -> Tensor:
         """The (n_layer, 7, n_bins) weight-informed score histograms (order `PROJECTIONS`).
@@ -166,7 +228,7 @@ class Calibration:
         if norms is None:
             raise ValueError("weight-informed scoring needs the projection's column norms")
         hist = self.weighted_histograms()[layer, PROJECTIONS.index(proj)]
-        t = histogram_quantile(hist, sparsity, self.bins["lo"], self.bins["hi"])
+        t = self._quantile(hist, sparsity, f"layer {layer} {proj} (weight-informed score)")
         # A zero column never contributes: any threshold is exact, keep it finite.
         return t / norms.float().clamp_min(1e-30)
 
@@ -211,7 +273,7 @@ class Calibration:
         calib = cls(hist, meta, tensors)
         if model_args is not None:  # "made for another model" is the more useful message
             calib.check_model(model_args, path)
-        _check_histograms(hist, meta, path)
+        _check_histograms(hist, meta, path, tensors)
         return calib
 
     def check_model(self, model_args: dict, path="thresholds") -> None:
@@ -227,9 +289,11 @@ class Calibration:
                                   f"({'; '.join(diffs)}); re-run calibrate.py for this checkpoint")
 
 
-def _check_histograms(hist: Tensor, meta: dict, path) -> None:
-    """Raise ThresholdsError unless `hist` is (n_layer, 4, bins.n), finite, non-negative and
-    every histogram has counts, and `meta["bins"]` is a valid {lo, hi, n}."""
+def _check_histograms(hist: Tensor, meta: dict, path, extra: Optional[dict] = None) -> None:
+    """Raise ThresholdsError (naming the file and the fix) unless every field is valid:
+    `meta["bins"]` a valid {lo, hi, n}, `n_layer` and `tokens` non-negative integers, `hist`
+    (n_layer, 4, n) and `hist_weighted` (n_layer, 7, n) finite, non-negative and without an
+    empty histogram, `absmax` (n_layer, 5) finite and non-negative, no other tensor."""
     fix = "delete it and re-run calibrate.py"
     bins = meta.get("bins")
     try:
@@ -240,22 +304,39 @@ def _check_histograms(hist: Tensor, meta: dict, path) -> None:
     if not ok:
         raise ThresholdsError(f"thresholds file {path} has no valid `bins` metadata "
                               f"({bins!r}); {fix}")
+    for key in ("n_layer", "tokens"):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ThresholdsError(f"thresholds file {path} has an invalid `{key}` ({v!r}); {fix}")
     n_layer = meta.get("n_layer")
-    want = (n_layer, len(INPUTS), n)
-    if tuple(hist.shape) != want:
-        raise ThresholdsError(f"thresholds file {path} has histograms of shape "
-                              f"{tuple(hist.shape)}, expected {want} (n_layer, inputs, bins); "
-                              f"{fix}")
-    h = hist.double()
-    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
-        raise ThresholdsError(f"thresholds file {path} has negative or non-finite histogram "
-                              f"counts; {fix}")
-    empty = (h.sum(-1) <= 0).nonzero().tolist()
-    if empty:
-        layer, i = empty[0]
-        raise ThresholdsError(f"thresholds file {path} has an empty histogram (layer {layer} "
-                              f"{INPUTS[i]}, {len(empty)} empty in all; calibrated on 0 tokens?);"
-                              f" re-run calibrate.py with --max_tokens >= 1")
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - {WEIGHTED_KEY, ABSMAX_KEY})
+    if unknown:
+        raise ThresholdsError(f"thresholds file {path} has unknown tensors {unknown}; {fix}")
+    tensors = [("hist", hist, (n_layer, len(INPUTS), n), "(n_layer, inputs, bins)", INPUTS)]
+    if WEIGHTED_KEY in extra:
+        tensors.append((WEIGHTED_KEY, extra[WEIGHTED_KEY], (n_layer, len(PROJECTIONS), n),
+                        "(n_layer, projections, bins)", PROJECTIONS))
+    if ABSMAX_KEY in extra:
+        tensors.append((ABSMAX_KEY, extra[ABSMAX_KEY], (n_layer, len(ABSMAX_COLUMNS)),
+                        "(n_layer, inputs + residual)", None))
+    for key, t, want, dims, names in tensors:
+        if tuple(t.shape) != want:
+            raise ThresholdsError(f"thresholds file {path} has `{key}` of shape "
+                                  f"{tuple(t.shape)}, expected {want} {dims}; {fix}")
+        h = t.double()
+        if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+            raise ThresholdsError(f"thresholds file {path} has negative or non-finite values in "
+                                  f"`{key}`; {fix}")
+        if names is None:
+            continue
+        empty = (h.sum(-1) <= 0).nonzero().tolist()
+        if empty:
+            layer, i = empty[0]
+            raise ThresholdsError(f"thresholds file {path} has an empty `{key}` histogram "
+                                  f"(layer {layer} {names[i]}, {len(empty)} empty in all; "
+                                  f"calibrated on 0 tokens?); re-run calibrate.py with "
+                                  f"--max_tokens >= 1")
 
 
 def apply_uniform_sparsity(model, calib: Calibration, sparsity: float,

@@ -560,3 +560,56 @@ def test_checkpoint_wrong_kinds_of_file(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="invalid config"):
         load_model(path)
+
+
+# ----------------------------------------------------------------------------- issue 14 item 7
+
+def test_hf_config_tensor_disagreements_all_named_before_any_reshape(tmp_path, smollm2):
+    """KV heads that do not fit the tensors, an intermediate size the tensors do not have,
+    and tensors no name maps: one line naming each (all unmapped ones, grouped over layers),
+    raised before the q/k reshape (which used to fail with a bare RuntimeError)."""
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "hfbad"
+    _tiny_hf_model(folder, smollm2.folder / "tokenizer.json")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, num_key_value_heads=1,
+                                                        intermediate_size=40)))
+    sd = load_file(str(folder / "model.safetensors"))
+    for i in range(2):
+        sd[f"model.layers.{i}.self_attn.q_proj.bias"] = torch.zeros(32)
+    sd["model.extra_head.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HFConversionError) as e:
+        convert_hf(folder, tmp_path / "o", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert ("3 unmapped tensors: model.extra_head.weight, "
+            "model.layers.{0-1}.self_attn.q_proj.bias") in msg, msg
+    assert "layers.{0-1}.attention.k_proj.weight" in msg
+    assert "has shape (16, 32) where the config gives (8, 32) [n_local_heads 1 x head_dim 8]" \
+        in msg, msg
+    assert "intermediate_size 40" in msg
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    r = run_cli("convert_hf_checkpoint.py", folder, "--out-dir", tmp_path / "o", "--no-progress")
+    assert_one_line_error(r, "unmapped tensors", "n_local_heads 1")
+
+
+def test_gguf_head_counts_that_do_not_divide_are_named(tmp_path):
+    import gguf
+    write_tiny_gguf(tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    from teal.convert.gguf import model_args_from_metadata, read_metadata
+    md = read_metadata(reader)
+    md["llama.attention.head_count_kv"] = 3  # 4 heads, 3 KV heads: no whole groups
+    from teal.convert.common import check_source_tensors
+    from teal.convert.gguf import our_tensor_name
+    args = model_args_from_metadata(md, {t.name for t in reader.tensors})
+    shapes = {t.name: tuple(int(x) for x in reversed([int(d) for d in t.shape]))
+              for t in reader.tensors}
+    shapes["blk.0.attn_q.bias"] = (16,)
+    shapes["blk.1.attn_q.bias"] = (16,)
+    with pytest.raises(GGUFError) as e:
+        check_source_tensors(shapes, our_tensor_name, args, "GGUF file m.gguf", GGUFError)
+    msg = str(e.value)
+    assert "n_head 4 is not a multiple of n_local_heads 3" in msg
+    assert "2 unmapped tensors: blk.{0-1}.attn_q.bias" in msg

@@ -27,15 +27,16 @@ def setup():
 
 
 def _reference_ppl(model, ids, seq_len):
-    """Full logits of every window, concatenated, then one F.cross_entropy."""
+    """Each token t >= 1 scored once, from a window of at most `seq_len` tokens that ends at t
+    and starts where the windows tile the text overlapping by one (positions k*(seq_len-1));
+    every window's logits concatenated, then one F.cross_entropy."""
     logits, targets = [], []
     with torch.no_grad():
-        for start in range(0, ids.numel(), seq_len):
+        for start in range(0, ids.numel() - 1, seq_len - 1):
             w = ids[start:start + seq_len]
-            if w.numel() < 2:
-                continue
             logits.append(model(w[None])[0, :-1])
             targets.append(w[1:])
+    assert torch.equal(torch.cat(targets), ids[1:])  # every token after the first, once
     return math.exp(F.cross_entropy(torch.cat(logits).double(), torch.cat(targets)).item())
 
 
@@ -48,6 +49,42 @@ def test_perplexity_matches_independent_computation(setup):
     # max_tokens truncates before windowing
     assert perplexity(model, ids, SEQ, max_tokens=2 * SEQ, progress=False) == pytest.approx(
         _reference_ppl(model, ids[:2 * SEQ], SEQ), rel=1e-5)
+
+
+def test_every_token_after_the_first_is_scored_exactly_once(setup):
+    """Issue 14 item 8: non-overlapping windows never predicted the first token of each
+    window (N / seq_len tokens lost). Windows now overlap by one token."""
+    from teal.evaluation import scoring_windows, window_ends
+    model, _ = setup
+    teal.configure(model, sparse=False, sparsify_prefill=False)
+    for n in (2, SEQ, SEQ + 1, 3 * SEQ + 7, 4 * (SEQ - 1) + 1):
+        ids = random_tokens(n, seed=9)
+        seen = []
+        perplexity(model, ids, SEQ, progress=False,
+                   on_window=lambda done, nll, count: seen.append((done, count)))
+        assert seen[-1] == (n, n - 1), (n, seen)  # all n tokens consumed, n - 1 predicted
+        assert [d for d, _ in seen] == window_ends(n, SEQ)
+        targets = torch.cat([w[1:] for w in scoring_windows(torch.arange(n), SEQ)])
+        assert torch.equal(targets, torch.arange(1, n))
+        assert all(w.numel() <= SEQ for w in scoring_windows(torch.arange(n), SEQ))
+
+
+def test_split_runs_add_up_to_the_full_run(setup):
+    """A run from a later token carries the token before as context: two consecutive runs
+    predict exactly the tokens (and give exactly the NLL) of one run over both."""
+    model, _ = setup
+    teal.configure(model, sparse=False, sparsify_prefill=False)
+    ids = random_tokens(5 * SEQ, seed=10)
+    m = 1 + 2 * (SEQ - 1)  # a window end of the full run
+    runs = []
+    for part, ctx in ((ids, None), (ids[:m], None), (ids[m:], ids[m - 1:m])):
+        last = []
+        perplexity(model, part, SEQ, progress=False, context=ctx,
+                   on_window=lambda done, nll, count, last=last: last.append((nll, count)))
+        runs.append(last[-1])
+    (full_nll, full_n), (a_nll, a_n), (b_nll, b_n) = runs
+    assert a_n + b_n == full_n == ids.numel() - 1
+    assert a_nll + b_nll == pytest.approx(full_nll, rel=1e-6)
 
 
 def test_sparsity_zero_equals_dense(setup):

@@ -5,13 +5,14 @@ import io
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 
 from teal.dtypes import DTYPES, dtype_name, parse_dtype
-from teal.io import (atomic_copy_stream, atomic_torch_save, atomic_write, atomic_write_bytes,
-                     atomic_write_json, atomic_write_text)
+from teal.io import (WriteError, atomic_copy_stream, atomic_torch_save, atomic_write,
+                     atomic_write_bytes, atomic_write_json, atomic_write_text, check_free_space)
 
 
 def _default_mode() -> int:
@@ -30,7 +31,7 @@ def _half_written(tmp):
 
 def test_failing_write_leaves_neither_target_nor_temp(tmp_path):
     target = tmp_path / "out.bin"
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(WriteError, match=f"cannot write {target}: RuntimeError: disk on fire"):
         atomic_write(target, _half_written)
     assert list(tmp_path.iterdir()) == []
 
@@ -47,7 +48,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
 def test_existing_target_replaced_only_on_success(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(WriteError):
         atomic_write(target, _half_written)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
@@ -94,7 +95,7 @@ def test_mode_of_safetensors_write(tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WriteError, match="cannot write .*f.bin: No such file or directory"):
         atomic_write_bytes(tmp_path / "no" / "such" / "f.bin", b"x")
     assert not (tmp_path / "no").exists()
     path = atomic_write_bytes(tmp_path / "no" / "such" / "f.bin", b"x", make_parents=True)
@@ -136,6 +137,119 @@ def test_unserialisable_json_writes_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["j.json"]
 
 
+# ----------------------------------------------------------------------------- failures (issue 14 item 10)
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_library_errors_become_one_line_naming_path_and_cause(tmp_path, monkeypatch):
+    """torch's and safetensors' own error types (what a full disk gives) and a directory in
+    the way: one WriteError line with the destination and the cause, nothing left behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def torch_full(obj, f, *a, **kw):
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", torch_full)
+    with pytest.raises(WriteError) as e:
+        atomic_torch_save({"w": torch.ones(2)}, tmp_path / "m.pth")
+    msg = _one_line(e)
+    assert msg.startswith(f"cannot write {tmp_path / 'm.pth'}: ") and "file write failed" in msg
+    assert "disk full?" in msg
+
+    def st_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"x")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                              'StorageFull, message: "No space left on device" })')
+    monkeypatch.setattr(safetensors.torch, "save_file", st_full)
+    with pytest.raises(WriteError) as e:
+        atomic_write(tmp_path / "t.safetensors",
+                     lambda tmp: safetensors.torch.save_file({}, str(tmp)))
+    msg = _one_line(e)
+    assert "t.safetensors" in msg and "SafetensorError" in msg and "No space left" in msg
+
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(WriteError) as e:
+        atomic_write_json(tmp_path / "d.json", {"a": 1})
+    assert "directory is in the way" in _one_line(e)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+
+
+def test_enospc_is_named(tmp_path, monkeypatch):
+    import errno
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(WriteError, match=r"cannot write .*out: No space left on device$"):
+        atomic_write(tmp_path / "out", full)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_free_space_is_checked_before_the_work(tmp_path):
+    check_free_space(tmp_path / "small.bin", 1)
+    with pytest.raises(WriteError, match="needs about .* MB but only .* MB are free"):
+        check_free_space(tmp_path / "sub" / "huge.bin", 1 << 62)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temps_of_dead_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+    dead = tmp_path / f".out.bin.{_dead_pid()}-deadbeef.tmp"
+    dead.write_bytes(b"left by a killed run")
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = tmp_path / f".out.bin.{live_proc.pid}-cafe0001.tmp"
+        live.write_bytes(b"another writer, still running")
+        other = tmp_path / f".other.bin.{_dead_pid()}-00aa.tmp"  # another destination's
+        other.write_bytes(b"x")
+        atomic_write_bytes(tmp_path / "out.bin", b"new")
+        assert not dead.exists() and live.exists() and other.exists()
+        assert (tmp_path / "out.bin").read_bytes() == b"new"
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+
+
+def test_temp_names_are_unique_per_writer(tmp_path):
+    names = []
+    for _ in range(2):
+        atomic_write(tmp_path / "o", lambda tmp: names.append(tmp.name) or tmp.write_bytes(b"1"))
+    assert names[0] != names[1] and all(n.startswith(f".o.{os.getpid()}-") for n in names)
+
+
+def test_sigterm_during_a_write_leaves_no_temp(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from teal.io import atomic_write\n"
+            "def slow(tmp):\n"
+            "    tmp.write_bytes(b'partial'); print('writing', flush=True); time.sleep(60)\n"
+            "atomic_write(%r, slow)\n" % (str(root), str(tmp_path / "out.bin")))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    assert any(tmp_path.iterdir())  # the temp file exists while writing
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == -signal.SIGTERM
+    time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 def test_parse_dtype():
@@ -161,3 +275,23 @@ def test_dtype_name():
     assert dtype_name(torch.int8) == "int8"
     with pytest.raises(TypeError):
         dtype_name("float32")
+
+
+def test_every_artefact_writer_reports_one_line(tmp_path):
+    """Checkpoint (dense and quantized), thresholds and greedy file writers: a directory in
+    the way of the destination is a one-line WriteError naming it."""
+    from teal.checkpoint import save_checkpoint
+    from teal.greedy import FORMAT, GreedyAllocation
+    from teal.thresholds import Calibration
+    writers = {
+        "model.pth": lambda p: save_checkpoint(p, {}, {"w": torch.ones(1)}),
+        "model_int8.pth": lambda p: save_checkpoint(p, {}, {}, quantization={"mode": "int8"}),
+        "thresholds.safetensors": lambda p: Calibration.empty({}, 1).save(p),
+        "greedy.json": lambda p: GreedyAllocation(dict(format=FORMAT)).save(p),
+    }
+    for name, write in writers.items():
+        (tmp_path / name).mkdir()
+        with pytest.raises(WriteError) as e:
+            write(tmp_path / name)
+        assert _one_line(e).startswith(f"cannot write {tmp_path / name}: "), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)

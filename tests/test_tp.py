@@ -274,3 +274,27 @@ def test_shard_shapes_without_process_group(monkeypatch):
         tp.apply_tp(model, rank=1, world_size=2)
     with pytest.raises(RuntimeError, match="torchrun"):
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_torchrun_configuration_error_is_one_line_from_rank0(tmp_path):
+    """Issue 14 item 20: under torchrun a configuration error (3 ranks for 4 heads) is
+    printed once, by rank 0, and every rank ends cleanly: no launcher traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny_models import tiny_model, write_checkpoint
+    root = Path(__file__).resolve().parents[1]
+    ckpt = write_checkpoint(tmp_path / "ck", tiny_model())  # 4 heads, 2 KV heads
+    env = dict(os.environ, PYTHONPATH=str(root), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "3", str(root / "generate.py"), "--device", "cpu",
+                        "--checkpoint_path", str(ckpt), "--prompt", "w1 w2",
+                        "--max_new_tokens", "2"],
+                       capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text and "ChildFailedError" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "3" in errors[0] and "divide" in errors[0], text
+    assert r.returncode == 0, text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -12,7 +12,7 @@ from teal.checkpoint import save_checkpoint, state_dict_shapes
 from teal.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["ConversionError", "hf_to_interleaved", "interleaved_to_hf", "check_state_dict",
-           "check_out_dir", "write_checkpoint_and_tokenizer"]
+           "check_source_tensors", "check_out_dir", "write_checkpoint_and_tokenizer"]
 
 
 class ConversionError(ValueError):
@@ -81,6 +81,119 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], config: dict, source: str,
                         f"{config['n_layer']} (extra tensors such as {extra[0]!r}); the "
                         f"{source} is inconsistent, download it again")
         raise error(f"{source} has unexpected tensors {extra[:3]} for its config")
+
+
+_LAYER_RE = re.compile(r"(?<=[.])(\d+)(?=[.])")
+
+
+def _grouped(names) -> list[str]:
+    """Names with their layer index folded: 'blk.{0-29}.attn_q.bias' for 30 of them."""
+    groups: dict = {}
+    for n in names:
+        m = _LAYER_RE.search(n)
+        key = _LAYER_RE.sub("{}", n, count=1) if m else n
+        groups.setdefault(key, []).append(int(m.group(1)) if m else None)
+    out = []
+    for key, idx in groups.items():
+        idx = sorted(i for i in idx if i is not None)
+        if not idx:
+            out.append(key)
+            continue
+        runs, start = [], idx[0]
+        for a, b in zip(idx, idx[1:] + [None]):
+            if b != a + 1:
+                runs.append(f"{start}" if start == a else f"{start}-{a}")
+                start = b
+        out.append(key.replace("{}", "{" + ",".join(runs) + "}" if len(idx) > 1 else runs[0]))
+    return out
+
+
+def _why(key: str, config: Mapping) -> str:
+    """Which config fields give the expected shape of `key`."""
+    c = config
+    hd = f"head_dim {c.get('head_dim')}"
+    for part, why in (("q_proj", f"n_head {c.get('n_head')} x {hd}, dim {c.get('dim')}"),
+                      ("k_proj", f"n_local_heads {c.get('n_local_heads')} x {hd}"),
+                      ("v_proj", f"n_local_heads {c.get('n_local_heads')} x {hd}"),
+                      ("o_proj", f"dim {c.get('dim')}, n_head {c.get('n_head')} x {hd}"),
+                      ("gate_proj", f"intermediate_size {c.get('intermediate_size')}"),
+                      ("up_proj", f"intermediate_size {c.get('intermediate_size')}"),
+                      ("down_proj", f"intermediate_size {c.get('intermediate_size')}"),
+                      ("tok_embeddings", f"vocab_size {c.get('vocab_size')}"),
+                      ("output", f"vocab_size {c.get('vocab_size')}")):
+        if f"{part}." in key or key.startswith(part):
+            return f" [{why}]"
+    return f" [dim {c.get('dim')}]"
+
+
+def check_source_tensors(shapes: Mapping[str, tuple], our_name: Callable[[str], Optional[str]],
+                         config: dict, source: str, error: type = ConversionError) -> dict:
+    """Check a source's tensor names and shapes against its config before any tensor is read
+    or reshaped; every disagreement is named, in one line.
+
+    Args:
+        shapes: {source tensor name: shape in nn.Linear (out, in) order}.
+        our_name: source name -> our key, None for a tensor to drop; raising `error` marks the
+            name as unmapped.
+        config: the `ModelArgs` dict read from the source's config; with
+            `tie_embeddings` False and no output head among the tensors, it is set True.
+        source: what the weights come from, for the message ("GGUF file x", "folder y").
+        error: the exception class to raise.
+
+    Returns:
+        {our key: shape}.
+
+    Raises:
+        error: one line listing every problem: config values that do not fit together (head
+            counts that do not divide, odd head_dim), every unmapped tensor (grouped over
+            layers), every tensor whose shape disagrees with the config (and the fields that
+            give the expected shape), missing and surplus tensors.
+    """
+    problems, unmapped, ours = [], [], {}
+    for name, shape in shapes.items():
+        try:
+            key = our_name(name)
+        except error:
+            unmapped.append(name)
+            continue
+        if key is not None:
+            ours[key] = tuple(int(x) for x in shape)
+    if not config.get("tie_embeddings") and "output.weight" not in ours:
+        config["tie_embeddings"] = True
+    if config.get("tie_embeddings") and "tok_embeddings.weight" in ours:
+        ours.setdefault("output.weight", ours["tok_embeddings.weight"])
+    n_head, n_kv, hd = config.get("n_head"), config.get("n_local_heads"), config.get("head_dim")
+    if isinstance(n_head, int) and isinstance(n_kv, int) and n_kv > 0 and n_head % n_kv:
+        problems.append(f"n_head {n_head} is not a multiple of n_local_heads {n_kv}")
+    if isinstance(hd, int) and hd % 2:
+        problems.append(f"head_dim {hd} is odd (RoPE rotates pairs)")
+    try:
+        want = state_dict_shapes(config)
+    except ValueError as e:
+        problems.append(f"config: {e}")
+        want = {}
+    if unmapped:
+        problems.append(f"{len(unmapped)} unmapped tensors: {', '.join(_grouped(unmapped))}")
+    if want:
+        bad = {}
+        for k, shape in want.items():
+            if k in ours and ours[k] != shape:
+                desc = f"{ours[k]} where the config gives {shape}{_why(k, config)}"
+                bad.setdefault(desc, []).append(k)
+        for desc, keys in bad.items():
+            problems.append(f"{', '.join(_grouped(keys))} has shape {desc}")
+        missing = [k for k in want if k not in ours]
+        if missing:
+            problems.append(f"missing {', '.join(_grouped(missing))}")
+        extra = [k for k in ours if k not in want]
+        if extra:
+            layers = {int(m.group(1)) for k in extra if (m := re.match(r"layers\.(\d+)\.", k))}
+            more = (f" (the weights have {max(layers) + 1} layers but the config says "
+                    f"{config['n_layer']})" if layers else "")
+            problems.append(f"surplus {', '.join(_grouped(extra))}{more}")
+    if problems:
+        raise error(f"{source} disagrees with its config: {'; '.join(problems)}")
+    return ours
 
 
 def check_out_dir(out_dir, error: type = ConversionError, flag: str = "--out-dir") -> None:

@@ -25,8 +25,8 @@ import gguf
 import numpy as np
 import torch
 
-from teal.convert.common import (ConversionError, check_out_dir, check_state_dict,
-                                 write_checkpoint_and_tokenizer)
+from teal.convert.common import (ConversionError, check_out_dir, check_source_tensors,
+                                 check_state_dict, write_checkpoint_and_tokenizer)
 from teal.dtypes import dtype_name
 from teal.tokenizer import chat_template_kind
 
@@ -305,6 +305,13 @@ def tokenizer_meta(md: dict, file: str = "tokenizer.json") -> dict:
 
 # ----------------------------------------------------------------------------- convert
 
+def _nbytes(shapes: dict, args: dict, dtype: torch.dtype) -> int:
+    """Bytes of the checkpoint's tensors (a tied head stored once)."""
+    n = sum(int(np.prod(s)) for k, s in shapes.items()
+            if not (k == "output.weight" and args["tie_embeddings"]))
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
 def convert_gguf(gguf_path, out_dir=None, name: Optional[str] = None,
                  dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
     """Convert a GGUF file; returns the path of the written model.pth.
@@ -331,6 +338,13 @@ def convert_gguf(gguf_path, out_dir=None, name: Optional[str] = None,
     name = name or default_name(gguf_path)
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / name
     check_out_dir(out_dir, GGUFError)
+    # every tensor name and shape against the metadata first: one line, before dequantizing
+    shapes = {t.name: tuple(int(x) for x in reversed([int(d) for d in t.shape]))
+              for t in reader.tensors}
+    ours = check_source_tensors(shapes, our_tensor_name, dict(args), f"GGUF file {gguf_path}",
+                                GGUFError)
+    from teal.io import check_free_space
+    check_free_space(out_dir / "model.pth", _nbytes(ours, args, dtype))
     tok_text = build_tokenizer(md).to_str()
     sd = gguf_state_dict(reader, args, dtype, progress)
     meta = {"name": name, "source": str(gguf_path.name), "source_format": "gguf",

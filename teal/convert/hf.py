@@ -18,8 +18,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from teal.convert.common import (ConversionError, check_out_dir, check_state_dict,
-                                 hf_to_interleaved, write_checkpoint_and_tokenizer)
+from teal.convert.common import (ConversionError, check_out_dir, check_source_tensors,
+                                 check_state_dict, hf_to_interleaved,
+                                 write_checkpoint_and_tokenizer)
 from teal.dtypes import DTYPES, dtype_name, parse_dtype
 from teal.tokenizer import chat_template_kind
 
@@ -191,6 +192,30 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from sd.items()
 
 
+def hf_tensor_shapes(files: list[Path]) -> dict:
+    """{HF name: shape} of the weight files, read from the safetensors headers (no tensor
+    data) or a memory-mapped .bin.
+
+    Raises:
+        HFConversionError: a corrupt or truncated file.
+    """
+    shapes = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        shapes[k] = tuple(sf.get_slice(k).get_shape())
+            else:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, unpickling errors
+            raise HFConversionError(f"{f} is corrupt or truncated ({e.__class__.__name__}: "
+                                    f"{' '.join(str(e).split())[:120]}); download it again") from None
+    return shapes
+
+
 def our_name(hf_name: str) -> Optional[str]:
     """Our key of an HF tensor name; None for tensors to drop (rotary inv_freq buffers).
 
@@ -226,6 +251,13 @@ def hf_state_dict(folder: Path, args: dict, dtype: Optional[torch.dtype] = None,
     """
     from tqdm import tqdm
     files = weight_files(folder)
+    tied_before = args["tie_embeddings"]
+    # every name and shape against config.json first: one line, before any reshape
+    check_source_tensors(hf_tensor_shapes(files), our_name, args, f"Hugging Face folder {folder}",
+                         HFConversionError)
+    if args["tie_embeddings"] and not tied_before:
+        print("note: the weights have no lm_head.weight; tying the output head to the "
+              "token embedding")
     sd = {}
     bar = tqdm(desc="convert", unit="tensor", disable=not progress)
     for name, t in iter_hf_tensors(files):
@@ -240,13 +272,8 @@ def hf_state_dict(folder: Path, args: dict, dtype: Optional[torch.dtype] = None,
         t = t.contiguous()
         sd[key] = t.to(dtype) if dtype is not None else t
     bar.close()
-    if args["tie_embeddings"] or "output.weight" not in sd:
-        if not args["tie_embeddings"]:
-            print("note: the weights have no lm_head.weight; tying the output head to the "
-                  "token embedding")
-            args["tie_embeddings"] = True
-        if "tok_embeddings.weight" in sd:  # tied: one tensor under both keys
-            sd["output.weight"] = sd["tok_embeddings.weight"]
+    if args["tie_embeddings"] and "tok_embeddings.weight" in sd:  # one tensor, both keys
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     check_state_dict(sd, args, "checkpoint", HFConversionError)
     return sd
 
