@@ -84,3 +84,22 @@ def destroy() -> None:
     """Tear down the default process group if there is one (call at the end of a script)."""
     if is_initialized():
         dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    """`python tp.py --help`: this module is not run directly; it explains how to launch."""
+    import argparse
+
+    from teal.cli import HelpFormatter
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nNot a command of its own: launch a CLI "
+        "under torchrun, e.g.\n\n    torchrun --nproc_per_node 2 generate.py --sparsity 0.5 "
+        "--compile --device cuda\n\n(see `python generate.py --help` for its flags).",
+        formatter_class=HelpFormatter)
+    p.parse_args(argv)
+    p.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
