@@ -31,29 +31,23 @@ GREEDY_CUDA = (16384, 2048, 256)
 GREEDY_CPU = (4096, 512, 32)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for on/off flags (a "(default: True)" on --no-x misleads)."""
-
-    def _get_help_string(self, action):
-        if isinstance(action.default, bool) or (action.default is None and action.help
-                                                and "default:" in action.help):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     from teal.checkpoint import DEFAULT_CHECKPOINT, default_thresholds, greedy_beside
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
-    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+                                formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="model.pth to calibrate")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT,
                    help="calibration text (never the evaluation text)")
     p.add_argument("--max_tokens", type=int, default=32768, help="tokens to calibrate on")
     p.add_argument("--min_tokens", type=int, default=None,
                    help="fail if the text has fewer tokens (default: one window, seq_len)")
     p.add_argument("--seq_len", type=int, default=2048, help="window length")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="dtype the model runs in while its activations are measured")
     p.add_argument("--output", type=Path, default=None,
                    help="thresholds file (default: thresholds.safetensors next to the checkpoint, "
                         "thresholds.<format>.safetensors for a quantized one)")
@@ -77,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--greedy-step", dest="greedy_step", type=float, default=0.01,
                    help="block sparsity (parameter-weighted) added per greedy step")
     p.add_argument("--greedy-scoring", dest="greedy_scoring", nargs="+",
-                   choices=["magnitude", "weight"], default=["magnitude", "weight"])
+                   choices=["magnitude", "weight"], default=["magnitude", "weight"],
+                   help="scorings the greedy search allocates for")
     p.add_argument("--greedy-output", dest="greedy_output", type=Path, default=None,
                    help="greedy allocation file (default: greedy.json next to the thresholds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -8,11 +8,21 @@ the prompt densely (as TEAL does at inference), decodes token by token with spar
 projections, and prints the text, decode tokens/s, achieved GB/s (on the bytes actually
 read), peak memory, and the measured effective sparsity per projection type.
 
+The prompt: `--prompt TEXT`, `--prompt_file PATH` ("-": stdin) or, with `--interactive`,
+one line of stdin per prompt; text that is not valid UTF-8 is a one-line error. A checkpoint
+with a chat format (instruct models) gets the prompt wrapped in it unless `--no-chat` (a
+prompt already written in that format is used as it is). The text is streamed as it is made;
+what is printed is the decoded id sequence (a plain prompt's text, then the continuation),
+without the end token that stopped generation. One untimed warm-up run precedes the timed
+samples; tokens/s is the median over samples, and GB/s uses the bytes the decode path really
+reads (the torch path on CPU, or `--kernels off`, reads every weight at any sparsity).
+
 Runs under `torchrun --nproc_per_node N generate.py ...` for tensor parallelism (tp.py).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,14 +33,17 @@ import torch
 import teal
 from model import load_model
 from teal.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, default_thresholds, greedy_beside
+from teal.cli import HelpFormatter, TextInputError, check_utf8, decode_utf8, read_line
 from teal.dtypes import DTYPES
 from teal.generation import (bytes_per_decode_step, decode_one_token, generate,  # noqa: F401
-                             measure_effective_sparsity)
+                             measure_effective_sparsity, skips_weight_rows)
+from teal.tokenizer import TextStream
 from teal.projections import PROJECTIONS
 from teal.thresholds import ThresholdsError
 
 DEFAULT_CALIB_TEXT = (Path(__file__).resolve().parent.parent / "shared" / "data"
                       / "wikitext-2-valid-tokenized.txt")
+WARMUP_TOKENS = 16  # new tokens of the untimed warm-up run (compile, CUDA graphs, allocator)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -49,7 +62,8 @@ def fail(msg: str) -> None:
 def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
                       thresholds: Optional[Path] = None, allocation: str = "uniform",
                       scoring: str = "magnitude", calibration: str = "dense",
-                      calib_text: Optional[Path] = None, calib_tokens: int = 8192):
+                      calib_text: Optional[Path] = None, calib_tokens: int = 8192,
+                      progress: bool = False):
     """Load a checkpoint and apply TEAL thresholds for `sparsity`. Returns (model, meta).
 
     `calibration="sequential"` re-derives the thresholds on the sparsified model's own
@@ -58,10 +72,13 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
     (TEAL's recipe), which overshoot downstream projections at high sparsity.
 
     Raises SystemExit with a one-line message for bad input (missing/corrupt checkpoint,
-    thresholds for another model, sparsity outside [0, 1)).
+    thresholds for another model, sparsity outside [0, 1)). `progress`: say on stderr what
+    runs (loading, sequential calibration with a bar over the blocks).
     """
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     if not 0.0 <= sparsity < 1.0:
         fail(f"--sparsity must be in [0, 1), got {sparsity}")
+    say(f"Loading {checkpoint_path} onto {device} ...")
     try:
         model, meta = load_model(checkpoint_path, device=device, dtype=dtype)
     except CheckpointError as e:
@@ -85,23 +102,64 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
                     fail(f"--calibration sequential needs at least {seq_len} calibration tokens (one "
                          f"window); --calib_text {text} has {ids.numel()} and --calib_tokens is "
                          f"{calib_tokens}: raise --calib_tokens or pass a longer text")
+                say(f"Sequential calibration on {min(ids.numel(), calib_tokens)} tokens of "
+                    f"{text} ...")
                 calibrate_sequentially(model, calib, ids, applied, scoring,
-                                       seq_len=seq_len, n_tokens=calib_tokens)
+                                       seq_len=seq_len, n_tokens=calib_tokens, progress=progress)
         except (ThresholdsError, ValueError, FileNotFoundError) as e:
             fail(str(e))
     return model, meta
 
 
-def _interactive_prompts():
-    """Prompts read from stdin until an empty line or end of input."""
+def _interactive_prompts(out=print):
+    """Prompts read from stdin until an empty line or end of input.
+
+    From a terminal the line is typed after "Prompt: "; from piped input (not a terminal,
+    nothing is echoed) the line read is printed after "Prompt: ", so the transcript shows
+    each prompt above its answer. A line that is not valid UTF-8 is a one-line error."""
+    stdin = sys.stdin
+    tty = bool(getattr(stdin, "isatty", lambda: False)())
     while True:
         try:
-            line = input("Prompt: ")
+            if tty:
+                try:
+                    line = check_utf8(input("Prompt: "), "stdin")
+                except UnicodeDecodeError as e:
+                    raise TextInputError(f"stdin is not valid UTF-8 text (byte "
+                                         f"0x{e.object[e.start]:02x}); pass UTF-8 text") from None
+            else:
+                out("Prompt: ", end="", flush=True)
+                line = read_line(stdin, "stdin")
+                out("" if line is None else line, flush=True)
         except EOFError:
             return
+        except TextInputError as e:
+            fail(str(e))
         if not line:
             return
         yield line
+
+
+def read_prompt_file(path) -> str:
+    """The prompt in a UTF-8 file (one final newline dropped); "-" reads stdin to its end.
+    One-line errors (SystemExit) for a missing file or text that is not UTF-8."""
+    source = "stdin (--prompt_file -)" if str(path) == "-" else f"--prompt_file {path}"
+    try:
+        if str(path) == "-":
+            buf = getattr(sys.stdin, "buffer", None)
+            text = decode_utf8(buf.read(), source) if buf is not None else \
+                check_utf8(sys.stdin.read(), source)
+        else:
+            text = decode_utf8(Path(path).read_bytes(), source)
+    except FileNotFoundError:
+        fail(f"prompt file {path} not found")
+    except IsADirectoryError:
+        fail(f"--prompt_file {path} is a directory; pass a text file")
+    except OSError as e:
+        fail(f"cannot read prompt file {path} ({e.strerror or e})")
+    except (TextInputError, UnicodeDecodeError) as e:
+        fail(str(e))
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 def _load_tokenizer(checkpoint_path):
@@ -133,20 +191,31 @@ def check_args(args) -> None:
         fail(f"--calib_tokens must be at least 1, got {args.calib_tokens}")
     from teal.cli import check_device
     try:
+        check_utf8(args.prompt, "--prompt")
+    except TextInputError as e:
+        fail(str(e))
+    try:
         check_device(args.device)  # the one --device check of every CLI
     except ValueError as e:
         fail(str(e))
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--prompt", default="What are the three primary colors?",
-                    help="input prompt")
-    ap.add_argument("--chat", action="store_true",
-                    help="wrap the prompt in the model's chat template (instruct models)")
-    ap.add_argument("--interactive", action="store_true", help="read prompts from stdin")
-    ap.add_argument("--num_samples", type=int, default=1, help="number of samples")
+                                 formatter_class=HelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="What are the three primary colors?",
+                     help="input prompt")
+    src.add_argument("--prompt_file", type=Path, default=None,
+                     help="read the prompt from this UTF-8 file instead (\"-\": stdin; one "
+                          "final newline dropped) (default: use --prompt)")
+    ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="wrap the prompt in the model's chat format; --no-chat: a plain prompt "
+                         "(default: chat when the checkpoint has a chat format, e.g. an "
+                         "instruct model)")
+    ap.add_argument("--interactive", action="store_true",
+                    help="read prompts from stdin, one per line, until an empty line")
+    ap.add_argument("--num_samples", type=int, default=1, help="number of timed samples")
     ap.add_argument("--max_new_tokens", type=int, default=128, help="new tokens per sample")
     ap.add_argument("--top_k", type=int, default=200, help="top-k sampling")
     ap.add_argument("--temperature", type=float, default=0.8,
@@ -172,15 +241,25 @@ def main(argv=None) -> None:
                     help="calibration tokens for --calibration sequential")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (CUDA graphs on GPU)")
-    ap.add_argument("--device", default=default_device(), help="cpu or cuda")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype (a quantized checkpoint: the activation dtype; its "
+    ap.add_argument("--device", default=default_device(),
+                    help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                    help="weight dtype (a quantized checkpoint: the activation dtype; its "
                          "codes stay int8/int4)")
     ap.add_argument("--kernels", choices=["on", "off"], default="on",
                     help="decode through the Triton sparse GEMV and attention kernels where they "
                          "apply (on), or the exact torch path everywhere (off)")
     ap.add_argument("--seed", type=int, default=1234, help="random seed")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     check_args(args)
+    if args.prompt_file is not None:
+        if args.interactive:
+            fail("--prompt_file and --interactive both read the prompt; pass one of them")
+        args.prompt = read_prompt_file(args.prompt_file)
 
     from tp import aggregate_counts, apply_tp, is_rank0, maybe_init_dist  # noqa: F401
     rank = maybe_init_dist(device=args.device)
@@ -206,7 +285,8 @@ def main(argv=None) -> None:
         args.dtype = "bfloat16" if dtype == torch.bfloat16 else args.dtype
     model, meta = load_sparse_model(args.checkpoint_path, device, dtype,
                                     args.sparsity, args.thresholds, args.allocation, args.scoring,
-                                    args.calibration, args.calib_text, args.calib_tokens)
+                                    args.calibration, args.calib_text, args.calib_tokens,
+                                    progress=rank in (None, 0))
     if rank is not None:
         try:
             apply_tp(model)
@@ -222,7 +302,13 @@ def main(argv=None) -> None:
         f"{time.perf_counter() - t0:.2f} s; sparsity {args.sparsity:.0%} "
         f"({args.allocation}, {args.scoring}, {args.calibration} calibration)", file=sys.stderr)
 
-    stop_ids = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id}) - {None}
+    chat = args.chat
+    if chat is None:
+        chat = tokenizer.chat_template is not None
+        if chat:
+            out(f"Chat format: {tokenizer.chat_template} (the checkpoint's); --no-chat for a "
+                f"plain prompt", file=sys.stderr)
+    stop_ids = set(tokenizer.eos_ids) - {None}
 
     decode_fn = decode_one_token
     if args.compile:
@@ -237,15 +323,16 @@ def main(argv=None) -> None:
     guard = OverflowGuard(model) if dtype == torch.float16 else None
     if guard is not None:
         guard.__enter__()
-    prompts = _interactive_prompts() if args.interactive else [args.prompt] * args.num_samples
-    warmup = args.compile and not args.interactive
-    stats = []
+    prompts = _interactive_prompts(out) if args.interactive else [args.prompt] * args.num_samples
+    stats, warmed = [], False
     for i, prompt_text in enumerate(prompts):
+        if not prompt_text:
+            fail("the prompt is empty; pass --prompt TEXT")
         try:
-            text = tokenizer.apply_chat_template(prompt_text) if args.chat else prompt_text
+            text = tokenizer.apply_chat_template(prompt_text) if chat else prompt_text
         except ValueError as e:  # a model without a chat template
             fail(str(e))
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text, special=True)  # a prompt: special tokens map to their ids
         if not ids:
             if args.interactive:
                 continue
@@ -254,18 +341,35 @@ def main(argv=None) -> None:
             fail(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
                  f"the context length {model.config.block_size}; shorten one of them")
         prompt = torch.tensor(ids, dtype=torch.int, device=device)
-        if warmup and i == 0:  # compile + capture outside the timed runs
-            t_c = time.perf_counter()
-            generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k)
-            out(f"Compiled + warm-up in {time.perf_counter() - t_c:.1f} s", file=sys.stderr)
+        if not warmed:  # compile, CUDA-graph capture, first-call costs: outside the timed runs
+            warmed = True
+            t_w = time.perf_counter()
+            n_warm = min(args.max_new_tokens, WARMUP_TOKENS)
+            with torch.device(device):  # the caches of the timed run: nothing re-allocated
+                model.setup_caches(max_batch_size=1, max_seq_length=len(ids) + args.max_new_tokens)
+            generate(model, prompt, n_warm, decode_fn, args.temperature, args.top_k)
+            out(f"Warm-up ({n_warm} tokens{', compiling' if args.compile else ''}, untimed) in "
+                f"{time.perf_counter() - t_w:.1f} s", file=sys.stderr)
+            torch.manual_seed(args.seed)  # the samples do not depend on the warm-up
+        # printed: the decoded id sequence (without the BOS encode added, and without the end
+        # token that stopped it); a chat prints the reply only
+        shown = ids[1:] if tokenizer.add_bos and ids[0] == tokenizer.bos_id else ids
+        stream = TextStream(tokenizer, shown)
+        if not chat:
+            out(tokenizer.decode(shown), end="", flush=True)
+
+        def on_token(tok, stream=stream):
+            if tok not in stop_ids:
+                out(stream.push(tok), end="", flush=True)
+
         seq, tm = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature,
-                           args.top_k, stop_ids)
-        new_ids = seq[len(ids):].tolist()
-        out(tokenizer.decode(new_ids) if args.chat else text + tokenizer.decode(new_ids))
+                           args.top_k, stop_ids, on_token=on_token)
+        out(stream.flush(), flush=True)
         tok_s = tm["decode_tokens"] / tm["decode_s"] if tm["decode_tokens"] else float("nan")
         stats.append((tok_s, tm, seq, len(ids)))
-        out(f"\n[sample {i + 1}] {tm['decode_tokens'] + 1} tokens, prefill {tm['prefill_s']:.3f} s,"
-            f" decode {tok_s:.2f} tokens/s", file=sys.stderr)
+        out(f"\n[sample {i + 1}] {tm['decode_tokens'] + 1} tokens"
+            f"{' (stopped at an end token)' if tm['stopped'] else ''}, prefill "
+            f"{tm['prefill_s']:.3f} s, decode {tok_s:.2f} tokens/s", file=sys.stderr)
 
     if guard is not None:
         guard.__exit__(None, None, None)
@@ -273,26 +377,30 @@ def main(argv=None) -> None:
             out(guard.check(), file=sys.stderr)
     if not stats:
         return
-    tok_s, _, seq, plen = stats[-1]
+    _, _, seq, plen = stats[-1]
     eff = {}
     if any(p.sparse for _, _, p in model.projections()):
         eff = measure_effective_sparsity(model, seq, plen,
                                          aggregate_counts if rank is not None else None)
     gbytes = bytes_per_decode_step(model, eff) / 1e9
+    torch_path = any(m.sparse and not skips_weight_rows(m) for m in teal.sparse_linears(model))
     if torch.device(device).type == "cuda":
         mem = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (GPU)"
     else:
         import resource
         mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (process RSS)"
-    med = sorted(s[0] for s in stats)[len(stats) // 2]
+    timed = [s[0] for s in stats if s[0] == s[0]]  # samples with at least one decode step
     out("\n" + "-" * 60)
-    if med == med:  # not NaN: at least one decode step ran
-        out(f"Decode: {med:.2f} tokens/s (median of {len(stats)}), "
+    if timed:
+        med = statistics.median(timed)
+        out(f"Decode: {med:.2f} tokens/s (median of {len(timed)}), "
             f"{gbytes * med:.2f} GB/s achieved on {gbytes:.3f} GB read per token"
-            + (" (per rank)" if rank is not None else ""))
+            + (" (per rank)" if rank is not None else "")
+            + (" (the torch decode path reads every weight row at any sparsity)"
+               if torch_path else ""))
     else:
-        out("Decode: no decode step ran (the prefill made the only token); "
-            "use --max_new_tokens 2 or more")
+        out("Decode: no decode step ran (generation ended with the prefill's token); "
+            "use --max_new_tokens 2 or more, or a prompt the model does not end at once")
     out(f"Peak memory: {mem}")
     if eff:
         parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)

@@ -17,6 +17,7 @@ References:
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -291,8 +292,12 @@ class Transformer(nn.Module):
         """Allocate KV caches for `max_batch_size` sequences of up to `max_seq_length` tokens.
 
         Raises:
-            ValueError: `max_seq_length` exceeds the model's context (`block_size`).
+            ValueError: a size below 1, or `max_seq_length` beyond the model's context
+                (`block_size`).
         """
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_length", max_seq_length)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"setup_caches: {name} must be a positive integer, got {value!r}")
         if max_seq_length > self.config.block_size:
             raise ValueError(f"{max_seq_length} tokens exceed the model's context length "
                              f"{self.config.block_size}; use a shorter prompt or fewer new tokens")
@@ -316,6 +321,12 @@ class Transformer(nn.Module):
 
         With `input_pos` the KV caches (set up by `setup_caches`) are read and written;
         without it the call is a plain causal forward over `idx` (positions 0..T-1, no cache).
+
+        Raises:
+            ValueError: more tokens than the context or the caches hold, a batch larger than
+                the caches', or `input_pos` of another length than `idx` or (eager, on a CPU
+                tensor: checked without a device sync) outside the caches.
+            RuntimeError: `input_pos` given before `setup_caches`.
         """
         if input_pos is None:
             seqlen = idx.shape[1]
@@ -338,8 +349,30 @@ class Transformer(nn.Module):
                     b.attention.kv_cache = c
         if self.causal_mask is None:
             raise RuntimeError("call setup_caches() before a forward with input_pos")
+        self._check_cache_fit(idx, input_pos)
         mask = self.causal_mask[None, None, input_pos]
         return self._forward(idx, input_pos, mask)
+
+    def _check_cache_fit(self, idx: Tensor, input_pos: Tensor) -> None:
+        """ValueError instead of an index error (CPU) or a device-side assert (CUDA) for a
+        forward the caches cannot hold. Shapes are checked always; positions only for a CPU
+        `input_pos` outside torch.compile (on a GPU reading them would sync every step:
+        `teal.generation.generate` checks prompt + new tokens against the context first)."""
+        bsz, seqlen = idx.shape[0], idx.shape[-1]
+        if input_pos.dim() != 1 or input_pos.numel() != seqlen:
+            raise ValueError(f"input_pos must hold one position per token: {seqlen} tokens, "
+                             f"input_pos of shape {tuple(input_pos.shape)}")
+        if seqlen > self.max_seq_length or bsz > self.max_batch_size:
+            raise ValueError(f"{bsz} x {seqlen} tokens do not fit the KV caches "
+                             f"({self.max_batch_size} x {self.max_seq_length}); call "
+                             f"setup_caches with a larger max_seq_length / max_batch_size")
+        if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(input_pos.min()), int(input_pos.max())
+            if lo < 0 or hi >= self.max_seq_length:
+                raise ValueError(f"positions {lo}..{hi} are outside the KV caches (0.."
+                                 f"{self.max_seq_length - 1}); call setup_caches with "
+                                 f"max_seq_length >= {hi + 1} (at most the context length "
+                                 f"{self.config.block_size})")
 
     def _forward(self, idx: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
         freqs_cis = self.freqs_cis[input_pos]

@@ -45,14 +45,19 @@ def _sparsity(value: str) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     from teal.allocation import ALLOCATIONS, SCORINGS
     from teal.checkpoint import DEFAULT_CHECKPOINT, default_thresholds, greedy_beside
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+                                formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="model.pth to evaluate")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="evaluation text")
     p.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.0],
                    help="model-level target sparsities in [0, 1); 0 = dense")
-    p.add_argument("--allocation", nargs="+", choices=ALLOCATIONS, default=["uniform"])
-    p.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["magnitude"])
+    p.add_argument("--allocation", nargs="+", choices=ALLOCATIONS, default=["uniform"],
+                   help="allocations to evaluate: uniform sparsity, or TEAL's block-wise greedy "
+                        "per-projection one (greedy.json)")
+    p.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["magnitude"],
+                   help="scorings to evaluate: |x| (TEAL) or |x|*||W[:,i]|| (weight-informed)")
     p.add_argument("--calibration", nargs="+", choices=["dense", "sequential"],
                    default=["dense"],
                    help="dense: thresholds from the dense model's histograms (TEAL); sequential: "
@@ -78,9 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a quantized one's thresholds.<format>.safetensors when present)")
     p.add_argument("--greedy", type=Path, default=None,
                    help="greedy allocation file (default: greedy.json next to the thresholds)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
-    p.add_argument("--output", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="dtype the model is evaluated in")
+    p.add_argument("--output", type=Path, default=None,
+                   help="also write the results as JSON to this file (default: not written)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.seq_len < 2:
@@ -173,7 +181,8 @@ def run(args) -> list[dict]:
                                    greedy=greedy)
             if calibration == "sequential":
                 calibrate_sequentially(model, calib, calib_ids, applied, scoring,
-                                       seq_len=seq_len, n_tokens=args.calib_tokens)
+                                       seq_len=seq_len, n_tokens=args.calib_tokens,
+                                       progress=not args.quiet)
             teal.configure(model, sparsify_prefill=True, track=True)
         row = dict(sparsity=s, allocation=alloc, scoring=scoring, calibration=calibration,
                    start_token=args.start_token, tokens=n, prefixes=[])

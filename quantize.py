@@ -31,20 +31,12 @@ HEAD_NOTE = ("SmolLM2-135M: an int8 head costs +0.15% perplexity dense and nothi
              "sparsity; an int4-g128 head +10.5% dense, so int4 keeps the head unless asked")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except a None one whose help already says "default:"."""
-
-    def _get_help_string(self, action):
-        if action.default is None and action.help and "default:" in action.help:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     from teal.checkpoint import DEFAULT_CHECKPOINT
     from teal.quant import GROUP_SIZES, MODES
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="the bf16/fp32 checkpoint to quantize")
     p.add_argument("--mode", choices=MODES, default="int8", help="weight format")

@@ -116,3 +116,22 @@ def exit_on_config_error(message: str) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
     destroy()
     raise SystemExit(0)
+
+
+def main(argv=None) -> int:
+    """`python tp.py --help`: this module is not run directly; it explains how to launch."""
+    import argparse
+
+    from teal.cli import HelpFormatter
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nNot a command of its own: launch a CLI "
+        "under torchrun, e.g.\n\n    torchrun --nproc_per_node 2 generate.py --sparsity 0.5 "
+        "--compile --device cuda\n\n(see `python generate.py --help` for its flags).",
+        formatter_class=HelpFormatter)
+    p.parse_args(argv)
+    p.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -57,10 +57,12 @@ def load(paths) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from teal.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--old", nargs="+", required=True, help="JSON files of the baseline")
     ap.add_argument("--new", nargs="+", required=True, help="JSON files of the new code")
-    ap.add_argument("--limit", type=float, default=0.02, help="tolerated slowdown (fraction)")
+    ap.add_argument("--limit", type=float, default=0.02, help="tolerated slowdown, as a fraction of the baseline")
     args = ap.parse_args(argv)
     if not args.limit >= 0:
         ap.error(f"--limit must be >= 0, got {args.limit}")

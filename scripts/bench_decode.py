@@ -394,34 +394,44 @@ def print_table(rows: list, formats: list) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from teal.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--models", nargs="+", default=None,
                     help="model configs to build with random weights (default: Meta-Llama-3-8B "
                          "Llama-2-7b, or none with --checkpoint)")
     ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="also (or only) benchmark this converted model.pth with its calibration")
+                    help="also (or only) benchmark this converted model.pth with its calibration "
+                         "(default: none)")
     ap.add_argument("--thresholds", type=Path, default=None,
                     help="calibration file for --checkpoint (default: beside the checkpoint)")
-    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.4, 0.5, 0.65])
-    ap.add_argument("--n_layer", type=int, default=None, help="override layer count (smoke tests)")
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--prompt_tokens", type=int, default=16)
-    ap.add_argument("--calib_tokens", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--no-compile", dest="compile", action="store_false")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.25, 0.4, 0.5, 0.65],
+                    help="sparsities to time (0 = dense)")
+    ap.add_argument("--n_layer", type=int, default=None,
+                    help="override layer count (smoke tests) (default: the config's)")
+    ap.add_argument("--new_tokens", type=int, default=128, help="decode steps per timed run")
+    ap.add_argument("--prompt_tokens", type=int, default=16, help="prompt length (prefill)")
+    ap.add_argument("--calib_tokens", type=int, default=512,
+                    help="tokens the random models' thresholds are calibrated on")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per configuration (median)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="time the eager decode step (no torch.compile / CUDA graphs)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="activation (and dense weight) dtype")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the results here (default: printed only)")
     ap.add_argument("--attention", choices=["kernel", "torch"], default="kernel",
                     help="decode attention: the fused Triton kernel (default) or the torch ops")
     ap.add_argument("--gemv", choices=["kernel", "torch"], default="kernel",
                     help="sparse projections: the Triton GEMV kernels (default) or the torch path")
     ap.add_argument("--kernel-table", dest="kernel_table", type=Path, default=None,
                     help="dispatch table JSON (scripts/bench_gemv.py --table-out) in front of the "
-                         "built-in one")
+                         "built-in one (default: the built-in one only)")
     ap.add_argument("--profile", nargs="*", type=float, default=None,
                     help="also profile the dense step (and each format's torch baseline) and these "
-                         "sparsities (kernel time per token)")
+                         "sparsities (kernel time per token) (default: no profile)")
     ap.add_argument("--quant", nargs="+", choices=FORMATS, default=["bf16"],
                     help="weight formats, each timed as its torch baseline then ours at every "
                          "sparsity (default: bf16 alone)")

@@ -534,22 +534,28 @@ def print_rows(rows, wformats) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", type=Path, default=None, help="write results here")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    from teal.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write results here (default: printed only)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="activation and weight dtype")
     ap.add_argument("--shapes", nargs="+", default=None,
-                    help="only these shapes, as model:name (e.g. llama3-8b:down)")
-    ap.add_argument("--sparsities", nargs="+", type=float, default=SPARSITIES)
+                    help="only these shapes, as model:name (e.g. llama3-8b:down) "
+                         "(default: every shape)")
+    ap.add_argument("--sparsities", nargs="+", type=float, default=SPARSITIES,
+                    help="sparsities to time")
     ap.add_argument("--table", type=Path, default=None,
-                    help="dispatch table JSON (--table-out) whose rows take precedence")
+                    help="dispatch table JSON (--table-out) whose rows take precedence "
+                         "(default: the built-in table only)")
     ap.add_argument("--compare", action="store_true", help="time the candidates, pick winners")
     ap.add_argument("--compare-sparsities", dest="compare_sparsities", nargs="+", type=float,
-                    default=[0.0, 0.5, 0.9])
+                    default=[0.0, 0.5, 0.9], help="--compare: sparsities the candidates run at")
     ap.add_argument("--table-out", dest="table_out", type=Path, default=None,
-                    help="--compare: write the winners as table rows (JSON)")
+                    help="--compare: write the winners as table rows (JSON) (default: not written)")
     ap.add_argument("--no-bench", dest="bench", action="store_false", help="only --compare")
     ap.add_argument("--wformat", nargs="+", default=["dense"], choices=WFORMATS,
-                    help="weight formats to time (each with its torch baseline); default dense")
+                    help="weight formats to time (each with its torch baseline)")
     ap.add_argument("--eager-baselines", dest="eager_baselines", action="store_true",
                     help="run the torch int8 baseline eagerly (default: torch.compile'd as gpt-fast)")
     args = ap.parse_args(argv)

@@ -133,29 +133,33 @@ def kernel_status(device: torch.device) -> str:
 
 
 def parse_args(argv=None):
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="Meta-Llama-3-8B", help="key of model.transformer_configs")
     p.add_argument("--tiny", action="store_true", help="a tiny config (CPU smoke test)")
     p.add_argument("--sparsities", default="0,0.4,0.5", help="comma-separated, in [0, 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weight dtype (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--prompt-len", type=int, default=16)
+                   help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt length (prefill)")
     p.add_argument("--tokens", type=int, default=128, help="decode steps per timed run")
     p.add_argument("--runs", type=int, default=5, help="timed runs per sparsity (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs (compile, CUDA graphs)")
-    p.add_argument("--calib-tokens", type=int, default=256)
+    p.add_argument("--calib-tokens", type=int, default=256,
+                   help="tokens the thresholds are calibrated on")
     p.add_argument("--track-tokens", type=int, default=32,
                    help="eager decode steps that measure the effective sparsity")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the decode step (default: on for CUDA)")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="time the eager decode step")
+    p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode")
     p.add_argument("--compile-backend", default="inductor",
                    help="e.g. aot_eager to check tracing quickly on CPU")
     p.add_argument("--no-shard-output", action="store_true", help="replicate the lm_head")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights and prompt")
+    p.add_argument("--json", default=None,
+                   help="write the results here (rank 0) (default: printed only)")
     args = p.parse_args(argv)
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     bad = [s for s in args.sparsities if not 0.0 <= s < 1.0]

@@ -20,7 +20,9 @@ from teal.dtypes import DTYPES, parse_dtype
 
 def main(argv=None) -> None:
     """Command line of `teal.convert.convert_gguf`; exits 1 with one `error:` line on bad input."""
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Convert a llama.cpp GGUF (architecture llama) into checkpoints/<name>/"
                     "model.pth + tokenizer.json (weights dequantized).")
     p.add_argument("gguf", type=Path, help="path of the .gguf file")
@@ -31,7 +33,7 @@ def main(argv=None) -> None:
                         "its quantization suffix, e.g. SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weight dtype of the checkpoint (default: float32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a = p.parse_args(argv)
     out = []
     rc = run_reporting_errors(lambda: out.append(convert_gguf(

@@ -19,7 +19,9 @@ from teal.convert import HF_DTYPE_CHOICES, HFConversionError, convert_hf, parse_
 
 def main(argv=None) -> None:
     """Command line of `teal.convert.convert_hf`; exits 1 with one `error:` line on bad input."""
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Convert a Hugging Face Llama/Mistral folder (config.json + safetensors or "
                     "pytorch_model*.bin + tokenizer) into model.pth + tokenizer files.")
     p.add_argument("folder", type=Path, help="the Hugging Face model folder")
@@ -30,7 +32,7 @@ def main(argv=None) -> None:
                         "architecture always comes from config.json")
     p.add_argument("--dtype", choices=HF_DTYPE_CHOICES, default="auto",
                    help="weight dtype (default: auto = keep the dtype of the HF weights)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a = p.parse_args(argv)
     out = []
     rc = run_reporting_errors(lambda: out.append(convert_hf(

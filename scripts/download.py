@@ -70,7 +70,9 @@ def download(repo_id: str, root: Path = Path("checkpoints"), revision: Optional[
 
 
 def main(argv=None) -> None:
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Download a Hugging Face model repo into checkpoints/<repo>/hf and "
                     "optionally convert it to checkpoints/<repo>/model.pth.")
     p.add_argument("repo_id", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct or "

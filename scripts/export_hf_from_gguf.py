@@ -19,14 +19,16 @@ from teal.dtypes import DTYPES, parse_dtype
 
 def main(argv=None) -> None:
     """Command line of `teal.convert.export_hf`; exits 1 with one `error:` line on bad input."""
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Export a llama GGUF as a Hugging Face LlamaForCausalLM folder "
                     "(dequantized weights, q/k in HF rotate-half order, tokenizer.json).")
     p.add_argument("gguf", type=Path, help="path of the .gguf file")
     p.add_argument("out_dir", type=Path, help="output folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weight dtype (default: float32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a = p.parse_args(argv)
     rc = run_reporting_errors(
         lambda: export_hf(a.gguf, a.out_dir, parse_dtype(a.dtype), not a.no_progress),

@@ -108,13 +108,16 @@ def calls_for(rows):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from teal.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for the .sass files")
     ap.add_argument("--arch", type=int, default=90, choices=[80, 86, 89, 90],
                     help="compute capability (the kernels need >= 80; 90 = Hopper)")
     ap.add_argument("--sms", type=int, default=132, help="multiprocessors of the target GPU")
-    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    ap.add_argument("--shapes", nargs="*", default=None, help="only rows of these KxN shapes")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                    help="activation dtype of the compiled kernels")
+    ap.add_argument("--shapes", nargs="*", default=None, help="only rows of these KxN shapes (default: every row of the table)")
     args = ap.parse_args(argv)
     if args.sms < 1:
         ap.error(f"--sms must be >= 1, got {args.sms}")

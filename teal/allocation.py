@@ -89,7 +89,7 @@ def configured_sparsity(model, applied: dict) -> float:
 @torch.no_grad()
 def calibrate_sequentially(model, calib: Calibration, token_ids: torch.Tensor, applied: dict,
                            scoring: str = "magnitude", seq_len: int = 2048,
-                           n_tokens: int = 8192, device=None) -> dict:
+                           n_tokens: int = 8192, device=None, progress: bool = False) -> dict:
     """Re-derive the thresholds of a configuration on the sparsified model's own activations.
 
     Thresholds from dense calibration (TEAL's recipe) undershoot downstream: once q/k/v (or
@@ -108,6 +108,7 @@ def calibrate_sequentially(model, calib: Calibration, token_ids: torch.Tensor, a
         token_ids: 1-D calibration token ids; the first `n_tokens` (whole windows) are used.
         applied: {(layer, proj): sparsity} as returned by `apply_config`.
         scoring: "magnitude" or "weight" (thresholds on |x| or on |x_i| * ||W[:, i]||_2).
+        progress: show a tqdm bar over the blocks (on stderr).
 
     Returns:
         {(layer, proj): threshold (float, or (in_features,) tensor for weight scoring)}.
@@ -140,8 +141,12 @@ def calibrate_sequentially(model, calib: Calibration, token_ids: torch.Tensor, a
     for module, members in by_module.values():
         handles.append(module.register_forward_pre_hook(make_hook(members)))
     try:
+        from tqdm import tqdm
         with configured(model, sparsify_prefill=True, track=False):
-            for _ in block_inputs(model, ids):  # runs every block on the whole batch
+            blocks = block_inputs(model, ids)  # runs every block on the whole batch
+            for _ in tqdm(blocks, total=len(model.layers), unit="block", leave=False,
+                          desc=f"sequential calibration ({ids.numel()} tokens)",
+                          disable=not progress):
                 pass
     finally:
         for h in handles:

@@ -196,6 +196,8 @@ def collect_histograms(model, token_ids: Tensor, seq_len: int = 2048, *,
 def load_token_ids(text_path, checkpoint_path, ckpt_meta: dict) -> Tensor:
     """Read a text file whole and tokenize it once, without BOS: 1-D int64 tensor.
 
+    The text is a document, not a prompt: special-token strings written in it (an
+    end-of-turn marker quoted in an article) are encoded as the ordinary text they are.
     `ckpt_meta` is the checkpoint's meta dict (its "tokenizer" record picks the backend)."""
     from teal.tokenizer import load_tokenizer
     check_text_file(text_path, "text")
@@ -205,7 +207,7 @@ def load_token_ids(text_path, checkpoint_path, ckpt_meta: dict) -> Tensor:
     except UnicodeDecodeError as e:
         raise TextFileError(f"text {text_path} is not UTF-8 text (undecodable byte at offset "
                             f"{e.start}); pass a plain-text file") from None
-    return torch.tensor(tok.encode(text, bos=False), dtype=torch.long)
+    return torch.tensor(tok.encode(text, special=False, bos=False), dtype=torch.long)
 
 
 def check_enough_tokens(n: int, needed: int, what: str, text_path) -> None:

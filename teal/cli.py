@@ -1,8 +1,11 @@
-"""Shared CLI error handling: known errors become one line on stderr, never a traceback."""
+"""Shared CLI pieces: known errors become one line on stderr, never a traceback; the `--help`
+formatter every CLI uses (each default shown once); UTF-8 checks of text read from the command
+line, stdin and files."""
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 
 def run_reporting_errors(body: Callable[[], object], errors: tuple,
@@ -42,3 +45,88 @@ def check_device(device: str) -> None:
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) "
                          f"visible; use --device cuda")
+
+
+# ----------------------------------------------------------------------------- --help
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` with every flag's default shown exactly once.
+
+    A flag's help that already says its default (the word "default", e.g. "(default: next to
+    the checkpoint)") is left as written; a flag without a value (store_true / store_false)
+    gets "(default: off)" (the flag is not given); every other optional flag gets
+    "(default: <value>)", lists space-separated. Required flags and positionals get none.
+    The description and epilog are printed as written (module docstrings with examples).
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        if action.required or (not action.option_strings and action.nargs not in ("?", "*")):
+            return text
+        if action.nargs == 0:
+            return f"{text} (default: off)".strip()
+        value = action.default
+        if isinstance(value, (list, tuple)):
+            value = " ".join(str(v) for v in value) if value else "none"
+        elif value is None:
+            value = "none"
+        return f"{text} (default: {str(value).replace('%', '%%')})".strip()
+
+
+# ----------------------------------------------------------------------------- text input
+class TextInputError(ValueError):
+    """Text from the command line, stdin or a file that is not valid UTF-8."""
+
+
+def _bad_byte(text: str) -> Optional[tuple[int, str]]:
+    """(character index, byte) of the first byte Python could not decode as UTF-8 and kept
+    as a lone surrogate (surrogateescape: command-line arguments, a POSIX-locale stdin)."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            b = ord(ch) - 0xDC00
+            return i, (f"0x{b:02x}" if 0x80 <= b <= 0xFF else f"U+{ord(ch):04X}")
+    return None
+
+
+def check_utf8(text: str, source: str) -> str:
+    """`text` unchanged if it is valid UTF-8 text; else TextInputError naming `source` (e.g.
+    "--prompt") and the first bad byte, one line."""
+    bad = _bad_byte(text)
+    if bad is not None:
+        raise TextInputError(f"{source} is not valid UTF-8 text (byte {bad[1]} at character "
+                             f"{bad[0]}); pass UTF-8 text")
+    return text
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """`data` decoded as UTF-8 (a leading byte-order mark dropped); TextInputError naming
+    `source` and the offset of the first bad byte otherwise."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TextInputError(f"{source} is not valid UTF-8 text (byte 0x{data[e.start]:02x} at "
+                             f"offset {e.start}); pass UTF-8 text") from None
+
+
+def read_line(stream, source: str = "stdin") -> Optional[str]:
+    """One line from a text stream (its newline removed), None at end of input.
+
+    Reads the stream's bytes when it has them (`sys.stdin.buffer`), so an invalid byte is a
+    TextInputError whatever the locale's decoding would have done; a stream without bytes
+    (a StringIO) is checked for undecodable bytes kept as surrogates."""
+    buf = getattr(stream, "buffer", None)
+    if buf is not None:
+        data = buf.readline()
+        if not data:
+            return None
+        return decode_utf8(data, source).rstrip("\r\n")
+    try:
+        line = stream.readline()
+    except UnicodeDecodeError as e:
+        raise TextInputError(f"{source} is not valid UTF-8 text (byte "
+                             f"0x{e.object[e.start]:02x} at offset {e.start}); pass UTF-8 "
+                             f"text") from None
+    if not line:
+        return None
+    return check_utf8(line.rstrip("\r\n"), source)

@@ -19,8 +19,8 @@ from torch import Tensor
 from teal.sparse_linear import configure, sparse_linears
 
 __all__ = ["argmax_last", "multinomial_sample_one_no_sync", "logits_to_probs", "sample",
-           "prefill", "decode_one_token", "decode_n_tokens", "generate",
-           "bytes_per_decode_step", "measure_effective_sparsity"]
+           "prefill", "decode_one_token", "decode_n_tokens", "generate", "check_generation_length",
+           "bytes_per_decode_step", "skips_weight_rows", "measure_effective_sparsity"]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -75,7 +75,9 @@ def decode_one_token(model, x: Tensor, input_pos: Tensor, temperature: float, to
 
 
 def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int,
-                    decode_fn, temperature: float, top_k, stop_ids=()) -> list[Tensor]:
+                    decode_fn, temperature: float, top_k, stop_ids=(), on_token=None) -> list[Tensor]:
+    """Decode up to `num_new_tokens` after `cur_token` (B, 1); stops after a token in
+    `stop_ids` (kept as the last one). `on_token(id)`, if given, gets each id as it is made."""
     new_tokens = []
     for _ in range(num_new_tokens):
         with _sdpa_math():
@@ -83,8 +85,12 @@ def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens:
         input_pos += 1
         new_tokens.append(next_token.clone())
         cur_token = next_token.clone()
-        if stop_ids and int(next_token[0, 0]) in stop_ids:
-            break
+        if stop_ids or on_token is not None:
+            tok = int(next_token[0, 0])
+            if on_token is not None:
+                on_token(tok)
+            if tok in stop_ids:
+                break
     return new_tokens
 
 
@@ -98,13 +104,40 @@ def _sdpa_math():
     return contextlib.nullcontext()
 
 
+def check_generation_length(model, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise ValueError (one line naming the fix) unless a prompt of `prompt_len` tokens plus
+    `max_new_tokens` fits the model's context (`config.block_size`)."""
+    block = model.config.block_size
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty: generation needs at least one prompt token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > block:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{prompt_len + max_new_tokens} tokens exceed the context length "
+                         f"{block}; shorten the prompt or lower max_new_tokens")
+
+
 @torch.no_grad()
 def generate(model, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.8,
-             top_k: Optional[int] = 200, stop_ids=()) -> tuple[Tensor, dict]:
-    """Prefill `prompt` (T,) int and decode up to `max_new_tokens`; returns (ids, timings)."""
-    device = prompt.device
+             top_k: Optional[int] = 200, stop_ids=(), on_token=None) -> tuple[Tensor, dict]:
+    """Prefill `prompt` (T,) int and decode up to `max_new_tokens`; returns (ids, timings).
+
+    Generation ends after the first token in `stop_ids`, the prefill's token included (that
+    token is the last of `ids`). `on_token(id)` gets every new id as it is made (for
+    streaming); its time is left out of `decode_s`.
+
+    Raises:
+        ValueError: an empty or non-1-D prompt, `max_new_tokens` < 1, or prompt + new tokens
+            beyond the model's context (`model.config.block_size`).
+    """
+    if prompt.dim() != 1:
+        raise ValueError(f"prompt must be a 1-D tensor of token ids, got shape "
+                         f"{tuple(prompt.shape)}")
     t = prompt.numel()
-    max_seq = min(t + max_new_tokens, model.config.block_size)
+    check_generation_length(model, t, max_new_tokens)
+    device = prompt.device
+    max_seq = t + max_new_tokens
     with torch.device(device):
         model.setup_caches(max_batch_size=1, max_seq_length=max_seq)
     seq = torch.empty(max_seq, dtype=torch.int, device=device)
@@ -116,15 +149,35 @@ def generate(model, prompt: Tensor, max_new_tokens: int, decode_fn, temperature:
     _sync(device)
     t1 = time.perf_counter()
     seq[t] = next_token[0, 0]
-    input_pos = torch.tensor([t], device=device, dtype=torch.int)
-    tokens = decode_n_tokens(model, next_token.view(1, -1), input_pos, max_new_tokens - 1,
-                             decode_fn, temperature, top_k, stop_ids)
+    stop_ids = set(stop_ids or ())
+    callback_s = [0.0]
+    emit = None
+    if on_token is not None:
+        def emit(tok: int) -> None:
+            c = time.perf_counter()
+            on_token(tok)
+            callback_s[0] += time.perf_counter() - c
+    stopped = False
+    if stop_ids or emit is not None:
+        first = int(next_token[0, 0])
+        if emit is not None:
+            emit(first)
+        stopped = first in stop_ids
+    tokens = []
+    callback_s[0] = 0.0
+    t_dec = time.perf_counter()
+    if not stopped:
+        input_pos = torch.tensor([t], device=device, dtype=torch.int)
+        tokens = decode_n_tokens(model, next_token.view(1, -1), input_pos, max_new_tokens - 1,
+                                 decode_fn, temperature, top_k, stop_ids, emit)
     _sync(device)
     t2 = time.perf_counter()
     n = len(tokens)
     if n:
         seq[t + 1:t + 1 + n] = torch.cat(tokens).view(-1)
-    return seq[:t + 1 + n], {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": n}
+        stopped = bool(stop_ids) and int(seq[t + n]) in stop_ids
+    return seq[:t + 1 + n], {"prefill_s": t1 - t0, "decode_s": t2 - t_dec - callback_s[0],
+                             "decode_tokens": n, "stopped": stopped}
 
 
 def _sync(device):
@@ -133,12 +186,22 @@ def _sync(device):
 
 
 # ----------------------------------------------------------------------------- reporting
+def skips_weight_rows(module) -> bool:
+    """Does a sparse decode step of this SparseLinear read only the kept rows of its weight?
+    Only its row-skipping kernel does (every kernel algorithm loads kept rows only); the exact
+    torch path (CPU, `--kernels off`, a dtype without a kernel) masks the input and then
+    multiplies by the whole weight, reading every row."""
+    return bool(module.sparse) and module._launch is not None
+
+
 def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int:
-    """Weight bytes read for one decode token: every parameter except the embedding table
-    (only one row is read; a tied output head still reads it), with each sparse projection's
-    stored weight bytes scaled by its kept fraction (1 - effective sparsity of
-    `sparsity_by_proj[name]`). Quantized projections count their codes (int8: 1 byte, int4:
-    1/2 byte per weight) and all their scales."""
+    """Weight bytes one decode token reads on the path it runs: every parameter except the
+    embedding table (only one row is read; a tied output head still reads it), with the stored
+    weight bytes of each sparse projection that decodes through a row-skipping kernel
+    (`skips_weight_rows`) scaled by its kept fraction (1 - effective sparsity of
+    `sparsity_by_proj[name]`); a projection on the torch path reads all of them. Quantized
+    projections count their codes (int8: 1 byte, int4: 1/2 byte per weight) and all their
+    scales."""
     sparsity_by_proj = sparsity_by_proj or {}
     total, seen = 0.0, set()
     for m in sparse_linears(model):
@@ -146,8 +209,9 @@ def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int
         per_weight = wt.element_size() * wt.shape[1] / sum(m.sizes)
         if m.wformat == "dense":
             seen.add(id(m.weight))
+        skips = skips_weight_rows(m)
         for proj in m.projections():
-            kept = 1.0 - sparsity_by_proj.get(proj.name, 0.0) if m.sparse else 1.0
+            kept = 1.0 - sparsity_by_proj.get(proj.name, 0.0) if skips else 1.0
             total += proj.out_features * proj.in_features * per_weight * kept
         if scales is not None:
             total += scales.numel() * scales.element_size()

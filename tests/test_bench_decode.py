@@ -112,7 +112,11 @@ def test_quant_formats_rows(tiny, tmp_path, capsys):
     # bytes read per token: quantized codes (and the head with --quant_head) shrink them
     gb = {k: r["gb_per_token"] for k, r in by.items()}
     assert gb["torch int4"] < gb["torch int8"] < gb["dense"]
-    assert gb["int8 50%"] < gb["torch int8"] and gb["int4 50%"] < gb["torch int4"]
+    if torch.cuda.is_available():  # the row-skipping kernels read only the kept rows
+        assert gb["int8 50%"] < gb["torch int8"] and gb["int4 50%"] < gb["torch int4"]
+    else:  # the torch path (CPU) reads every row at any sparsity: no fewer bytes than the
+        # baseline's codes (int8: the same codes and scales; int4: tinygemm's scales are larger)
+        assert gb["int8 50%"] == gb["torch int8"] and gb["int4 50%"] <= gb["torch int4"]
     table = capsys.readouterr().out
     assert "x torch" in table and "int4-g32" in table and "torch int8" in table
 

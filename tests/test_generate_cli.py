@@ -34,7 +34,7 @@ def _run(*argv):
 
 
 def test_generates_and_reports(tiny_ckpt, capsys):
-    _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5,
+    _run("--checkpoint_path", tiny_ckpt / "model.pth", "--sparsity", 0.5, "--no-chat",
          "--max_new_tokens", 6, "--temperature", 0, "--prompt", "Hello world")
     out = capsys.readouterr().out
     assert out.startswith("Hello world") and "tokens/s" in out and "GB/s" in out

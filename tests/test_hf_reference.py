@@ -38,7 +38,7 @@ def _real_text_ids(tok, n: int = N_PROMPT) -> list[int]:
         "The history of the Roman Empire spans many centuries, from the founding of the city "
         "to the fall of Constantinople. Historians have long debated the causes of its decline, "
         "pointing to economic troubles, military defeats, political instability and plague. ") * 3
-    ids = tok.encode(text)
+    ids = tok.encode(text, special=False)
     assert len(ids) >= n
     return ids[:n]
 

@@ -357,7 +357,8 @@ def test_apply_tp_on_a_quantized_model():
 def test_bytes_per_decode_step():
     """Stored bytes: int8 codes 1 byte + an fp32 scale per column, int4 half a byte + a bf16
     (scale, bias) per group and column; int8 about 2x and int4 about 3-4x below bf16 on the
-    projections; a sparse projection's codes scale with its kept fraction, its scales do not."""
+    projections; a sparse projection's codes scale with its kept fraction on the row-skipping
+    kernels (its scales do not), and not at all on the torch path, which reads every row."""
     dense = _dense().to(torch.bfloat16)
     shapes = [(p.in_features, p.out_features) for _, _, p in dense.projections()]
     dense_proj = sum(k * n * 2 for k, n in shapes)
@@ -374,8 +375,12 @@ def test_bytes_per_decode_step():
         assert got - base == codes + scales - dense_proj, spec
         proj[spec.wformat] = codes + scales
         teal.configure(qm, sparse=True)
-        half = bytes_per_decode_step(qm, {name: 0.5 for _, name, _ in qm.projections()})
-        assert half == got - codes // 2, spec
+        eff = {name: 0.5 for _, name, _ in qm.projections()}
+        teal.set_kernel_policy(qm, teal.KernelPolicy(gemv=False))
+        assert bytes_per_decode_step(qm, eff) == got, spec  # torch path: every row
+        if K.kernels_available(torch.device("cpu")):
+            teal.set_kernel_policy(qm, teal.KernelPolicy(interpreter=True))
+            assert bytes_per_decode_step(qm, eff) == got - codes // 2, spec
     assert 1.8 < dense_proj / proj["int8"] <= 2.0
     assert 3.0 < dense_proj / proj["int4-g32"] < dense_proj / proj["int4-g128"] < 4.0
     # a quantized head counts as stored codes too

@@ -103,51 +103,52 @@ def test_smollm2_tokenizer_meta(tok):
 
 
 def test_special_token_ids(tok):
-    assert tok.encode("<|im_start|>") == [1]
-    assert tok.encode("<|im_end|>") == [2]
-    assert tok.encode("<|endoftext|>") == [0]
-    assert tok.encode("a<|im_end|>b") == tok.encode("a") + [2] + tok.encode("b")
+    assert tok.encode("<|im_start|>", special=True) == [1]
+    assert tok.encode("<|im_end|>", special=True) == [2]
+    assert tok.encode("<|endoftext|>", special=True) == [0]
+    assert (tok.encode("a<|im_end|>b", special=True)
+            == tok.encode("a", special=True) + [2] + tok.encode("b", special=True))
 
 
 def test_known_ids(tok, ref):
     # Digits are split off one by one (pre-tokenizer `smollm`), never merged with a space.
-    assert tok.encode("12345") == [ref.vocab[d] for d in "12345"]
-    assert tok.encode(" 7") == [ref.vocab["Ġ"], ref.vocab["7"]]
-    assert tok.encode("Hello world") == [ref.vocab["Hello"], ref.vocab["Ġworld"]]
-    assert tok.encode("\n") == [ref.vocab["Ċ"]]
+    assert tok.encode("12345", special=True) == [ref.vocab[d] for d in "12345"]
+    assert tok.encode(" 7", special=True) == [ref.vocab["Ġ"], ref.vocab["7"]]
+    assert tok.encode("Hello world", special=True) == [ref.vocab["Hello"], ref.vocab["Ġworld"]]
+    assert tok.encode("\n", special=True) == [ref.vocab["Ċ"]]
 
 
 @pytest.mark.parametrize("text", EDGE_CASES)
 def test_matches_reference_bpe(tok, ref, text):
-    assert tok.encode(text) == ref.encode(text)
+    assert tok.encode(text, special=True) == ref.encode(text)
 
 
 def test_matches_reference_bpe_on_wikitext(tok, ref):
     text = _wikitext_chunk()
-    ids = tok.encode(text)
+    ids = tok.encode(text, special=True)
     assert ids == ref.encode(text)
     assert len(ids) > 1000
 
 
 @pytest.mark.parametrize("text", EDGE_CASES)
 def test_round_trip(tok, text):
-    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, special=True)) == text
 
 
 def test_round_trip_wikitext(tok):
     text = _wikitext_chunk()
-    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, special=True)) == text
 
 
 def test_bos_flag(tok):
-    assert tok.encode("hi", bos=True) == [tok.bos_id] + tok.encode("hi")
-    assert tok.encode("hi", bos=False) == tok.encode("hi")
+    assert tok.encode("hi", bos=True, special=True) == [tok.bos_id] + tok.encode("hi", special=True)
+    assert tok.encode("hi", bos=False, special=True) == tok.encode("hi", special=True)
 
 
 def test_chat_template(tok):
     s = tok.apply_chat_template("What is 2+2?")
     assert s == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(s)
+    ids = tok.encode(s, special=True)
     assert ids[0] == 1 and ids.count(1) == 2 and ids.count(2) == 1
 
 
@@ -157,7 +158,7 @@ def test_transformers_agrees(tok, smollm2_hf):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(smollm2_hf))
     for text in EDGE_CASES + [_wikitext_chunk(2000)]:
-        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text, special=True)
     rendered = hf.apply_chat_template([{"role": "user", "content": "Hi there"}],
                                       tokenize=False, add_generation_prompt=True)
     assert rendered.endswith(tok.apply_chat_template("Hi there"))
@@ -196,7 +197,7 @@ def test_sentencepiece_backend(tmp_path):
     t = load_tokenizer(tmp_path, {"tokenizer": {"chat_template": "llama2"}})
     assert isinstance(t, SentencePieceTokenizer)
     assert t.add_bos and t.bos_id == 1 and t.eos_id == 2
-    ids = t.encode("The game was released in Japan")
+    ids = t.encode("The game was released in Japan", special=True)
     assert ids[0] == 1 and 1 not in ids[1:]
     assert t.decode(ids[1:]) == "The game was released in Japan"
     assert t.apply_chat_template(" hello ") == "[INST] hello [/INST]"
@@ -214,9 +215,9 @@ def test_tiktoken_backend(tmp_path):
     n = len(tokens)
     assert t.bos_id == n and t.add_bos
     assert {n + 1, n + 9} <= t.eos_ids  # <|end_of_text|>, <|eot_id|>
-    ids = t.encode("hello world")
+    ids = t.encode("hello world", special=True)
     assert ids[0] == n and tokens.index(b"hell") in ids
     assert t.decode(ids[1:]) == "hello world"
-    chat = t.encode(t.apply_chat_template("hello"), bos=False)
+    chat = t.encode(t.apply_chat_template("hello"), bos=False, special=True)
     assert chat[:2] == [n + 6, tokens.index(b"u")]  # <|start_header_id|> then "user"
     assert chat.count(n + 9) == 1 and chat.count(n + 7) == 2
