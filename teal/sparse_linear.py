@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from teal import kernels, quant
+from teal.kernels.cpu import compiled_kernel, cpu_sparse_gemm
 from teal.kernels.dispatch import DEFAULT_POLICY, KernelPolicy
 from teal.kernels.formats import get_format
 
@@ -302,9 +303,13 @@ class SparseLinear(nn.Module):
         if not self._sparse_for(x):
             if self._dense_launch is not None and self._kernel_ok(x):
                 return self._kernel(x, self._zero_threshold, self._dense_launch, 0.0)
+            if self._cpu_ok(x, dense=True):
+                return self._cpu_kernel(x, dense=True)
             y = F.linear(x, self.weight)
         elif self._launch is not None and not self.track and self._kernel_ok(x):
             return self._kernel(x, self.threshold, self._launch, min(self.sparsity))
+        elif not self.track and self._cpu_ok(x, dense=False):
+            return self._cpu_kernel(x, dense=False)
         else:
             y = self._masked_linear(x)
         if self.gated:
@@ -328,6 +333,28 @@ class SparseLinear(nn.Module):
         ends = [b for _, b in self._offsets()]
         return kernels.sparse_gemv(x, wt, thresholds, ends, sparsity=sparsity, launch=launch,
                                    wformat=self.wformat, scales=scales)
+
+    def _cpu_ok(self, x: Tensor, dense: bool) -> bool:
+        """The CPU kernels (teal.kernels.cpu) take this call: a dense-format weight on the CPU,
+        the policy's `cpu` implementation set, no autograd, and a call they measured faster
+        than torch's: one token at any dtype (sparse; dense bf16/fp16), or several tokens in
+        bf16/fp16 (torch's CPU GEMM on the input-channel-major layout is slow there)."""
+        policy, w = self.kernel_policy, self.weight
+        if (self.wformat != "dense" or x.device.type != "cpu" or not policy.gemv
+                or policy.cpu is None or policy.interpreter or x.dtype != w.dtype
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return False
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        one = x.numel() == x.shape[-1]
+        if policy.cpu == "gather" or compiled_kernel() is None:  # not built: the torch gather
+            return one and (half or not dense)
+        return half or (one and not dense)
+
+    def _cpu_kernel(self, x: Tensor, dense: bool) -> Tensor:
+        ends = [b for _, b in self._offsets()]
+        y = cpu_sparse_gemm(x.reshape(-1, self.in_features), self.weight.t(), self.threshold,
+                            ends, gated=self.gated, dense=dense, impl=self.kernel_policy.cpu)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _masked_linear(self, x: Tensor) -> Tensor:
         """The exact torch path: each projection's input with |x| <= t_s zeroed, then a

@@ -64,8 +64,10 @@ def _quantized(dense, spec):
 
 @torch.no_grad()
 def _dequantized_dense(dense, spec):
-    """The dense model with every quantized weight replaced by the reference dequantization."""
+    """The dense model with every quantized weight replaced by the reference dequantization,
+    on the exact torch path (mask, then matmul), as the quantized modules run on the CPU."""
     ref = copy.deepcopy(dense)
+    teal.set_kernel_policy(ref, teal.KernelPolicy(cpu=None))
     fmt = spec.wformat
     for _, _, p in ref.projections():
         p.weight.copy_(ref_dequantize(fmt, p.weight).t())

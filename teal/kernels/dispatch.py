@@ -432,6 +432,10 @@ class KernelPolicy:
             slow; Triton must have been imported with TRITON_INTERPRET=1).
         table: the dispatch table (default: the H200 measurements).
         config: force this config for every GEMV call (benchmarks, tests); None: the table.
+        cpu: on the CPU (without the interpreter), the implementation that reads only kept
+            weight rows (`teal.kernels.cpu`): "compiled" (the C++ kernel, built on first use;
+            "gather" where it cannot be built), "gather" (pure torch, one token), or None (the
+            exact torch path: mask, then a matmul over every row).  Needs `gemv`.
 
     `set_kernel_policy(model, policy)` (teal.sparse_linear) hands one to every module.
     """
@@ -441,6 +445,11 @@ class KernelPolicy:
     interpreter: bool = False
     table: DispatchTable = field(default=DEFAULT_TABLE, repr=False)
     config: Optional[GemvConfig] = None
+    cpu: Optional[str] = "compiled"
+
+    def __post_init__(self):
+        if self.cpu not in (None, "compiled", "gather"):
+            raise ValueError(f"KernelPolicy.cpu must be 'compiled', 'gather' or None, got {self.cpu!r}")
 
     def allows(self, device) -> bool:
         """Kernels may run on this device under this policy (availability aside)."""
