@@ -13,7 +13,9 @@ destination and the cause.
 
 Temp files are named `.<name>.<pid>-<random>.tmp` in the destination's folder (O_EXCL: two
 writers never share one). A write first removes the temps that earlier runs left for the
-same destination (their process is gone: killed with SIGKILL, a power cut); a SIGTERM
+same destination (their process is gone: killed with SIGKILL, a power cut), including those
+of the naming schemes of earlier versions, which record no pid (`<name>.tmp` and
+`.<name>.<8 hex>.tmp`; removed once untouched for `OLD_TEMP_MIN_AGE_S`); a SIGTERM
 during a write removes the temps in flight before the process ends as the signal asks (the
 handler is installed in the main thread on the first write and passes the signal on to the
 handler that was there before).
@@ -28,12 +30,13 @@ import shutil
 import signal
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_torch_save", "atomic_copy_stream", "WriteError", "write_error",
-           "check_free_space", "probe_writable", "remove_stale_temps"]
+           "check_free_space", "probe_writable", "remove_stale_temps", "OLD_TEMP_MIN_AGE_S"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -75,19 +78,53 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: PathLike) -> list[Path]:
-    """Remove the temp files of `path` (`.<name>.<pid>-<hex>.tmp` in its folder) whose
-    writing process no longer runs on this machine; returns the removed paths."""
+# Temp names of earlier versions of this project, which record no pid (so whether their
+# writer still runs cannot be told): `<name>.tmp` (the writers before teal.io: greedy
+# allocations, perplexity/calibrate/bench JSON, prepare's GGUF extraction, the HF export's
+# model.safetensors) and `.<name>.<8 hex>.tmp` (teal.io before temps carried the pid). Such a
+# file is removed only once it has not been modified for this long (seconds): a writer still
+# running an old version keeps touching its temp while it writes.
+OLD_TEMP_MIN_AGE_S = 3600.0
+
+
+def _old_temp_patterns(name: str) -> list:
+    n = re.escape(name)
+    return [re.compile(rf"{n}\.tmp"), re.compile(rf"\.{n}\.[0-9a-f]{{8}}\.tmp")]  # fullmatch
+
+
+def remove_stale_temps(path: PathLike, old_min_age_s: float = OLD_TEMP_MIN_AGE_S) -> list[Path]:
+    """Remove the stale temp files of `path` from its folder; returns the removed paths.
+
+    Removed: `.<name>.<pid>-<hex>.tmp` whose writing process no longer runs on this machine,
+    and regular files named as earlier versions named their temps for `path` (`<name>.tmp`,
+    `.<name>.<8 hex>.tmp`) that have not been modified for `old_min_age_s` seconds. Nothing
+    else is touched: other names, other destinations' temps, temps of live processes, files
+    this process is writing. A file that cannot be removed is left (and not reported).
+    """
     path = Path(path)
     removed = []
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp$")
+    old_patterns = _old_temp_patterns(path.name)
     try:
         entries = list(path.parent.iterdir())
     except OSError:
         return removed
+    now = time.time()
     for entry in entries:
+        if entry in _IN_FLIGHT:
+            continue
         m = pattern.match(entry.name)
-        if m and entry not in _IN_FLIGHT and not _pid_alive(int(m.group(1))):
+        if m:
+            stale = not _pid_alive(int(m.group(1)))
+        elif any(p.fullmatch(entry.name) for p in old_patterns):
+            try:
+                st = entry.lstat()
+            except OSError:
+                continue
+            stale = stat.S_ISREG(st.st_mode) and now - st.st_mtime >= old_min_age_s
+        else:
+            continue
+        if stale:
             try:
                 entry.unlink()
                 removed.append(entry)

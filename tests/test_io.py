@@ -223,6 +223,51 @@ def test_stale_temps_of_dead_runs_are_removed(tmp_path):
         live_proc.wait()
 
 
+def test_stale_temps_of_the_old_naming_schemes_are_removed(tmp_path):
+    """`<name>.tmp` (the writers before teal.io) and `.<name>.<8 hex>.tmp` (teal.io before the
+    pid): removed for the same destination once untouched for OLD_TEMP_MIN_AGE_S; a fresh
+    one, other names and a live process's new-style temp are kept."""
+    import subprocess
+    import sys
+    import time
+    from teal.io import OLD_TEMP_MIN_AGE_S, remove_stale_temps
+    old = time.time() - OLD_TEMP_MIN_AGE_S - 60
+    stale = [tmp_path / "out.bin.tmp", tmp_path / ".out.bin.0badc0de.tmp"]
+    kept = [tmp_path / "out.bin.tmp.bak", tmp_path / "xout.bin.tmp", tmp_path / "out.bin2.tmp",
+            tmp_path / ".out.bin.0badc0d.tmp", tmp_path / ".out.bin.0BADC0DE.tmp",
+            tmp_path / "other.bin.tmp", tmp_path / ".other.bin.0badc0de.tmp",
+            tmp_path / "notes.txt"]
+    for f in stale + kept:
+        f.write_bytes(b"x")
+        os.utime(f, (old, old))
+    again = tmp_path / "out.bin.tmp"  # left once more by an old version, long ago
+    (tmp_path / "sub").mkdir()
+    fresh_old_writer = tmp_path / "sub" / "out.bin.tmp"
+    fresh_old_writer.write_bytes(b"an old version still writing")
+    (tmp_path / ".out.bin.0badc0de.tmp.d").mkdir()  # not a regular file: never removed
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = tmp_path / f".out.bin.{live_proc.pid}-cafe0001.tmp"
+        live.write_bytes(b"another writer, still running")
+        os.utime(live, (old, old))
+        assert sorted(remove_stale_temps(tmp_path / "out.bin")) == sorted(stale)
+        assert not any(f.exists() for f in stale)
+        assert all(f.exists() for f in kept) and live.exists()
+        assert (tmp_path / ".out.bin.0badc0de.tmp.d").is_dir()
+        atomic_write_bytes(tmp_path / "sub" / "out.bin", b"new")  # the writer calls it
+        assert fresh_old_writer.exists()
+        assert remove_stale_temps(tmp_path / "sub" / "out.bin", old_min_age_s=0) == \
+            [fresh_old_writer]
+        assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["out.bin"]
+        again.write_bytes(b"y")
+        os.utime(again, (old, old))
+        atomic_write_bytes(tmp_path / "out.bin", b"new")  # the write removes it
+        assert not again.exists() and live.exists() and (tmp_path / "out.bin").read_bytes() == b"new"
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+
+
 def test_temp_names_are_unique_per_writer(tmp_path):
     names = []
     for _ in range(2):

@@ -5,7 +5,10 @@ weights (model.safetensors, sharded safetensors with model.safetensors.index.jso
 pytorch_model*.bin as a fallback), renames the tensors to ours (see `model.Transformer`),
 permutes q/k rows from Hugging Face's rotate-half RoPE order into the interleaved-pair order
 of `model.py` (per head; k with the KV head count), and writes `model.pth` plus a copy of the
-tokenizer file(s) and tokenizer metadata.
+tokenizer file(s) and tokenizer metadata. Before any tensor is read, the tensor names and
+shapes (from the file headers) are checked against config.json and the output's disk is
+checked for room for the output (`teal.io.check_free_space`, sizes from the headers and the
+output dtype).
 
 The architecture always comes from config.json (`model_type` llama or mistral), never from
 the model name.
@@ -192,28 +195,71 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from sd.items()
 
 
-def hf_tensor_shapes(files: list[Path]) -> dict:
-    """{HF name: shape} of the weight files, read from the safetensors headers (no tensor
-    data) or a memory-mapped .bin.
+# bytes per element of the safetensors header dtypes
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
+                         "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                         "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def hf_tensor_headers(files: list[Path]) -> dict:
+    """{HF name: (shape, bytes per element)} of the weight files, read from the safetensors
+    headers (no tensor data) or a memory-mapped .bin.
 
     Raises:
         HFConversionError: a corrupt or truncated file.
     """
-    shapes = {}
+    headers = {}
     for f in files:
         try:
             if f.suffix == ".safetensors":
                 from safetensors import safe_open
                 with safe_open(str(f), framework="pt") as sf:
                     for k in sf.keys():
-                        shapes[k] = tuple(sf.get_slice(k).get_shape())
+                        sl = sf.get_slice(k)
+                        headers[k] = (tuple(sl.get_shape()),
+                                      _SAFETENSORS_ITEMSIZE.get(sl.get_dtype(), 8))
             else:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+                headers.update({k: (tuple(v.shape), v.element_size()) for k, v in sd.items()})
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, unpickling errors
             raise HFConversionError(f"{f} is corrupt or truncated ({e.__class__.__name__}: "
                                     f"{' '.join(str(e).split())[:120]}); download it again") from None
-    return shapes
+    return headers
+
+
+def hf_tensor_shapes(files: list[Path]) -> dict:
+    """{HF name: shape} of the weight files (`hf_tensor_headers` without the element sizes).
+
+    Raises:
+        HFConversionError: a corrupt or truncated file.
+    """
+    return {k: shape for k, (shape, _) in hf_tensor_headers(files).items()}
+
+
+def hf_checkpoint_nbytes(folder: Path, args: dict, dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of the tensors `hf_state_dict(folder, args, dtype)` gives, from the weight files'
+    headers (no tensor is read): each kept tensor's element count times the size of `dtype`
+    (None: of its dtype in the file); a tied head is stored once. `args` is not changed.
+
+    Raises:
+        HFConversionError: missing/corrupt weights, or tensors that do not match `args`
+            (the same one line `hf_state_dict` raises).
+    """
+    headers = hf_tensor_headers(weight_files(folder))
+    config = dict(args)  # check_source_tensors may set tie_embeddings; hf_state_dict notes it
+    ours = check_source_tensors({k: shape for k, (shape, _) in headers.items()}, our_name,
+                                config, f"Hugging Face folder {folder}", HFConversionError)
+    itemsize = {our_name(k): size for k, (_, size) in headers.items()}
+    out_size = dtype.itemsize if dtype is not None else None
+    total = 0
+    for key, shape in ours.items():
+        if key == "output.weight" and config["tie_embeddings"]:
+            continue  # the same tensor as tok_embeddings.weight
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n * (out_size or itemsize.get(key, 4))
+    return total
 
 
 def our_name(hf_name: str) -> Optional[str]:
@@ -384,6 +430,9 @@ def convert_hf(folder, out_dir=None, name: Optional[str] = None,
     Raises:
         HFConversionError: missing/corrupt files, an unsupported config, or an output folder
             that cannot be written.
+        WriteError (an OSError): the output's disk has too little free space for model.pth
+            and the tokenizer files (estimated from the weight headers and `dtype`); raised
+            before any tensor is read, one line naming the path and the fix.
         OSError: writing the output failed (nothing is left behind).
     """
     folder = Path(folder)
@@ -403,6 +452,11 @@ def convert_hf(folder, out_dir=None, name: Optional[str] = None,
         default_dir if name == default_name else Path("checkpoints") / name)
     check_out_dir(out_dir, HFConversionError)
     tok_files, tok_meta = tokenizer_files_and_meta(folder, cfg)
+    # room for model.pth and the tokenizer files (+1 MB: archive records, meta), before any
+    # tensor is read; the names and shapes are checked on the way
+    from teal.io import check_free_space
+    check_free_space(out_dir / "model.pth", hf_checkpoint_nbytes(folder, args, dtype)
+                     + sum(len(b) for b in tok_files.values()) + (1 << 20))
     sd = hf_state_dict(folder, args, dtype, progress)
     dtypes = sorted({dtype_name(t.dtype) for t in sd.values()})
     meta = {"name": name, "source": str(folder), "source_format": "hf",
