@@ -187,12 +187,12 @@ def run(args) -> list[dict]:
 
 
 def format_table(results: list[dict], max_new_tokens: int) -> str:
-    head = (f"{'config':<32} {'dense ppl':>10} {'rep-4gram':>10} {'agree tok':>10} "
+    head = (f"{'config':<36} {'dense ppl':>10} {'rep-4gram':>10} {'agree tok':>10} "
             f"{'new tok':>8} {'sparsity':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         ms = r["measured_sparsity"]
-        lines.append(f"{r['config']:<32} {r['mean_dense_perplexity']:>10.3f} "
+        lines.append(f"{r['config']:<36} {r['mean_dense_perplexity']:>10.3f} "
                      f"{r['mean_repeated_ngram_rate']:>10.3f} {r['mean_agreement']:>10.1f} "
                      f"{r['mean_new_tokens']:>8.1f} {'-' if ms is None else f'{ms:.3f}':>9}")
     lines.append(f"(means over prompts; dense ppl: the dense model's perplexity of each "

@@ -245,3 +245,27 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
                                      "--device", "cpu", "--prompts",
                                      str(tiny_ckpt / "prompts.jsonl")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_cli_sequential_calibration_and_weight_scoring(tiny_ckpt, tmp_path):
+    """The perplexity.py configuration flags work here too: both calibrations (sequential:
+    re-derived on a text of whole windows, so the measured sparsity is near the target); a
+    scoring the thresholds file cannot serve is a one-line error."""
+    from tiny_models import write_text
+    text = write_text(tmp_path / "calib.txt", 3 * 128)
+    out = tmp_path / "gen.json"
+    rc = evaluate_generation.main([
+        "--checkpoint_path", str(tiny_ckpt / "model.pth"), "--prompts",
+        str(tiny_ckpt / "prompts.jsonl"), "--sparsity", "0.5", "--calibration", "dense",
+        "sequential", "--calib_text", str(text), "--calib_tokens",
+        "384", "--max_new_tokens", "8", "--device", "cpu", "--json", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in res] == ["dense", "0.50 uniform magnitude dense",
+                                         "0.50 uniform magnitude sequential"]
+    assert abs(res[2]["measured_sparsity"] - 0.5) < 0.08
+    rc = evaluate_generation.main([
+        "--checkpoint_path", str(tiny_ckpt / "model.pth"), "--prompts",
+        str(tiny_ckpt / "prompts.jsonl"), "--sparsity", "0.5", "--scoring", "weight",
+        "--max_new_tokens", "2", "--device", "cpu", "--quiet"])
+    assert rc == 1
