@@ -18,7 +18,6 @@ parameter-weighted model-level sparsity on the evaluated text are printed.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -113,10 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def configurations(args) -> list[tuple[float, str, str, str]]:
     """(sparsity, allocation, scoring, calibration) rows; sparsity 0 (dense) appears once,
     first."""
-    rows = [(0.0, "dense", "-", "-")] if 0.0 in args.sparsity else []
-    rows += [(s, a, sc, c) for c, s, a, sc in itertools.product(
-        args.calibration, sorted(set(args.sparsity) - {0.0}), args.allocation, args.scoring)]
-    return rows
+    from teal.allocation import sweep_configurations
+    return sweep_configurations(args.sparsity, args.allocation, args.scoring, args.calibration)
 
 
 def check_paths(args) -> None:
@@ -133,23 +130,16 @@ def check_paths(args) -> None:
 
 def run(args) -> list[dict]:
     import teal
-    from teal.allocation import apply_config, calibrate_sequentially
+    from teal.allocation import apply_configuration, load_sweep_files
     from teal.calibration import load_token_ids
     from model import load_model
     from teal.dtypes import DTYPES
     from teal.evaluation import perplexity, scoring_windows, window_ends
-    from teal.thresholds import Calibration
 
     rows = configurations(args)
     model, meta = load_model(args.checkpoint_path, device=args.device, dtype=DTYPES[args.dtype])
     model.eval()
-    calib = greedy = None
-    if any(row[0] > 0 for row in rows):
-        calib = Calibration.load(args.thresholds, model.config.to_dict())
-        if "greedy" in args.allocation:
-            from teal.greedy import GreedyAllocation
-            greedy = GreedyAllocation.load(args.greedy)
-            greedy.check_model(model.config.to_dict())
+    calib, greedy = load_sweep_files(model, rows, args.thresholds, args.greedy)
     all_ids = load_token_ids(args.text, args.checkpoint_path, meta)
     ids = all_ids[args.start_token:]
     # the token before --start_token is context: token start_token itself is predicted too
@@ -174,15 +164,12 @@ def run(args) -> list[dict]:
         calib_ids = load_token_ids(args.calib_text, args.checkpoint_path, meta)
     results = []
     for s, alloc, scoring, calibration in rows:
+        apply_configuration(model, (s, alloc, scoring, calibration), calib, greedy, calib_ids,
+                            seq_len=seq_len, calib_tokens=args.calib_tokens,
+                            progress=not args.quiet)
         if s == 0.0:
             teal.configure(model, sparse=False, sparsify_prefill=False, track=False)
         else:
-            applied = apply_config(model, calib, s, allocation=alloc, scoring=scoring,
-                                   greedy=greedy)
-            if calibration == "sequential":
-                calibrate_sequentially(model, calib, calib_ids, applied, scoring,
-                                       seq_len=seq_len, n_tokens=args.calib_tokens,
-                                       progress=not args.quiet)
             teal.configure(model, sparsify_prefill=True, track=True)
         row = dict(sparsity=s, allocation=alloc, scoring=scoring, calibration=calibration,
                    start_token=args.start_token, tokens=n, prefixes=[])

@@ -25,6 +25,71 @@ from teal.sparse_linear import configured
 from teal.thresholds import SCORINGS, Calibration, apply_sparsities, histogram_quantile, update_histogram
 
 ALLOCATIONS = ("uniform", "greedy")
+CALIBRATIONS = ("dense", "sequential")
+
+
+def sweep_configurations(sparsities, allocations=("uniform",), scorings=("magnitude",),
+                         calibrations=("dense",), dense: bool = False) -> list[tuple]:
+    """The (sparsity, allocation, scoring, calibration) rows of a sweep, as the evaluation CLIs
+    run them: the dense baseline once and first, as (0.0, "dense", "-", "-"), when 0 is among
+    `sparsities` or `dense` is true; then every combination of the other sparsities (sorted)
+    with the allocations, scorings and calibrations (calibration outermost)."""
+    rows = [(0.0, "dense", "-", "-")] if dense or 0.0 in sparsities else []
+    rows += [(s, a, sc, c) for c in calibrations for s in sorted(set(sparsities) - {0.0})
+             for a in allocations for sc in scorings]
+    return rows
+
+
+def load_sweep_files(model, rows, thresholds, greedy_path=None) -> tuple:
+    """(Calibration or None, GreedyAllocation or None) that the `rows` of a sweep need on
+    `model`: the calibration file `thresholds` when a row is sparse, the greedy allocation
+    `greedy_path` when a sparse row uses allocation "greedy" (both checked against the model).
+
+    Raises:
+        ThresholdsError / teal.greedy.AllocationError: a missing, corrupt or mismatched file.
+    """
+    calib = greedy = None
+    if any(row[0] > 0 for row in rows):
+        calib = Calibration.load(thresholds, model.config.to_dict())
+        if any(row[0] > 0 and row[1] == "greedy" for row in rows):
+            greedy = GreedyAllocation.load(greedy_path)
+            greedy.check_model(model.config.to_dict())
+    return calib, greedy
+
+
+def apply_configuration(model, row: tuple, calib=None, greedy=None, calib_ids=None,
+                        seq_len: int = 2048, calib_tokens: int = 8192,
+                        progress: bool = False) -> dict:
+    """Configure a loaded model for one row of `sweep_configurations`.
+
+    The dense row (sparsity 0) turns every projection dense (`teal.configure(sparse=False)`);
+    a sparse row sets the thresholds with `apply_config` and, for calibration "sequential",
+    re-derives them with `calibrate_sequentially` over `calib_tokens` of `calib_ids` (1-D
+    token ids) in windows of `seq_len`. The sparse/sparsify_prefill/track flags are left to
+    the caller. Returns {(layer, proj): target sparsity} applied ({} for the dense row).
+
+    Raises:
+        ValueError: a sparse row without `calib`, a sequential one without `calib_ids`, plus
+            everything `apply_config` and `calibrate_sequentially` raise.
+    """
+    from teal.sparse_linear import configure
+    sparsity, allocation, scoring, calibration = row
+    if sparsity == 0.0:
+        configure(model, sparse=False)
+        return {}
+    if calib is None:
+        raise ValueError("a sparse configuration needs a calibration file (thresholds)")
+    applied = apply_config(model, calib, sparsity, allocation=allocation, scoring=scoring,
+                           greedy=greedy)
+    if calibration == "sequential":
+        if calib_ids is None:
+            raise ValueError("calibration 'sequential' needs calibration token ids")
+        calibrate_sequentially(model, calib, calib_ids, applied, scoring, seq_len=seq_len,
+                               n_tokens=calib_tokens, progress=progress)
+    elif calibration != "dense":
+        raise ValueError(f"unknown calibration {calibration!r}; choose from "
+                         f"{', '.join(CALIBRATIONS)}")
+    return applied
 
 
 def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "uniform",

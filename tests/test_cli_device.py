@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CLIS = ["generate.py", "calibrate.py", "perplexity.py", "quantize.py",
+CLIS = ["generate.py", "calibrate.py", "perplexity.py", "evaluate_generation.py", "quantize.py",
         "scripts/bench_decode.py"]
 
 

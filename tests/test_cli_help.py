@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-CLIS = ["generate", "calibrate", "perplexity", "quantize", "tp",
+CLIS = ["generate", "calibrate", "perplexity", "evaluate_generation", "quantize", "tp",
         "scripts.prepare", "scripts.download", "scripts.convert_hf_checkpoint",
         "scripts.convert_gguf_checkpoint", "scripts.export_hf_from_gguf", "scripts.bench_gemv",
         "scripts.bench_decode", "scripts.bench_tp", "scripts.bench_compare",

@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 TEAL = Path(__file__).resolve().parent.parent / "teal"
-TOP_LEVEL = {"model", "generate", "calibrate", "perplexity", "tp", "scripts"}
+TOP_LEVEL = {"model", "generate", "calibrate", "perplexity", "evaluate_generation", "tp",
+             "scripts"}
 
 
 def _modules() -> dict:
