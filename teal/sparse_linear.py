@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from teal import kernels, quant
-from teal.kernels.cpu import compiled_kernel, cpu_sparse_gemm
+from teal.kernels.cpu import cpu_sparse_gemm
 from teal.kernels.dispatch import DEFAULT_POLICY, KernelPolicy
 from teal.kernels.formats import get_format
 
@@ -346,7 +346,7 @@ class SparseLinear(nn.Module):
             return False
         half = x.dtype in (torch.bfloat16, torch.float16)
         one = x.numel() == x.shape[-1]
-        if policy.cpu == "gather" or compiled_kernel() is None:  # not built: the torch gather
+        if policy.cpu == "gather":
             return one and (half or not dense)
         return half or (one and not dense)
 

@@ -214,18 +214,25 @@ def test_module_routing(monkeypatch):
 
 
 def test_module_falls_back_to_gather(monkeypatch):
-    """No compiler: one token runs the torch gather path, a prefill the torch GEMM."""
+    """No compiler: one token runs the torch gather path, several the masked torch product."""
     monkeypatch.setattr(C, "compiled_kernel", lambda verbose=False: None)
-    monkeypatch.setattr(SL, "compiled_kernel", lambda verbose=False: None)
-    spy = _Spy(monkeypatch)
     m, x = _module(torch.bfloat16)
+    xs = torch.randn(1, 4, 70).bfloat16()
     with torch.no_grad():
-        y = m(x)
-        assert spy.calls == 1
-        m(torch.randn(1, 4, 70).bfloat16())
-        assert spy.calls == 1
+        y, ys = m(x), m(xs)
         m.set_kernel_policy(KernelPolicy(cpu=None))
         _close(y, m(x).double(), torch.bfloat16, 0, "gather vs torch path")
+        m.sparse = False
+        _close(ys, m(xs).double(), torch.bfloat16, 0, "dense prefill vs torch path")
+
+
+def test_compiled_decode_step(monkeypatch):
+    """torch.compile(fullgraph) of a CPU module keeps the kernel as one op."""
+    m, x = _module(torch.bfloat16, gated=True)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, fullgraph=True, backend="eager")(x)
+    assert torch.equal(got, want)
 
 
 def test_model_greedy_tokens_match_the_torch_path():

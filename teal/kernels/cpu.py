@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import sparse_gemv_ref
+
 __all__ = ["CPU_IMPLS", "compiled_kernel", "cpu_sparse_gemm"]
 
 CPU_IMPLS = ("compiled", "gather")
@@ -126,10 +128,30 @@ def cpu_sparse_gemm(x: Tensor, wt: Tensor, thresholds: Tensor, ends: Sequence[in
         raise ValueError(f"cpu_sparse_gemm: impl must be one of {CPU_IMPLS}, got {impl!r}")
     ends = [int(e) for e in ends]
     _check(x, wt, thresholds, ends, gated)
+    if impl == "gather" and x.shape[0] != 1:
+        raise ValueError(f"cpu_sparse_gemm: the gather path takes one row, got {x.shape[0]}")
+    return _sparse_gemm_op(x, wt, thresholds, ends, gated, dense, impl)
+
+
+@torch.library.custom_op("teal::cpu_sparse_gemm", mutates_args=())
+def _sparse_gemm_op(x: Tensor, wt: Tensor, thresholds: Tensor, ends: list[int], gated: bool,
+                    dense: bool, impl: str) -> Tensor:
+    """The checked call as one opaque op, so `torch.compile` of a CPU decode step keeps it
+    whole (the C++ extension is built or loaded here, at run time, never while tracing)."""
     ext = compiled_kernel() if impl == "compiled" else None
-    if ext is None:
-        if x.shape[0] != 1:
-            raise ValueError(f"cpu_sparse_gemm: the gather path takes one row, got {x.shape[0]}")
+    if ext is not None:
+        return ext.sparse_gemm(x.contiguous(), wt.contiguous(), thresholds.contiguous(), ends,
+                               gated, dense, _chunk(ends[0] if gated else wt.shape[1]))
+    if x.shape[0] == 1:
         return _gather(x, wt, thresholds, ends, gated, dense)
-    return ext.sparse_gemm(x.contiguous(), wt.contiguous(), thresholds.contiguous(), ends,
-                           gated, dense, _chunk(ends[0] if gated else wt.shape[1]))
+    # not built, several rows: the masked reference in x's dtype (every weight row read)
+    y = sparse_gemv_ref(x, wt, thresholds if not dense else torch.full_like(thresholds, -1.0),
+                        ends, dtype=x.dtype)
+    if gated:
+        return F.silu(y[:, :ends[0]]) * y[:, ends[0]:]
+    return y
+
+
+@_sparse_gemm_op.register_fake
+def _(x, wt, thresholds, ends, gated, dense, impl):
+    return x.new_empty(x.shape[0], ends[0] if gated else wt.shape[1])
