@@ -351,8 +351,10 @@ class SparseLinear(nn.Module):
         return half or (one and not dense)
 
     def _cpu_kernel(self, x: Tensor, dense: bool) -> Tensor:
-        ends = [b for _, b in self._offsets()]
-        y = cpu_sparse_gemm(x.reshape(-1, self.in_features), self.weight.t(), self.threshold,
+        ends, t = [b for _, b in self._offsets()], self.threshold
+        if self._shared and not self.gated:  # one mask: whole rows, one kept list
+            ends, t = ends[-1:], t[:1]
+        y = cpu_sparse_gemm(x.reshape(-1, self.in_features), self.weight.t(), t,
                             ends, gated=self.gated, dense=dense, impl=self.kernel_policy.cpu)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -105,20 +106,21 @@ Kept kept_channels(const T* x, int64_t K, int64_t m0, int64_t m1, const float* t
   return out;
 }
 
-// acc[r][0:n] = sum over the kept list of x[m0 + r, k] * wt[k, c0:c0+n], in increasing k.
+// acc[r * ld + 0:n] = sum over kept-list entries [i0, i1) of x[m0 + r, k] * wt[k, c0:c0+n],
+// in increasing k.
 template <typename T>
 void accumulate(const T* x, const T* wt, int64_t K, int64_t N, int64_t m0, int64_t nrows,
-                const Kept& kept, int64_t c0, int64_t n, float* acc) {
-  std::fill(acc, acc + nrows * n, 0.0f);
-  const int64_t L = static_cast<int64_t>(kept.k.size());
+                const Kept& kept, int64_t i0, int64_t i1, int64_t c0, int64_t n, float* acc,
+                int64_t ld) {
   for (int64_t r = 0; r < nrows; ++r) {
     const uint8_t bit = static_cast<uint8_t>(1u << r);
     const T* xr = x + (m0 + r) * K;
-    float* ar = acc + r * n;
+    float* ar = acc + r * ld;
+    std::fill(ar, ar + n, 0.0f);
     const T* w[4];
     float a[4];
     int q = 0;
-    for (int64_t i = 0; i < L; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       if (!(kept.rows[i] & bit)) continue;
       const int64_t k = kept.k[i];
       w[q] = wt + k * N + c0;
@@ -136,6 +138,47 @@ void accumulate(const T* x, const T* wt, int64_t K, int64_t N, int64_t m0, int64
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+// The output of fp32 sums: rounded once (SwiGLU: g and u rounded, silu(g) rounded, the
+// product rounded, as torch's eager ops do).
+template <typename T>
+inline T finish(float v) { return static_cast<T>(v); }
+template <typename T>
+inline T swiglu(float g, float u) {
+  const float gr = static_cast<float>(static_cast<T>(g)), ur = static_cast<float>(static_cast<T>(u));
+  return static_cast<T>(static_cast<float>(static_cast<T>(silu(gr))) * ur);
+}
+
+// One decode row tile: the kept list of each projection split into KPARTS contiguous parts
+// (split-K), each part streaming whole rows of its share of the weight on one thread; the
+// parts are added in a fixed order, so the result does not depend on the thread count.
+constexpr int KPARTS = 2;
+
+template <typename T>
+void run_split_k(const T* x, const T* wt, T* y, int64_t M, int64_t K, int64_t N,
+                 const std::vector<Kept>& kept, const std::vector<int64_t>& ends, bool gated) {
+  const int64_t S = static_cast<int64_t>(ends.size());
+  std::unique_ptr<float[]> part(new float[KPARTS * M * N]);
+  at::parallel_for(0, S * KPARTS, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t s = i / KPARTS, p = i % KPARTS;
+      const int64_t c0 = s ? ends[s - 1] : 0;
+      const int64_t L = static_cast<int64_t>(kept[s].k.size());
+      accumulate(x, wt, K, N, 0, M, kept[s], p * L / KPARTS, (p + 1) * L / KPARTS, c0,
+                 ends[s] - c0, part.get() + p * M * N + c0, N);
+    }
+  });
+  const int64_t n_out = gated ? ends[0] : N;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t j = 0; j < n_out; ++j) {
+      float v = 0.0f, u = 0.0f;
+      for (int p = 0; p < KPARTS; ++p) {
+        v += part[(p * M + r) * N + j];
+        if (gated) u += part[(p * M + r) * N + n_out + j];
+      }
+      y[r * n_out + j] = gated ? swiglu<T>(v, u) : finish<T>(v);
+    }
+}
+
 template <typename T>
 void run(const T* x, const T* wt, T* y, int64_t M, int64_t K, int64_t N, const float* thr,
          bool per_channel, const std::vector<int64_t>& ends, bool gated, bool dense,
@@ -152,7 +195,12 @@ void run(const T* x, const T* wt, T* y, int64_t M, int64_t K, int64_t N, const f
       kept[i] = kept_channels(x, K, m0, m1, thr + s * (per_channel ? K : 1), per_channel, dense);
     }
   });
-  // Tasks: (row tile, projection segment, column chunk); gated: one chunk of gate and up.
+  if (tiles == 1) {
+    run_split_k(x, wt, y, M, K, N, kept, ends, gated);
+    return;
+  }
+  // Several row tiles (prefill) — tasks: (row tile, projection segment, column chunk);
+  // gated: one chunk of gate and up.
   struct Task { int64_t tile, s, c0, n; };
   std::vector<Task> tasks;
   for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -164,25 +212,27 @@ void run(const T* x, const T* wt, T* y, int64_t M, int64_t K, int64_t N, const f
     }
   }
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(TILE * chunk), acc_up(gated ? TILE * chunk : 0);
+    // scratch for the widest task only, left uninitialised (accumulate zeroes what it uses)
+    const int64_t width = std::min(chunk, gated ? n_out : N);
+    std::unique_ptr<float[]> acc(new float[TILE * width]);
+    std::unique_ptr<float[]> acc_up(new float[gated ? TILE * width : 1]);
     for (int64_t i = b; i < e; ++i) {
       const Task& t = tasks[i];
       const int64_t m0 = t.tile * TILE, nrows = std::min<int64_t>(TILE, M - m0);
-      accumulate(x, wt, K, N, m0, nrows, kept[t.tile * S + t.s], t.c0, t.n, acc.data());
+      const Kept& k0 = kept[t.tile * S + t.s];
+      accumulate(x, wt, K, N, m0, nrows, k0, 0, static_cast<int64_t>(k0.k.size()), t.c0, t.n,
+                 acc.get(), t.n);
       if (!gated) {
         for (int64_t r = 0; r < nrows; ++r)
-          for (int64_t j = 0; j < t.n; ++j) y[(m0 + r) * N + t.c0 + j] = static_cast<T>(acc[r * t.n + j]);
+          for (int64_t j = 0; j < t.n; ++j) y[(m0 + r) * N + t.c0 + j] = finish<T>(acc[r * t.n + j]);
         continue;
       }
-      // SwiGLU with torch's eager rounding: g and u rounded, silu(g) rounded, the product rounded.
-      accumulate(x, wt, K, N, m0, nrows, kept[t.tile * S + 1], n_out + t.c0, t.n, acc_up.data());
+      const Kept& k1 = kept[t.tile * S + 1];
+      accumulate(x, wt, K, N, m0, nrows, k1, 0, static_cast<int64_t>(k1.k.size()), n_out + t.c0,
+                 t.n, acc_up.get(), t.n);
       for (int64_t r = 0; r < nrows; ++r)
-        for (int64_t j = 0; j < t.n; ++j) {
-          const float g = static_cast<float>(static_cast<T>(acc[r * t.n + j]));
-          const float u = static_cast<float>(static_cast<T>(acc_up[r * t.n + j]));
-          const float sg = static_cast<float>(static_cast<T>(silu(g)));
-          y[(m0 + r) * n_out + t.c0 + j] = static_cast<T>(sg * u);
-        }
+        for (int64_t j = 0; j < t.n; ++j)
+          y[(m0 + r) * n_out + t.c0 + j] = swiglu<T>(acc[r * t.n + j], acc_up[r * t.n + j]);
     }
   });
 }
