@@ -28,20 +28,9 @@ DEFAULT_CALIB_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-valid-to
 DTYPE_CHOICES = ("bfloat16", "float32")
 
 
-def _sparsity(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number, got {value!r}") from None
-    if not 0.0 <= s < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
-    return s
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    from teal.allocation import ALLOCATIONS, CALIBRATIONS, SCORINGS
     from teal.checkpoint import DEFAULT_CHECKPOINT, default_thresholds, greedy_beside
-    from teal.cli import HelpFormatter
+    from teal.cli import HelpFormatter, add_sweep_arguments
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
@@ -51,27 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: prompts/generation.jsonl)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N prompts (default: all)")
-    p.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.5],
-                   help="model-level target sparsities in [0, 1); the dense model (0) always "
-                        "runs first as the reference")
-    p.add_argument("--allocation", nargs="+", choices=ALLOCATIONS, default=["uniform"],
-                   help="allocations: uniform sparsity, or TEAL's block-wise greedy "
-                        "per-projection one (greedy.json)")
-    p.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["magnitude"],
-                   help="scorings: |x| (TEAL) or |x|*||W[:,i]|| (weight-informed)")
-    p.add_argument("--calibration", nargs="+", choices=CALIBRATIONS, default=["dense"],
-                   help="dense: thresholds from the dense model's histograms (TEAL); sequential: "
-                        "re-derived on the sparsified model's own activations over "
-                        "--calib_tokens of --calib_text")
-    p.add_argument("--calib_text", type=Path, default=DEFAULT_CALIB_TEXT,
-                   help="calibration text for --calibration sequential")
-    p.add_argument("--calib_tokens", type=int, default=8192,
-                   help="calibration tokens for --calibration sequential")
-    p.add_argument("--thresholds", type=Path, default=None,
-                   help="calibration file (default: thresholds.safetensors next to the checkpoint; "
-                        "a quantized one's thresholds.<format>.safetensors when present)")
-    p.add_argument("--greedy", type=Path, default=None,
-                   help="greedy allocation file (default: greedy.json next to the thresholds)")
+    add_sweep_arguments(p, [0.5], "model-level target sparsities in [0, 1); the dense model "
+                        "(0) always runs first as the reference", DEFAULT_CALIB_TEXT)
     p.add_argument("--max_new_tokens", type=int, default=128,
                    help="new tokens per continuation (fewer when an end token stops it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -34,38 +34,16 @@ DEFAULT_CALIB_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-valid-to
 DTYPE_CHOICES = ("bfloat16", "float32")
 
 
-def _sparsity(value: str) -> float:
-    s = float(value)
-    if not 0.0 <= s < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
-    return s
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    from teal.allocation import ALLOCATIONS, SCORINGS
     from teal.checkpoint import DEFAULT_CHECKPOINT, default_thresholds, greedy_beside
-    from teal.cli import HelpFormatter
+    from teal.cli import HelpFormatter, add_sweep_arguments
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="model.pth to evaluate")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="evaluation text")
-    p.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.0],
-                   help="model-level target sparsities in [0, 1); 0 = dense")
-    p.add_argument("--allocation", nargs="+", choices=ALLOCATIONS, default=["uniform"],
-                   help="allocations to evaluate: uniform sparsity, or TEAL's block-wise greedy "
-                        "per-projection one (greedy.json)")
-    p.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["magnitude"],
-                   help="scorings to evaluate: |x| (TEAL) or |x|*||W[:,i]|| (weight-informed)")
-    p.add_argument("--calibration", nargs="+", choices=["dense", "sequential"],
-                   default=["dense"],
-                   help="dense: thresholds from the dense model's histograms (TEAL); sequential: "
-                        "re-derived in forward order on the sparsified model's own activations "
-                        "over --calib_tokens of --calib_text (teal.allocation.calibrate_sequentially)")
-    p.add_argument("--calib_text", type=Path, default=DEFAULT_CALIB_TEXT,
-                   help="calibration text for --calibration sequential (never the evaluation text)")
-    p.add_argument("--calib_tokens", type=int, default=8192,
-                   help="calibration tokens for --calibration sequential")
+    add_sweep_arguments(p, [0.0], "model-level target sparsities in [0, 1); 0 = dense",
+                        DEFAULT_CALIB_TEXT)
     p.add_argument("--max_tokens", type=int, default=32768, help="tokens to score")
     p.add_argument("--start_token", type=int, default=0,
                    help="skip this many tokens first; the token before is carried in as "
@@ -77,11 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also report perplexity and sparsity of these prefixes from the same "
                         "run (token counts at which a window ends: 1 + k*(seq_len-1) from "
                         "token 0, k*(seq_len-1) from a --start_token > 0)")
-    p.add_argument("--thresholds", type=Path, default=None,
-                   help="calibration file (default: thresholds.safetensors next to the checkpoint; "
-                        "a quantized one's thresholds.<format>.safetensors when present)")
-    p.add_argument("--greedy", type=Path, default=None,
-                   help="greedy allocation file (default: greedy.json next to the thresholds)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",

@@ -130,3 +130,43 @@ def read_line(stream, source: str = "stdin") -> Optional[str]:
     if not line:
         return None
     return check_utf8(line.rstrip("\r\n"), source)
+
+
+def sparsity_type(value: str) -> float:
+    """argparse type of a model-level target sparsity: a number in [0, 1)."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number, got {value!r}") from None
+    if not 0.0 <= s < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
+    return s
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser, sparsity_default: list,
+                        sparsity_help: str, calib_text_default) -> None:
+    """The sparsity configurations a sweep evaluates (perplexity.py, evaluate_generation.py):
+    --sparsity, --allocation, --scoring, --calibration (with --calib_text, --calib_tokens),
+    --thresholds and --greedy; `teal.allocation.sweep_configurations` expands them."""
+    from pathlib import Path
+    from teal.allocation import ALLOCATIONS, CALIBRATIONS, SCORINGS
+    p.add_argument("--sparsity", type=sparsity_type, nargs="+", default=sparsity_default,
+                   help=sparsity_help)
+    p.add_argument("--allocation", nargs="+", choices=ALLOCATIONS, default=["uniform"],
+                   help="allocations to evaluate: uniform sparsity, or TEAL's block-wise greedy "
+                        "per-projection one (greedy.json)")
+    p.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["magnitude"],
+                   help="scorings to evaluate: |x| (TEAL) or |x|*||W[:,i]|| (weight-informed)")
+    p.add_argument("--calibration", nargs="+", choices=CALIBRATIONS, default=["dense"],
+                   help="dense: thresholds from the dense model's histograms (TEAL); sequential: "
+                        "re-derived in forward order on the sparsified model's own activations "
+                        "over --calib_tokens of --calib_text (teal.allocation.calibrate_sequentially)")
+    p.add_argument("--calib_text", type=Path, default=calib_text_default,
+                   help="calibration text for --calibration sequential (never the evaluation text)")
+    p.add_argument("--calib_tokens", type=int, default=8192,
+                   help="calibration tokens for --calibration sequential")
+    p.add_argument("--thresholds", type=Path, default=None,
+                   help="calibration file (default: thresholds.safetensors next to the checkpoint; "
+                        "a quantized one's thresholds.<format>.safetensors when present)")
+    p.add_argument("--greedy", type=Path, default=None,
+                   help="greedy allocation file (default: greedy.json next to the thresholds)")
