@@ -188,10 +188,11 @@ def _sync(device):
 # ----------------------------------------------------------------------------- reporting
 def skips_weight_rows(module) -> bool:
     """Does a sparse decode step of this SparseLinear read only the kept rows of its weight?
-    Only its row-skipping kernel does (every kernel algorithm loads kept rows only); the exact
-    torch path (CPU, `--kernels off`, a dtype without a kernel) masks the input and then
-    multiplies by the whole weight, reading every row."""
-    return bool(module.sparse) and module._launch is not None
+    Its row-skipping kernels do: a GPU kernel (every algorithm loads kept rows only) or the
+    CPU kernel (`teal.kernels.cpu`); the exact torch path (`--kernels off`, a quantized
+    format on the CPU, a dtype without a kernel) masks the input and then multiplies by the
+    whole weight, reading every row."""
+    return bool(module.sparse) and (module._launch is not None or module.cpu_kernel_applies())
 
 
 def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int:

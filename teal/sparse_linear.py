@@ -334,14 +334,23 @@ class SparseLinear(nn.Module):
         return kernels.sparse_gemv(x, wt, thresholds, ends, sparsity=sparsity, launch=launch,
                                    wformat=self.wformat, scales=scales)
 
+    def cpu_kernel_applies(self) -> bool:
+        """One-token decode of this module runs the CPU kernel (`teal.kernels.cpu`, kept rows
+        only): a dense-format weight on the CPU and a policy with `gemv` and `cpu` set, without
+        the interpreter."""
+        policy = self.kernel_policy
+        return (self.wformat == "dense" and self.weight.device.type == "cpu" and policy.gemv
+                and policy.cpu is not None and not policy.interpreter)
+
     def _cpu_ok(self, x: Tensor, dense: bool) -> bool:
         """The CPU kernels (teal.kernels.cpu) take this call: a dense-format weight on the CPU,
         the policy's `cpu` implementation set, no autograd, and a call they measured faster
         than torch's: one token at any dtype (sparse; dense bf16/fp16), or several tokens in
         bf16/fp16 (torch's CPU GEMM on the input-channel-major layout is slow there)."""
+        if not self.cpu_kernel_applies():
+            return False
         policy, w = self.kernel_policy, self.weight
-        if (self.wformat != "dense" or x.device.type != "cpu" or not policy.gemv
-                or policy.cpu is None or policy.interpreter or x.dtype != w.dtype
+        if (x.device.type != "cpu" or x.dtype != w.dtype
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return False
         half = x.dtype in (torch.bfloat16, torch.float16)

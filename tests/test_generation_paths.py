@@ -249,13 +249,17 @@ def test_warm_up_before_timed_samples_and_true_median(monkeypatch, tmp_path, cap
 
 
 def test_bytes_read_on_the_torch_path_are_all_weights():
-    """The CPU (torch) masked path multiplies by the whole weight: no bytes saved."""
+    """The exact torch path (KernelPolicy(cpu=None)) multiplies by the whole weight: no bytes
+    saved; the CPU kernel (the default policy) reads only kept rows."""
+    import teal
     from tiny_models import noise_calibration, tiny_model
     from teal.allocation import apply_config
     model = tiny_model()
     apply_config(model, noise_calibration(model.config), 0.5)
     eff = {p: 0.5 for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                             "down_proj")}
+    assert generate.bytes_per_decode_step(model, eff) < generate.bytes_per_decode_step(model)
+    teal.set_kernel_policy(model, teal.KernelPolicy(cpu=None))
     assert generate.bytes_per_decode_step(model, eff) == generate.bytes_per_decode_step(model)
 
 
