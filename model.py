@@ -149,10 +149,22 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v (B, H, S, D) at positions `input_pos` (S,); return the full caches."""
-        self.k_cache[:, :, input_pos] = k_val.to(self.k_cache.dtype)
-        self.v_cache[:, :, input_pos] = v_val.to(self.v_cache.dtype)
-        return self.k_cache, self.v_cache
+        """Write k/v (B, H, T, D) at positions `input_pos` and return the caches of these B
+        sequences, (B, H, S, D).
+
+        input_pos: (T,) int, the same positions for every sequence, or (B, T), each
+        sequence at its own positions (batched decoding of prompts of different lengths).
+        """
+        bsz = k_val.shape[0]
+        k_cache, v_cache = self.k_cache[:bsz], self.v_cache[:bsz]
+        if input_pos.dim() == 1:
+            k_cache[:, :, input_pos] = k_val.to(k_cache.dtype)
+            v_cache[:, :, input_pos] = v_val.to(v_cache.dtype)
+        else:  # rows b, positions input_pos[b]: advanced indices first, so (B, T, H, D)
+            rows = torch.arange(bsz, device=input_pos.device).view(-1, 1)
+            k_cache[rows, :, input_pos] = k_val.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, input_pos] = v_val.transpose(1, 2).to(v_cache.dtype)
+        return k_cache, v_cache
 
 
 class RMSNorm(nn.Module):
@@ -317,10 +329,13 @@ class Transformer(nn.Module):
         self.max_seq_length = max_seq_length
 
     def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
-        """Logits (B, T, vocab) in fp32 for token ids `idx` (B, T) at positions `input_pos` (T,).
+        """Logits (B, T, vocab) in fp32 for token ids `idx` (B, T) at positions `input_pos`.
 
-        With `input_pos` the KV caches (set up by `setup_caches`) are read and written;
-        without it the call is a plain causal forward over `idx` (positions 0..T-1, no cache).
+        With `input_pos` the KV caches (set up by `setup_caches`) are read and written:
+        `input_pos` (T,) puts every sequence at the same positions; (B, T) puts sequence b at
+        positions input_pos[b] (its own RoPE angles, cache slots and causal mask), for
+        batched decoding of prompts of different lengths. Without it the call is a plain
+        causal forward over `idx` (positions 0..T-1, no cache).
 
         Raises:
             ValueError: more tokens than the context or the caches hold, a batch larger than
@@ -350,7 +365,10 @@ class Transformer(nn.Module):
         if self.causal_mask is None:
             raise RuntimeError("call setup_caches() before a forward with input_pos")
         self._check_cache_fit(idx, input_pos)
-        mask = self.causal_mask[None, None, input_pos]
+        if input_pos.dim() == 1:
+            mask = self.causal_mask[None, None, input_pos]      # (1, 1, T, S)
+        else:
+            mask = self.causal_mask[input_pos].unsqueeze(1)     # (B, 1, T, S)
         return self._forward(idx, input_pos, mask)
 
     def _check_cache_fit(self, idx: Tensor, input_pos: Tensor) -> None:
@@ -359,9 +377,10 @@ class Transformer(nn.Module):
         `input_pos` outside torch.compile (on a GPU reading them would sync every step:
         `teal.generation.generate` checks prompt + new tokens against the context first)."""
         bsz, seqlen = idx.shape[0], idx.shape[-1]
-        if input_pos.dim() != 1 or input_pos.numel() != seqlen:
-            raise ValueError(f"input_pos must hold one position per token: {seqlen} tokens, "
-                             f"input_pos of shape {tuple(input_pos.shape)}")
+        if input_pos.shape not in ((seqlen,), (bsz, seqlen)):
+            raise ValueError(f"input_pos must hold one position per token: {bsz} x {seqlen} "
+                             f"tokens, input_pos of shape {tuple(input_pos.shape)} (expected "
+                             f"({seqlen},) or ({bsz}, {seqlen}))")
         if seqlen > self.max_seq_length or bsz > self.max_batch_size:
             raise ValueError(f"{bsz} x {seqlen} tokens do not fit the KV caches "
                              f"({self.max_batch_size} x {self.max_seq_length}); call "

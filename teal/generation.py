@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from teal.sparse_linear import configure, sparse_linears
+from teal.sparse_linear import configure, configured, sparse_linears
 
 __all__ = ["argmax_last", "multinomial_sample_one_no_sync", "logits_to_probs", "sample",
-           "prefill", "decode_one_token", "decode_n_tokens", "generate", "check_generation_length",
+           "prefill", "dense_forward", "decode_one_token", "decode_n_tokens", "generate", "generate_batch",
+           "check_generation_length",
            "bytes_per_decode_step", "skips_weight_rows", "measure_effective_sparsity"]
 
 
@@ -66,11 +67,19 @@ def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
 
 # ----------------------------------------------------------------------------- decoding
 def prefill(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
-    return sample(model(x, input_pos), temperature, top_k)
+    """The prompt's forward, dense at any prompt length (TEAL keeps prefill dense; a
+    one-token prompt would otherwise look like a decode step), and its next token."""
+    return sample(dense_forward(model, x, input_pos), temperature, top_k)
+
+
+def dense_forward(model, x: Tensor, input_pos: Tensor) -> Tensor:
+    """model(x, input_pos) with every projection dense (the prefill of a prompt)."""
+    with configured(model, sparse=False):
+        return model(x, input_pos)
 
 
 def decode_one_token(model, x: Tensor, input_pos: Tensor, temperature: float, top_k) -> Tensor:
-    # x: (B, 1), input_pos: (1,)
+    # x: (B, 1); input_pos: (1,) (every sequence at one position) or (B, 1) (each its own)
     return sample(model(x, input_pos), temperature, top_k)
 
 
@@ -178,6 +187,99 @@ def generate(model, prompt: Tensor, max_new_tokens: int, decode_fn, temperature:
         stopped = bool(stop_ids) and int(seq[t + n]) in stop_ids
     return seq[:t + 1 + n], {"prefill_s": t1 - t0, "decode_s": t2 - t_dec - callback_s[0],
                              "decode_tokens": n, "stopped": stopped}
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, max_new_tokens: int, decode_fn, temperature: float = 0.8,
+                   top_k: Optional[int] = 200, stop_ids=()) -> tuple[list, dict]:
+    """Generate for B prompts at once, each sequence at its own position in the KV cache.
+
+    prompts: a sequence of B 1-D int tensors (token ids, lengths may differ), on one device.
+    The prompts are right-padded to the longest and prefilled in one dense forward (a
+    sequence's own tokens never attend to its padding: the causal mask ends at each token);
+    sequence b's first token comes from the logits at its last prompt position, and its
+    decode steps run at positions len_b, len_b + 1, ... (`input_pos` of shape (B, 1)), so its
+    padding slots are overwritten before they could be attended. Each sequence stops after
+    its own first token in `stop_ids` (kept as its last id); the batch runs until every
+    sequence has stopped or made `max_new_tokens`. Per sequence the tokens equal a B = 1
+    `generate` of that prompt, up to the floating-point rounding of batched products.
+
+    Returns (ids, timings): ids[b] is prompt b followed by its new tokens (1-D, prompt's
+    device); timings has prefill_s, decode_s (all decode steps), decode_tokens (list: new
+    tokens per sequence after the prefill's, counted up to its stop), steps, and
+    sequence_decode_s (list: seconds of decoding until that sequence stopped; equal to
+    decode_s for every sequence when `stop_ids` is empty, as no step then reads the tokens
+    on the host).
+
+    Raises:
+        ValueError: no prompts, a prompt that is empty or not 1-D, prompts on different
+            devices, `max_new_tokens` < 1, or the longest prompt + new tokens beyond the
+            model's context.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("generate_batch needs at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Tensor) or p.dim() != 1:
+            raise ValueError(f"prompt {i} must be a 1-D tensor of token ids")
+    device = prompts[0].device
+    if any(p.device != device for p in prompts):
+        raise ValueError("every prompt must be on the same device")
+    lens = [p.numel() for p in prompts]
+    for n in lens:
+        check_generation_length(model, n, max_new_tokens)
+    B, t_max = len(prompts), max(lens)
+    check_generation_length(model, t_max, max_new_tokens)
+    with torch.device(device):
+        model.setup_caches(max_batch_size=B, max_seq_length=t_max + max_new_tokens)
+    padded = torch.zeros(B, t_max, dtype=torch.int, device=device)
+    for b, p in enumerate(prompts):
+        padded[b, :lens[b]] = p
+    lens_t = torch.tensor(lens, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = dense_forward(model, padded, torch.arange(t_max, device=device))
+    last = logits[torch.arange(B, device=device), lens_t - 1]         # (B, V)
+    cur = sample(last.unsqueeze(1), temperature, top_k).clone()       # (B, 1)
+    _sync(device)
+    t1 = time.perf_counter()
+    stop_ids = set(stop_ids or ())
+    out = [cur]
+    done = [False] * B
+    made = [0] * B          # decode tokens per sequence (after the prefill's), up to its stop
+    seq_s = [0.0] * B
+    if stop_ids:
+        for b, tok in enumerate(cur.view(-1).tolist()):
+            done[b] = tok in stop_ids
+    input_pos = lens_t.view(B, 1).to(torch.int)
+    t_dec = time.perf_counter()
+    steps = 0
+    while steps < max_new_tokens - 1 and not all(done):
+        with _sdpa_math():
+            cur = decode_fn(model, cur, input_pos, temperature, top_k).clone()
+        input_pos = input_pos + 1
+        out.append(cur)
+        steps += 1
+        if stop_ids:
+            now = time.perf_counter()
+            for b, tok in enumerate(cur.view(-1).tolist()):
+                if not done[b]:
+                    made[b] += 1
+                    done[b] = tok in stop_ids
+                    if done[b]:
+                        seq_s[b] = now - t_dec
+    _sync(device)
+    t2 = time.perf_counter()
+    new = torch.cat(out, dim=1).cpu()                                 # (B, 1 + steps)
+    ids = []
+    for b in range(B):
+        if not stop_ids:
+            made[b], seq_s[b] = steps, t2 - t_dec
+        elif not done[b]:
+            seq_s[b] = t2 - t_dec
+        ids.append(torch.cat([prompts[b], new[b, :1 + made[b]].to(device, prompts[b].dtype)]))
+    return ids, {"prefill_s": t1 - t0, "decode_s": t2 - t_dec, "decode_tokens": made,
+                 "steps": steps, "sequence_decode_s": seq_s}
 
 
 def _sync(device):

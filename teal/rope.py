@@ -40,9 +40,11 @@ def _apply_llama31_scaling(freqs: Tensor, s: dict) -> Tensor:
 
 
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles (T, D/2, 2)."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles (T, D/2, 2)
+    (the same positions for every sequence) or (B, T, D/2, 2) (each sequence its own)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    lead = freqs_cis.size(0) if freqs_cis.dim() == 4 else 1
+    fc = freqs_cis.view(lead, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
                        xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
     return out.flatten(3).type_as(x)
