@@ -43,6 +43,7 @@ from teal.thresholds import ThresholdsError
 
 DEFAULT_CALIB_TEXT = (Path(__file__).resolve().parent.parent / "shared" / "data"
                       / "wikitext-2-valid-tokenized.txt")
+DEFAULT_PROMPT = "What are the three primary colors?"
 WARMUP_TOKENS = 16  # new tokens of the untimed warm-up run (compile, CUDA graphs, allocator)
 
 
@@ -83,6 +84,19 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
         model, meta = load_model(checkpoint_path, device=device, dtype=dtype)
     except CheckpointError as e:
         fail(str(e))
+    apply_sparsity(model, meta, checkpoint_path, sparsity, thresholds, allocation, scoring,
+                   calibration, calib_text, calib_tokens, progress)
+    return model, meta
+
+
+def apply_sparsity(model, meta: dict, checkpoint_path, sparsity: float,
+                   thresholds: Optional[Path] = None, allocation: str = "uniform",
+                   scoring: str = "magnitude", calibration: str = "dense",
+                   calib_text: Optional[Path] = None, calib_tokens: int = 8192,
+                   progress: bool = False) -> None:
+    """Set the thresholds of a loaded model for `sparsity` (arguments as `load_sparse_model`;
+    `checkpoint_path` locates the default calibration file and the tokenizer)."""
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     if sparsity > 0 or allocation != "uniform" or scoring != "magnitude":
         path = Path(thresholds) if thresholds else default_thresholds(checkpoint_path)
         from teal.allocation import apply_config, calibrate_sequentially
@@ -108,7 +122,6 @@ def load_sparse_model(checkpoint_path, device, dtype, sparsity: float,
                                        seq_len=seq_len, n_tokens=calib_tokens, progress=progress)
         except (ThresholdsError, ValueError, FileNotFoundError) as e:
             fail(str(e))
-    return model, meta
 
 
 def _interactive_prompts(out=print):
@@ -189,9 +202,18 @@ def check_args(args) -> None:
         fail(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.calib_tokens < 1:
         fail(f"--calib_tokens must be at least 1, got {args.calib_tokens}")
+    if args.batch_size is not None and args.batch_size < 1:
+        fail(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.speculate_k < 1:
+        fail(f"--speculate_k must be at least 1, got {args.speculate_k}")
+    if args.self_draft is not None and not 0.0 <= args.self_draft < 1.0:
+        fail(f"--self_draft must be a sparsity in [0, 1), got {args.self_draft}")
+    if args.draft_checkpoint_path is not None and args.draft_quant is not None:
+        fail("--draft_checkpoint_path and --draft_quant both name the draft; pass one of them")
     from teal.cli import check_device
     try:
-        check_utf8(args.prompt, "--prompt")
+        for text in args.prompt or ():
+            check_utf8(text, "--prompt")
     except TextInputError as e:
         fail(str(e))
     try:
@@ -200,15 +222,224 @@ def check_args(args) -> None:
         fail(str(e))
 
 
+def resolve_prompts(args) -> list:
+    """The prompts of this run: repeated --prompt, --prompt_file (one prompt, or one per
+    non-empty line with --batch_size > 1), or the default; one prompt with --batch_size B
+    is repeated B times (gpt-fast's batch). One-line errors for a count that is not B."""
+    if args.prompt_file is not None:
+        if args.interactive:
+            fail("--prompt_file and --interactive both read the prompt; pass one of them")
+        text = read_prompt_file(args.prompt_file)
+        if (args.batch_size or 1) > 1:
+            prompts = [line for line in text.splitlines() if line.strip()]
+            if not prompts:
+                fail(f"--prompt_file {args.prompt_file} has no non-empty line")
+        else:
+            prompts = [text]
+    else:
+        prompts = list(args.prompt or [DEFAULT_PROMPT])
+    b = args.batch_size
+    if b is not None and len(prompts) != b:
+        if len(prompts) != 1:
+            fail(f"{len(prompts)} prompts for --batch_size {b}: give one prompt (repeated) or "
+                 f"exactly {b}")
+        prompts = prompts * b
+    return prompts
+
+
+def _encode_prompt(tokenizer, text: str, chat: bool, max_new_tokens: int, model) -> list:
+    """Token ids of one prompt (chat-wrapped when `chat`), or a one-line error."""
+    if not text:
+        fail("the prompt is empty; pass --prompt TEXT")
+    try:
+        text = tokenizer.apply_chat_template(text) if chat else text
+    except ValueError as e:  # a model without a chat template
+        fail(str(e))
+    ids = tokenizer.encode(text, special=True)
+    if not ids:
+        fail("the prompt is empty; pass --prompt TEXT")
+    if len(ids) + max_new_tokens > model.config.block_size:
+        fail(f"prompt ({len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds "
+             f"the context length {model.config.block_size}; shorten one of them")
+    return ids
+
+
+def _shown(tokenizer, ids: list) -> list:
+    return ids[1:] if tokenizer.add_bos and ids and ids[0] == tokenizer.bos_id else ids
+
+
+def _sparsity_report(model, runs, out, target: float) -> None:
+    """Print the measured sparsity per projection type over the generated tokens of `runs`
+    [(ids tensor, prompt length)], weighted by their token counts."""
+    if not any(p.sparse for _, _, p in model.projections()):
+        return
+    totals, weight = {}, 0
+    for seq, plen in runs:
+        n = seq.numel() - 1 - plen
+        if n <= 0:
+            continue
+        for proj, v in measure_effective_sparsity(model, seq, plen).items():
+            totals[proj] = totals.get(proj, 0.0) + v * n
+        weight += n
+    if not weight:
+        return
+    eff = {p: v / weight for p, v in totals.items()}
+    parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)
+    out(f"Effective sparsity (generated tokens): {parts}")
+    sizes = {}
+    for _, proj, p in model.projections():
+        sizes[proj] = sizes.get(proj, 0) + p.in_features * p.out_features
+    pw = sum(eff.get(p, 0.0) * n for p, n in sizes.items()) / sum(sizes.values())
+    out(f"Parameter-weighted model-level sparsity: {pw:.1%} (target {target:.0%})")
+
+
+def run_batch(args, model, tokenizer, prompts, chat, stop_ids, decode_fn, device) -> None:
+    """--batch_size B: B prompts decoded together (teal.generation.generate_batch); prints
+    each sequence's text and tokens/s, and the aggregate tokens/s (median of samples)."""
+    from teal.generation import generate_batch
+    encoded = [_encode_prompt(tokenizer, p, chat, args.max_new_tokens, model) for p in prompts]
+    tensors = [torch.tensor(ids, dtype=torch.int, device=device) for ids in encoded]
+    B = len(tensors)
+    t_w = time.perf_counter()
+    n_warm = min(args.max_new_tokens, WARMUP_TOKENS)
+    generate_batch(model, tensors, n_warm, decode_fn, args.temperature, args.top_k)
+    print(f"Warm-up ({n_warm} tokens x {B} sequences{', compiling' if args.compile else ''}, "
+          f"untimed) in {time.perf_counter() - t_w:.1f} s", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    rates, last = [], None
+    for i in range(args.num_samples):
+        seqs, tm = generate_batch(model, tensors, args.max_new_tokens, decode_fn,
+                                  args.temperature, args.top_k, stop_ids)
+        total = sum(tm["decode_tokens"])
+        rate = total / tm["decode_s"] if total else float("nan")
+        rates.append(rate)
+        print(f"[sample {i + 1}] batch of {B}: {total} decode tokens in {tm['steps']} steps, "
+              f"prefill {tm['prefill_s']:.3f} s, {rate:.2f} tokens/s aggregate", file=sys.stderr)
+        last = (seqs, tm)
+    seqs, tm = last
+    for b, (ids, seq) in enumerate(zip(encoded, seqs)):
+        new = [t for t in seq[len(ids):].tolist() if t not in stop_ids]
+        text = tokenizer.decode(new) if chat else tokenizer.decode(_shown(tokenizer, ids) + new)
+        n, s_b = tm["decode_tokens"][b], tm["sequence_decode_s"][b]
+        print(f"\n[sequence {b + 1}] {n + 1} tokens, {n / s_b if n else float('nan'):.2f} "
+              f"tokens/s\n{text}")
+    timed = [r for r in rates if r == r]
+    print("\n" + "-" * 60)
+    if timed:
+        gbytes = bytes_per_decode_step(model) / 1e9  # the union of B masks: every row, counted
+        med = statistics.median(timed)
+        print(f"Decode: {med:.2f} tokens/s aggregate over {B} sequences (median of "
+              f"{len(timed)}); {gbytes * med / B:.2f} GB/s "
+              f"counting every weight row once per step ({gbytes:.3f} GB)")
+    _sparsity_report(model, [(seq, len(ids)) for ids, seq in zip(encoded, seqs)], print,
+                     args.sparsity)
+
+
+def _load_draft(args, model, meta, device, dtype):
+    """The draft model of a speculative run: --draft_checkpoint_path / --draft_quant loaded at
+    the --self_draft sparsity (default 0), or the model itself (shared weights) at
+    --self_draft."""
+    from teal.speculative import share_weights
+    sparsity = args.self_draft if args.self_draft is not None else 0.0
+    path = args.draft_checkpoint_path or args.draft_quant
+    if path is not None:
+        draft, _ = load_sparse_model(path, device, dtype, sparsity)
+        if draft.config.vocab_size != model.config.vocab_size:
+            fail(f"the draft {path} has {draft.config.vocab_size} tokens, the model "
+                 f"{model.config.vocab_size}; use a draft with the same tokenizer")
+        name = f"{path} at {sparsity:.0%}"
+    else:
+        draft = share_weights(model)
+        apply_sparsity(draft, meta, args.checkpoint_path, sparsity, args.thresholds,
+                       args.allocation, args.scoring, args.calibration, args.calib_text,
+                       args.calib_tokens)
+        name = f"the model itself at {sparsity:.0%} ({args.allocation}, shared weights)"
+    if args.kernels == "off":
+        teal.set_kernel_policy(draft, teal.KernelPolicy(gemv=False, attention=False))
+    return draft.eval(), name
+
+
+def run_speculative(args, model, meta, tokenizer, chat, stop_ids, device, dtype) -> None:
+    """Speculative decoding (teal.speculative): the draft proposes --speculate_k tokens, the
+    model verifies them in one forward; prints the text, tokens/s, acceptance rate and
+    tokens per verify step (median tokens/s over samples)."""
+    from teal.speculative import draft_step, speculative_generate, verify_step
+    draft, name = _load_draft(args, model, meta, device, dtype)
+    k = args.speculate_k
+    draft_fn, verify_fn = draft_step, verify_step
+    if args.compile:
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+        draft_fn = torch.compile(draft_step, mode=mode, fullgraph=True)
+        verify_fn = torch.compile(verify_step, mode=mode, fullgraph=True)
+    print(f"Speculative decoding: draft = {name}, k = {k}, verifier at {args.sparsity:.0%}",
+          file=sys.stderr)
+    ids = _encode_prompt(tokenizer, args.prompt, chat, args.max_new_tokens + k + 1, model)
+    prompt = torch.tensor(ids, dtype=torch.int, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    t_w = time.perf_counter()
+    speculative_generate(model, draft, prompt, min(args.max_new_tokens, WARMUP_TOKENS), k,
+                         temperature=args.temperature, top_k=args.top_k, draft_fn=draft_fn,
+                         verify_fn=verify_fn, generator=gen)
+    print(f"Warm-up (untimed) in {time.perf_counter() - t_w:.1f} s", file=sys.stderr)
+    gen.manual_seed(args.seed)
+    rates, st, seq = [], None, None
+    for i in range(args.num_samples):
+        stream = TextStream(tokenizer, _shown(tokenizer, ids))
+        if not chat:
+            print(tokenizer.decode(_shown(tokenizer, ids)), end="", flush=True)
+
+        def on_token(tok, stream=stream):
+            if tok not in stop_ids:
+                print(stream.push(tok), end="", flush=True)
+
+        seq, st = speculative_generate(model, draft, prompt, args.max_new_tokens, k,
+                                       temperature=args.temperature, top_k=args.top_k,
+                                       stop_ids=stop_ids, on_token=on_token, draft_fn=draft_fn,
+                                       verify_fn=verify_fn, generator=gen)
+        print(stream.flush(), flush=True)
+        rate = st["decode_tokens"] / st["decode_s"] if st["decode_tokens"] else float("nan")
+        rates.append(rate)
+        print(f"\n[sample {i + 1}] {st['decode_tokens'] + 1} tokens, {rate:.2f} tokens/s, "
+              f"acceptance {st['acceptance_rate']:.1%}, {st['tokens_per_step']:.2f} tokens per "
+              f"verify step ({st['verify_steps']} steps)", file=sys.stderr)
+    timed = [r for r in rates if r == r]
+    print("\n" + "-" * 60)
+    if timed:
+        print(f"Decode: {statistics.median(timed):.2f} tokens/s (median of {len(timed)}), "
+              f"speculative k = {k}")
+    print(f"Acceptance rate: {st['acceptance_rate']:.1%} of {st['proposed']} drafted tokens; "
+          f"{st['tokens_per_step']:.2f} tokens per verify step; kept per step (0..{k}): "
+          f"{st['accepted_histogram']}")
+    _sparsity_report(model, [(seq, len(ids))], print, args.sparsity)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="What are the three primary colors?",
-                     help="input prompt")
+    src.add_argument("--prompt", action="append", default=None,
+                     help=f"input prompt; repeat it for a batch of distinct prompts (default: "
+                          f"{DEFAULT_PROMPT!r})")
     src.add_argument("--prompt_file", type=Path, default=None,
                      help="read the prompt from this UTF-8 file instead (\"-\": stdin; one "
-                          "final newline dropped) (default: use --prompt)")
+                          "final newline dropped); with --batch_size > 1, one prompt per "
+                          "non-empty line (default: use --prompt)")
+    ap.add_argument("--batch_size", type=int, default=None,
+                    help="sequences decoded together, each at its own position in the KV "
+                         "cache; one prompt is repeated B times, else give B prompts (default: "
+                         "the number of --prompt flags)")
+    spec = ap.add_argument_group("speculative decoding (lossless: greedy output = the "
+                                 "verifier's own greedy output)")
+    spec.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                      help="a smaller model of the same tokenizer drafts the tokens")
+    spec.add_argument("--self_draft", type=float, default=None, metavar="SPARSITY",
+                      help="the model itself drafts at this TEAL sparsity (sharing its weights); "
+                           "with --draft_quant or --draft_checkpoint_path: that draft's sparsity")
+    spec.add_argument("--draft_quant", type=Path, default=None,
+                      help="a quantized copy of this model (quantize.py) drafts, at the "
+                           "--self_draft sparsity (default 0)")
+    spec.add_argument("--speculate_k", type=int, default=5,
+                      help="tokens drafted per verify step")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="wrap the prompt in the model's chat format; --no-chat: a plain prompt "
                          "(default: chat when the checkpoint has a chat format, e.g. an "
@@ -256,10 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_args(args)
-    if args.prompt_file is not None:
-        if args.interactive:
-            fail("--prompt_file and --interactive both read the prompt; pass one of them")
-        args.prompt = read_prompt_file(args.prompt_file)
+    prompt_list = resolve_prompts(args)
+    speculative = (args.draft_checkpoint_path is not None or args.self_draft is not None
+                   or args.draft_quant is not None)
+    batched = len(prompt_list) > 1
+    if batched and (args.interactive or speculative):
+        fail(f"{len(prompt_list)} prompts (--batch_size / repeated --prompt) cannot be combined "
+             f"with {'--interactive' if args.interactive else 'speculative decoding'}; "
+             f"pass one prompt")
+    args.prompt = prompt_list[0]
 
     from tp import aggregate_counts, apply_tp, is_rank0, maybe_init_dist  # noqa: F401
     rank = maybe_init_dist(device=args.device)
@@ -288,6 +524,9 @@ def main(argv=None) -> None:
                                     args.calibration, args.calib_text, args.calib_tokens,
                                     progress=rank in (None, 0))
     if rank is not None:
+        if batched or speculative:
+            fail("batched and speculative decoding do not run under torchrun yet; run one "
+                 "process")
         try:
             apply_tp(model)
         except ValueError as e:
@@ -319,6 +558,10 @@ def main(argv=None) -> None:
         else:
             decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
+    if batched:
+        return run_batch(args, model, tokenizer, prompt_list, chat, stop_ids, decode_fn, device)
+    if speculative:
+        return run_speculative(args, model, meta, tokenizer, chat, stop_ids, device, dtype)
     from teal.fp16 import OverflowGuard
     guard = OverflowGuard(model) if dtype == torch.float16 else None
     if guard is not None:
