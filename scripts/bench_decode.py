@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import teal
 from model import ModelArgs, Transformer
 from teal.generation import (bytes_per_decode_step, decode_n_tokens, decode_one_token, generate,
-                             measure_effective_sparsity)
+                             generate_batch, measure_effective_sparsity)
 from teal.io import atomic_write_json
 from teal.kernels import DEFAULT_TABLE, DispatchTable, KernelPolicy
 from teal.provenance import environment
@@ -328,6 +328,10 @@ def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -
             run(model, label, own, "dense", None, compiled, True)
             for s in args.sparsities:
                 run(model, label, own, f"{s:.0%}", s, compiled, False)
+            if args.batch_sizes:
+                bench_batch(model, name, calib, args, progress, rows, save)
+            if args.speculate:
+                bench_verify(model, name, args, progress, rows, save)
             continue
         spec = QuantSpec(fmt, args.groupsize if fmt == "int4" else 0, args.quant_head)
         qmodel = copy.deepcopy(model)
@@ -350,6 +354,114 @@ def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -
     _free()
 
 
+def bench_batch(model, name, calib, args, progress, rows: list, save) -> None:
+    """Batched decoding (teal.generation.generate_batch) of B random prompts, dense and at
+    each sparsity: per-sequence and aggregate tokens/s (median of runs), one compiled graph
+    per batch size. Rows have kind="batch"."""
+    decode_fn, _ = compile_decode(args)
+    for B in args.batch_sizes:
+        prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_tokens,),
+                                 device=args.device, dtype=torch.int) for _ in range(B)]
+        for s in [None] + list(args.batch_sparsities):
+            if s is None:
+                teal.configure(model, sparse=False)
+            else:
+                apply_uniform_sparsity(model, calib, s)
+                teal.configure(model, sparse=True)
+            generate_batch(model, prompts, args.new_tokens, decode_fn, temperature=0.0)
+            per_seq = []
+            for _ in range(args.runs):
+                _, tm = generate_batch(model, prompts, args.new_tokens, decode_fn, temperature=0.0)
+                per_seq.append(tm["steps"] / tm["decode_s"])
+            med = statistics.median(per_seq)
+            label = "dense" if s is None else f"{s:.0%}"
+            rows.append(dict(kind="batch", model=name, batch_size=B, config=label, target=s,
+                             tokens_per_s_per_sequence=med, tokens_per_s=med * B, runs=per_seq))
+            save()
+            progress.write(f"{name:18s} batch {B:2d} {label:>6s}  {med:8.1f} tok/s per sequence, "
+                           f"{med * B:8.1f} aggregate")
+    teal.configure(model, sparse=False)
+
+
+def bench_verify(model, name, args, progress, rows: list, save) -> None:
+    """The verify step of speculative decoding: one dense forward of k + 1 tokens against the
+    KV cache (compiled like the decode step), for each k of --speculate_k; median ms of
+    --runs x 20 calls. Rows have kind="verify"."""
+    from teal.speculative import verify_step
+    teal.configure(model, sparse=False)
+    fn = verify_step
+    if args.compile:
+        fn = torch.compile(verify_step, mode="reduce-overhead", fullgraph=True)
+    ctx = args.prompt_tokens + args.new_tokens
+    with torch.device(args.device):
+        model.setup_caches(1, ctx + max(args.speculate_k) + 1)
+    for k in args.speculate_k:
+        toks = torch.randint(0, model.config.vocab_size, (1, k + 1), device=args.device,
+                             dtype=torch.int)
+        pos = torch.arange(ctx, ctx + k + 1, device=args.device)
+        with torch.no_grad():
+            for _ in range(3):
+                fn(model, toks, pos)
+            times = []
+            for _ in range(args.runs):
+                _sync_dev(args.device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn(model, toks, pos)
+                _sync_dev(args.device)
+                times.append((time.perf_counter() - t0) / 20 * 1e3)
+        med = statistics.median(times)
+        rows.append(dict(kind="verify", model=name, k=k, verify_ms=med, runs=times))
+        save()
+        progress.write(f"{name:18s} verify k={k}: {med:.3f} ms ({k + 1} tokens, dense)")
+
+
+def _sync_dev(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def speculative_model(rows: list, acceptance: dict, groupsize: int) -> list:
+    """Modelled tokens/s of lossless speculative decoding with a dense verifier: for each
+    timed draft (a sparse bf16 / quantized decode row) and k, tokens_per_step / (k t_draft +
+    t_verify(k) + all_kept t_draft) with the tokens per verify step and the fraction of steps
+    that kept all k proposals measured on the real model (scripts/speculative_acceptance.py),
+    t_draft = 1 / its decode tokens/s, t_verify the measured verify step; speedup against the
+    bf16 dense decode row of the same run."""
+    out = []
+    for v in (r for r in rows if r.get("kind") == "verify"):
+        dense = next((r for r in rows if r.get("kind") is None and r["model"] == v["model"]
+                      and r["format"] == "bf16" and r["config"] == "dense"), None)
+        if dense is None:
+            continue
+        for d in (r for r in rows if r.get("kind") is None and r["model"] == v["model"]
+                  and not r["baseline"]):
+            label = {"bf16": "bf16", "int8": "int8", "int4": f"int4-g{groupsize}"}[d["format"]]
+            acc = acceptance.get((label, round(d["target"], 4), v["k"]))
+            if acc is None:
+                continue
+            t_draft = 1.0 / d["tokens_per_s"]
+            t_step = v["k"] * t_draft + v["verify_ms"] / 1e3 + acc["all_kept_fraction"] * t_draft
+            tps = acc["tokens_per_step"] / t_step
+            out.append(dict(kind="speculative_model", model=v["model"], draft=label,
+                            draft_sparsity=d["target"], k=v["k"], draft_ms=t_draft * 1e3,
+                            verify_ms=v["verify_ms"], tokens_per_step=acc["tokens_per_step"],
+                            acceptance_rate=acc["acceptance_rate"], modelled_tokens_per_s=tps,
+                            speedup_vs_dense=tps / dense["tokens_per_s"]))
+    return out
+
+
+def load_acceptance(path: Path) -> dict:
+    """{(draft label, sparsity, k): row} from scripts/speculative_acceptance.py's JSON."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return {(r["draft"], round(r["sparsity"], 4), r["k"]): r
+                for r in data["rows"] if "draft" in r}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --acceptance {path}: not a speculative_acceptance.py JSON "
+                         f"({e})") from None
+
+
 def _free() -> None:
     import gc
     gc.collect()
@@ -360,6 +472,8 @@ def _free() -> None:
 def print_table(rows: list, formats: list) -> None:
     """bf16 alone: the table as before; with quantized formats: grouped by model and format,
     each row against the bf16 dense row and against its format's torch baseline."""
+    rows = [r for r in rows if r.get("kind") is None]
+
     def eff_of(r):
         eff = r["effective_sparsity"]
         return " ".join(f"{p[:-5]}={eff[p]:.2f}" for p in PROJECTIONS if p in eff)
@@ -442,7 +556,40 @@ def main(argv=None):
     ap.add_argument("--no-baseline-tuning", dest="baseline_tuning", action="store_false",
                     help="compile the torch int8 baseline without gpt-fast's coordinate-descent "
                          "tuning (then inductor materialises a bf16 copy of every weight per step)")
+    ap.add_argument("--batch_sizes", nargs="+", type=int, default=None,
+                    help="also time batched decoding of B random prompts (bf16, dense and each "
+                         "sparsity): tokens/s per sequence and aggregate")
+    ap.add_argument("--batch_sparsities", nargs="+", type=float, default=[0.5],
+                    help="sparsities timed with --batch_sizes (besides dense)")
+    ap.add_argument("--replay", type=Path, default=None,
+                    help="print the tables of an earlier run's --json (and, with --acceptance, "
+                         "its modelled speculative decoding) without timing anything")
+    ap.add_argument("--speculate", action="store_true",
+                    help="also time the verify step (k + 1 tokens, dense) for each "
+                         "--speculate_k and model speculative tokens/s per timed draft row "
+                         "with the acceptance measured on the real model (--acceptance)")
+    ap.add_argument("--speculate_k", nargs="+", type=int, default=[2, 3, 4, 5, 6],
+                    help="proposals per verify step for --speculate")
+    ap.add_argument("--acceptance", type=Path, default=None,
+                    help="scripts/speculative_acceptance.py JSON (tokens per verify step per "
+                         "draft, sparsity and k) for --speculate's modelled tokens/s")
     args = ap.parse_args(argv)
+    if (args.batch_sizes and min(args.batch_sizes) < 1) or min(args.speculate_k) < 1:
+        ap.error("--batch_sizes and --speculate_k must be >= 1")
+    acceptance = load_acceptance(args.acceptance) if args.acceptance else {}
+    if args.replay is not None:
+        try:
+            data = json.loads(args.replay.read_text())
+            rows = [r for r in data["rows"] if r.get("kind") != "speculative_model"]
+            quant = data["args"]["quant"]
+            groupsize = data["args"].get("groupsize", 128)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --replay {args.replay}: not a bench_decode.py JSON ({e})")
+        print_table(rows, quant)
+        print_extra(rows)
+        if acceptance:
+            print_speculative(rows + speculative_model(rows, acceptance, groupsize))
+        return
     from teal.cli import check_device
     try:
         check_device(args.device)
@@ -481,7 +628,43 @@ def main(argv=None):
         for name in targets:
             bench_model(name, args, args.device, dtype, policy, bar, rows, save)
     print_table(rows, args.quant)
+    print_extra(rows)
+    if args.speculate and acceptance:
+        rows.extend(speculative_model(rows, acceptance, args.groupsize))
+        print_speculative(rows)
     save()
+
+
+def print_extra(rows: list) -> None:
+    """The batch and verify rows, if any."""
+    batch = [r for r in rows if r.get("kind") == "batch"]
+    if batch:
+        print(f"\n{'model':18s} {'batch':>5s} {'config':>6s} {'tok/s/seq':>10s} {'aggregate':>10s}")
+        for r in batch:
+            print(f"{r['model']:18s} {r['batch_size']:5d} {r['config']:>6s} "
+                  f"{r['tokens_per_s_per_sequence']:10.1f} {r['tokens_per_s']:10.1f}")
+    for r in (r for r in rows if r.get("kind") == "verify"):
+        print(f"{r['model']:18s} verify step k={r['k']} ({r['k'] + 1} tokens, dense): "
+              f"{r['verify_ms']:.3f} ms")
+
+
+def print_speculative(rows: list) -> None:
+    """Modelled speculative decoding: best k per draft, and the best overall."""
+    spec = [r for r in rows if r.get("kind") == "speculative_model"]
+    if not spec:
+        print("\n(no draft row matches the --acceptance file's drafts and sparsities)")
+        return
+    print(f"\n{'model':18s} {'draft':>10s} {'sparsity':>8s} {'k':>2s} {'draft ms':>8s} "
+          f"{'verify ms':>9s} {'tok/step':>8s} {'model tok/s':>11s} {'x dense':>7s}")
+    for r in spec:
+        print(f"{r['model']:18s} {r['draft']:>10s} {r['draft_sparsity']:>8.0%} {r['k']:>2d} "
+              f"{r['draft_ms']:8.3f} {r['verify_ms']:9.3f} {r['tokens_per_step']:8.2f} "
+              f"{r['modelled_tokens_per_s']:11.1f} {r['speedup_vs_dense']:7.2f}")
+    best = max(spec, key=lambda r: r["speedup_vs_dense"])
+    print(f"best: {best['model']} draft {best['draft']} at {best['draft_sparsity']:.0%}, "
+          f"k={best['k']}: {best['modelled_tokens_per_s']:.1f} tokens/s modelled, "
+          f"{best['speedup_vs_dense']:.2f}x dense (acceptance measured on the real default "
+          f"model, step times on these random weights)")
 
 
 if __name__ == "__main__":
