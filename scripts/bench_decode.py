@@ -331,7 +331,7 @@ def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -
             if args.batch_sizes:
                 bench_batch(model, name, calib, args, progress, rows, save)
             if args.speculate:
-                bench_verify(model, name, args, progress, rows, save)
+                bench_verify(model, name, calib, args, progress, rows, save)
             continue
         spec = QuantSpec(fmt, args.groupsize if fmt == "int4" else 0, args.quant_head)
         qmodel = copy.deepcopy(model)
@@ -383,37 +383,44 @@ def bench_batch(model, name, calib, args, progress, rows: list, save) -> None:
     teal.configure(model, sparse=False)
 
 
-def bench_verify(model, name, args, progress, rows: list, save) -> None:
-    """The verify step of speculative decoding: one dense forward of k + 1 tokens against the
-    KV cache (compiled like the decode step), for each k of --speculate_k; median ms of
-    --runs x 20 calls. Rows have kind="verify"."""
+def bench_verify(model, name, calib, args, progress, rows: list, save) -> None:
+    """The verify step of speculative decoding: one forward of k + 1 tokens against the KV
+    cache (compiled like the decode step), for each k of --speculate_k, dense and at each
+    --verify_sparsities (a sparse verifier: every token masked by its own |x| > t, the
+    several-row kernels); median ms of --runs x 20 calls. Rows have kind="verify"."""
     from teal.speculative import verify_step
-    teal.configure(model, sparse=False)
     fn = verify_step
     if args.compile:
         fn = torch.compile(verify_step, mode="reduce-overhead", fullgraph=True)
     ctx = args.prompt_tokens + args.new_tokens
     with torch.device(args.device):
         model.setup_caches(1, ctx + max(args.speculate_k) + 1)
-    for k in args.speculate_k:
-        toks = torch.randint(0, model.config.vocab_size, (1, k + 1), device=args.device,
-                             dtype=torch.int)
-        pos = torch.arange(ctx, ctx + k + 1, device=args.device)
-        with torch.no_grad():
-            for _ in range(3):
-                fn(model, toks, pos)
-            times = []
-            for _ in range(args.runs):
-                _sync_dev(args.device)
-                t0 = time.perf_counter()
-                for _ in range(20):
+    for s in args.verify_sparsities:
+        if s > 0:
+            apply_uniform_sparsity(model, calib, s)
+        teal.configure(model, sparse=s > 0, sparsify_prefill=s > 0)
+        label = "dense" if s == 0 else f"{s:.0%}"
+        for k in args.speculate_k:
+            toks = torch.randint(0, model.config.vocab_size, (1, k + 1), device=args.device,
+                                 dtype=torch.int)
+            pos = torch.arange(ctx, ctx + k + 1, device=args.device)
+            with torch.no_grad():
+                for _ in range(3):
                     fn(model, toks, pos)
-                _sync_dev(args.device)
-                times.append((time.perf_counter() - t0) / 20 * 1e3)
-        med = statistics.median(times)
-        rows.append(dict(kind="verify", model=name, k=k, verify_ms=med, runs=times))
-        save()
-        progress.write(f"{name:18s} verify k={k}: {med:.3f} ms ({k + 1} tokens, dense)")
+                times = []
+                for _ in range(args.runs):
+                    _sync_dev(args.device)
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        fn(model, toks, pos)
+                    _sync_dev(args.device)
+                    times.append((time.perf_counter() - t0) / 20 * 1e3)
+            med = statistics.median(times)
+            rows.append(dict(kind="verify", model=name, k=k, verify_ms=med, runs=times,
+                             verify_sparsity=s, config=label))
+            save()
+            progress.write(f"{name:18s} verify k={k}: {med:.3f} ms ({k + 1} tokens, {label})")
+    teal.configure(model, sparse=False, sparsify_prefill=False)
 
 
 def _sync_dev(device) -> None:
@@ -429,7 +436,7 @@ def speculative_model(rows: list, acceptance: dict, groupsize: int) -> list:
     t_draft = 1 / its decode tokens/s, t_verify the measured verify step; speedup against the
     bf16 dense decode row of the same run."""
     out = []
-    for v in (r for r in rows if r.get("kind") == "verify"):
+    for v in (r for r in rows if r.get("kind") == "verify" and not r.get("verify_sparsity")):
         dense = next((r for r in rows if r.get("kind") is None and r["model"] == v["model"]
                       and r["format"] == "bf16" and r["config"] == "dense"), None)
         if dense is None:
@@ -570,12 +577,17 @@ def main(argv=None):
                          "with the acceptance measured on the real model (--acceptance)")
     ap.add_argument("--speculate_k", nargs="+", type=int, default=[2, 3, 4, 5, 6],
                     help="proposals per verify step for --speculate")
+    ap.add_argument("--verify_sparsities", nargs="+", type=float, default=[0.0],
+                    help="--speculate: verifier sparsities timed (0: dense, the lossless "
+                         "verifier of the dense model)")
     ap.add_argument("--acceptance", type=Path, default=None,
                     help="scripts/speculative_acceptance.py JSON (tokens per verify step per "
                          "draft, sparsity and k) for --speculate's modelled tokens/s")
     args = ap.parse_args(argv)
     if (args.batch_sizes and min(args.batch_sizes) < 1) or min(args.speculate_k) < 1:
         ap.error("--batch_sizes and --speculate_k must be >= 1")
+    if not all(0.0 <= s < 1.0 for s in args.verify_sparsities):
+        ap.error("--verify_sparsities must be in [0, 1)")
     acceptance = load_acceptance(args.acceptance) if args.acceptance else {}
     if args.replay is not None:
         try:
@@ -644,8 +656,8 @@ def print_extra(rows: list) -> None:
             print(f"{r['model']:18s} {r['batch_size']:5d} {r['config']:>6s} "
                   f"{r['tokens_per_s_per_sequence']:10.1f} {r['tokens_per_s']:10.1f}")
     for r in (r for r in rows if r.get("kind") == "verify"):
-        print(f"{r['model']:18s} verify step k={r['k']} ({r['k'] + 1} tokens, dense): "
-              f"{r['verify_ms']:.3f} ms")
+        print(f"{r['model']:18s} verify step k={r['k']} ({r['k'] + 1} tokens, "
+              f"{r.get('config', 'dense')}): {r['verify_ms']:.3f} ms")
 
 
 def print_speculative(rows: list) -> None:

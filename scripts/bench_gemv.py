@@ -5,6 +5,7 @@
     python scripts/bench_gemv.py --compare --table-out table.json # candidates; winners -> rows
     python scripts/bench_gemv.py --table table.json --json b.json # time a tuned table
     python scripts/bench_gemv.py --wformat dense int8 int4-g128 --json q.json  # weight formats
+    python scripts/bench_gemv.py --rows 1 2 4 8 16 --sparsities 0.5 0.8   # several rows per call
 
 Shapes: the fused projections of Llama-3-8B and Llama-2-7B (q/k/v, o, gate/up, down).  For
 every shape and sparsity the kernel the policy dispatches (its table row for this GPU and
@@ -447,6 +448,76 @@ def run_bench(shapes, sparsities, policy, l2, dtype, copy_bw, tqdm, wformats=("d
     return rows
 
 
+def _rows_x(pattern: str, M: int, K: int, device) -> torch.Tensor:
+    """fp32 (M, K) inputs: "independent" draws (every row its own mask: the union of M masks
+    at sparsity s keeps about 1 - s^M of the rows, the worst case), or "shared" (one |x| with
+    random signs per row: every row keeps the same channels, the best case)."""
+    if pattern == "independent":
+        return torch.randn(M, K, device=device)
+    base = torch.randn(1, K, device=device).abs()
+    return base * torch.where(torch.rand(M, K, device=device) < 0.5, -1.0, 1.0)
+
+
+def run_rows(shapes, rows_list, sparsities, policy, l2, dtype, copy_bw, tqdm) -> list:
+    """--rows: the several-row kernel (M rows per call, each with its own mask) against cuBLAS
+    on the same M rows and against M one-row calls, per shape, M, mask pattern and sparsity.
+    Every call is first checked row by row against the float64 reference; GB/s counts the
+    rows the union of the M masks keeps."""
+    out = []
+    for model, name, kind, K, arg in tqdm(shapes, desc="rows", unit="shape"):
+        b = Bench(kind, K, arg, dtype, l2, "cuda")
+        one_us = {}
+        for M in rows_list:
+            for pattern in ("independent", "shared"):
+                x = _rows_x(pattern, M, K, "cuda")
+                b.x = x.to(dtype)
+                cublas = time_graph(b.baseline_fns())
+                for s in sparsities:
+                    ax = b.x.float().abs()
+                    t0 = torch.quantile(ax.reshape(-1).cpu(), s).item() if s > 0 else 0.0
+                    n_t = len(arg) if kind == "seg" else 2
+                    t = torch.full((n_t,), t0, dtype=torch.float32, device="cuda")
+                    kept = int((ax > t0).any(0).sum())
+                    ys = b.call(0, t, s, policy).reshape(M, -1)
+                    for m in range(M):
+                        xm = b.x[m]
+                        ends = [int(e) for e in torch.tensor(arg).cumsum(0)] if kind == "seg" else None
+                        ref = (R.sparse_gemv_ref(xm, b.ref_wt, t, ends) if kind == "seg"
+                               else R.sparse_gated_gemv_ref(xm, b.ref_wt, t))
+                        err = ((ys[m].double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                        if not err < 1e-2:
+                            raise SystemExit(f"error: {model} {name} M={M} row {m} at {s:.0%}: "
+                                             f"rel err {err:.3g}")
+                    us = time_graph(b.sparse_fns(t, s, policy))
+                    if M == 1:
+                        one_us[(pattern, s)] = us
+                    gbs = b.active_bytes(kept) / us / 1e3
+                    sizes = arg if kind == "seg" else (arg, arg)
+                    lc = policy.launch(kind, K, sizes, dtype, "dense", s, "cuda", rows=M)
+                    out.append(dict(model=model, name=name, kind=kind, K=K, N=b.N, rows=M,
+                                    pattern=pattern, target_sparsity=s,
+                                    union_sparsity=1 - kept / K, us=us, cublas_us=cublas,
+                                    speedup=cublas / us, gbs=gbs, frac_copy_bw=gbs / copy_bw,
+                                    one_row_us=one_us.get((pattern, s)),
+                                    config=f"{lc.algo_name} bn{lc.block_n} bk{lc.block_k} s{lc.split}"))
+        del b
+        torch.cuda.empty_cache()
+    return out
+
+
+def print_rows_table(rows) -> None:
+    print(f"\n{'model':10s} {'proj':8s} {'M':>3s} {'masks':>11s} {'sp%':>4s} {'union%':>6s} {'us':>7s} "
+          f"{'cuBLAS':>7s} {'x':>6s} {'M x 1row':>8s} {'GB/s':>6s} {'%copy':>6s}")
+    for r in rows:
+        m1 = "" if r["one_row_us"] is None else f"{r['rows'] * r['one_row_us']:8.2f}"
+        print(f"{r['model']:10s} {r['name']:8s} {r['rows']:3d} {r['pattern']:>11s} "
+              f"{100 * r['target_sparsity']:4.0f} {100 * r['union_sparsity']:6.1f} {r['us']:7.2f} "
+              f"{r['cublas_us']:7.2f} {r['speedup']:6.3f} {m1:>8s} {r['gbs']:6.0f} "
+              f"{100 * r['frac_copy_bw']:5.1f}%")
+    print("(union% = channels no row keeps; x = cuBLAS on the same M rows / the kernel; M x 1row "
+          "= M one-row kernel calls; GB/s on the union's rows)")
+
+
 def candidates(name, kind, K, arg, wformat) -> list:
     """The --compare candidates of a projection fitted to the weight format, duplicates (two
     candidates `fit_format` maps to one config, e.g. lists under int4) dropped."""
@@ -556,6 +627,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-bench", dest="bench", action="store_false", help="only --compare")
     ap.add_argument("--wformat", nargs="+", default=["dense"], choices=WFORMATS,
                     help="weight formats to time (each with its torch baseline)")
+    ap.add_argument("--rows", nargs="+", type=int, default=None,
+                    help="time the several-row kernel (M rows per call, batch decoding and "
+                         "speculative verification) for these M (1..16) at --sparsities, "
+                         "against cuBLAS on the same rows; dense weights, instead of the bench")
     ap.add_argument("--eager-baselines", dest="eager_baselines", action="store_true",
                     help="run the torch int8 baseline eagerly (default: torch.compile'd as gpt-fast)")
     args = ap.parse_args(argv)
@@ -594,7 +669,14 @@ def main(argv=None) -> None:
         if args.table_out:
             atomic_write_json(args.table_out, results["table"])
         table = table.with_rows(winners)
-    if args.bench:
+    if args.rows:
+        if not all(1 <= m <= 16 for m in args.rows):
+            sys.exit(f"error: --rows takes M in 1..16, got {args.rows}")
+        rows = run_rows(shapes, sorted(set(args.rows)), args.sparsities, KernelPolicy(table=table),
+                        l2, dtype, bw, tqdm)
+        results["rows"] = rows
+        print_rows_table(rows)
+    elif args.bench:
         rows = run_bench(shapes, args.sparsities, KernelPolicy(table=table), l2, dtype, bw, tqdm,
                          wformats, args.eager_baselines)
         results["bench"] = rows

@@ -8,7 +8,10 @@ one weight buffer, with one threshold per projection, and dispatches:
   inference;
 - a decode step (one token) that its `KernelPolicy` runs on a kernel (CUDA, fp16/bf16): one
   fused sparse GEMV launch that skips the weight rows of dropped input channels, each
-  projection with its own threshold (`teal.kernels`);
+  projection with its own threshold (`teal.kernels`); a sparse call of 2 to
+  `KernelPolicy.max_rows` tokens (batch decoding; a speculative verify step with
+  `sparsify_prefill`) runs the several-row kernel, each token with its own mask, dense and
+  int8 weights;
 - otherwise the exact torch path: zero the entries with |x| <= t_s, then a matmul.
 
 Weight layout: `weight` has the nn.Linear shape (sum N_s, K) but is stored input-channel
@@ -121,6 +124,7 @@ class SparseLinear(nn.Module):
         self.tp_style: Optional[str] = None
         self._shared = True     # every projection has the same threshold (one mask suffices)
         self._launch = None     # the resolved decode kernel launch, or None (torch path)
+        self._rows_launch = None  # the launch of a sparse call of 2..max_rows tokens, or None
         self._dense_launch = None  # quantized formats: the launch of a dense (t = 0) decode
         self._refresh_launch()
 
@@ -280,13 +284,16 @@ class SparseLinear(nn.Module):
         (None: the torch path), so a forward only reads it."""
         w, policy = self._kernel_weight()[0], self.kernel_policy
         dtype = self.act_dtype
-        self._launch = self._dense_launch = None
+        self._launch = self._dense_launch = self._rows_launch = None
         if (not policy.gemv or w.is_meta or dtype not in _KERNEL_DTYPES or not policy.allows(w.device)
                 or not kernels.kernels_available(w.device)):
             return
         kind = "gated" if self.gated else "seg"
         self._launch = policy.launch(kind, self.in_features, self.sizes, dtype, self.wformat,
                                      min(self.sparsity), w.device)
+        if policy.takes_rows(self.wformat):
+            self._rows_launch = policy.launch(kind, self.in_features, self.sizes, dtype,
+                                              self.wformat, min(self.sparsity), w.device, rows=2)
         if self.wformat != "dense":
             self._dense_launch = policy.launch(kind, self.in_features, self.sizes, dtype,
                                                self.wformat, 0.0, w.device)
@@ -301,13 +308,13 @@ class SparseLinear(nn.Module):
 
         A quantized format's decode step runs its kernel even when dense (threshold 0)."""
         if not self._sparse_for(x):
-            if self._dense_launch is not None and self._kernel_ok(x):
+            if self._dense_launch is not None and self._kernel_ok(x) and self._rows(x) == 1:
                 return self._kernel(x, self._zero_threshold, self._dense_launch, 0.0)
             if self._cpu_ok(x, dense=True):
                 return self._cpu_kernel(x, dense=True)
             y = F.linear(x, self.weight)
-        elif self._launch is not None and not self.track and self._kernel_ok(x):
-            return self._kernel(x, self.threshold, self._launch, min(self.sparsity))
+        elif not self.track and (launch := self._sparse_launch(x)) is not None:
+            return self._kernel(x, self.threshold, launch, min(self.sparsity))
         elif not self.track and self._cpu_ok(x, dense=False):
             return self._cpu_kernel(x, dense=False)
         else:
@@ -317,11 +324,24 @@ class SparseLinear(nn.Module):
             return F.silu(g) * u
         return y
 
+    def _rows(self, x: Tensor) -> int:
+        return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+    def _sparse_launch(self, x: Tensor):
+        """The kernel launch of a sparse call on x: one token `_launch`, 2..max_rows tokens
+        `_rows_launch`; None (the torch path) otherwise."""
+        rows = self._rows(x)
+        launch = self._launch if rows == 1 else self._rows_launch
+        if (launch is None or rows < 1 or rows > self.kernel_policy.max_rows
+                or not self._kernel_ok(x)):
+            return None
+        return launch
+
     def _kernel_ok(self, x: Tensor) -> bool:
-        """One token, in the module's dtype and device, the weight in kernel layout, and no
-        autograd (the kernels are inference only: with autograd on, the torch path runs)."""
+        """x in the module's dtype and device, the weight in kernel layout, and no autograd
+        (the kernels are inference only: with autograd on, the torch path runs)."""
         w = self._kernel_weight()[0]
-        return (x.numel() == x.shape[-1] and x.dtype == self.act_dtype and x.device == w.device
+        return (x.dtype == self.act_dtype and x.device == w.device
                 and w.is_contiguous()
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
 

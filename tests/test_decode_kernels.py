@@ -18,6 +18,7 @@ import teal
 import teal.kernels as K
 from model import ModelArgs, Transformer
 from teal.kernels import KernelPolicy, kernels_available
+from teal.sparse_linear import configured
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels_available(torch.device(DEVICE)),
@@ -55,18 +56,17 @@ def _decode_logits(m, ids, step):
 
 
 def _ref(x, lin):
-    x64 = x.reshape(-1).double()
-    keep = x.reshape(-1).float().abs() > lin.threshold
-    return (x64 * keep) @ lin.weight.double().t()
+    """(rows, N) float64: each row of x masked by its own |x| > t, times the weight."""
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = x2.float().abs() > lin.threshold
+    return (x2.double() * keep) @ lin.weight.double().t()
 
 
 def _rel(a, b):
     return ((a.double().reshape(-1) - b.reshape(-1)).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_kernel_call_in_a_decode_step(dtype, monkeypatch):
-    m = _model(dtype)
+def _record_calls(monkeypatch) -> list:
     calls = []
     for name in ("sparse_gemv", "sparse_gated_gemv"):
         fn = getattr(K, name)
@@ -76,8 +76,12 @@ def test_every_kernel_call_in_a_decode_step(dtype, monkeypatch):
             calls.append((_name, args[0].clone(), y.clone()))
             return y
         monkeypatch.setattr(K, name, rec)
-    ids = torch.randint(0, m.config.vocab_size, (1, 9), device=DEVICE)
-    _decode_logits(m, ids, m)
+    return calls
+
+
+def _check_calls(m, calls, dtype, rows: int) -> None:
+    """The calls are one step's (q/k/v, o, gate/up, down per layer), each on `rows` rows and
+    equal, row by row, to the masked float64 product of the modules' weights."""
     expect = []
     for b in m.layers:
         a, f = b.attention, b.feed_forward
@@ -86,12 +90,46 @@ def test_every_kernel_call_in_a_decode_step(dtype, monkeypatch):
                    ("sparse_gemv", tuple(f.down_proj.projections()))]
     assert [c[0] for c in calls] == [e[0] for e in expect]
     for (name, x, y), (_, mods) in zip(calls, expect):
+        assert x.numel() // x.shape[-1] == rows, (name, tuple(x.shape))
         if name == "sparse_gated_gemv":
             ref = F.silu(_ref(x, mods[0])) * _ref(x, mods[1])
         else:
-            ref = torch.cat([_ref(x, lin) for lin in mods])
+            ref = torch.cat([_ref(x, lin) for lin in mods], dim=-1)
         assert torch.isfinite(y).all()
-        assert _rel(y, ref) < TOL[dtype], (name, _rel(y, ref))
+        y2 = y.reshape(rows, -1)
+        for r in range(rows):
+            assert _rel(y2[r], ref[r]) < TOL[dtype], (name, r, _rel(y2[r], ref[r]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_kernel_call_in_a_decode_step(dtype, monkeypatch):
+    m = _model(dtype)
+    calls = _record_calls(monkeypatch)
+    ids = torch.randint(0, m.config.vocab_size, (1, 9), device=DEVICE)
+    _decode_logits(m, ids, m)
+    _check_calls(m, calls, dtype, 1)
+
+
+@pytest.mark.parametrize("step", ["batch", "verify"])
+def test_several_rows_per_kernel_call(step, monkeypatch):
+    """A batch-3 decode step (one token per sequence) and a 4-token speculative verify step
+    (sparsify_prefill) send every projection to the several-row kernel, each row with its
+    own mask."""
+    dtype = torch.bfloat16
+    m = _model(dtype)
+    B, T = (3, 1) if step == "batch" else (1, 4)
+    ids = torch.randint(0, m.config.vocab_size, (B, 8 + T), device=DEVICE)
+    m.setup_caches(B, 32)
+    with torch.no_grad():
+        m(ids[:, :8], torch.arange(8, device=DEVICE))  # dense prefill
+        calls = _record_calls(monkeypatch)
+        if step == "batch":
+            pos = torch.tensor([[8], [8], [8]], device=DEVICE)
+            m(ids[:, 8:], pos)
+        else:
+            with configured(m, sparsify_prefill=True):
+                m(ids[:, 8:], torch.arange(8, 8 + T, device=DEVICE))
+    _check_calls(m, calls, dtype, B * T)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -418,7 +418,12 @@ def test_errors():
     cases = [
         (lambda: tk.sparse_gemv(x.float(), wt, t, policy=POLICY), "dtype"),
         (lambda: tk.sparse_gemv(x, wt.half(), t, policy=POLICY), "dtype"),
-        (lambda: tk.sparse_gemv(x.view(1, K).expand(2, K), wt, t, policy=POLICY), "rows"),
+        (lambda: tk.sparse_gemv(x.view(1, K).expand(17, K), wt, t, policy=POLICY), "1 to 16 rows"),
+        (lambda: tk.sparse_gemv(x.view(1, K).expand(2, K), wt, t, policy=POLICY,
+                                launch=D.resolve(GemvConfig(), "seg", K, [N], 4)), "dot algorithm"),
+        (lambda: launch.launch_gemv(x.view(1, K).expand(2, K).contiguous(), wt, None, t.view(1),
+                                    [N], False, "dense", D.resolve(GemvConfig(), "seg", K, [N], 4)),
+         "dot algorithm"),
         (lambda: tk.sparse_gemv(x, _w(N, K, torch.bfloat16).t(), t, policy=POLICY), "contiguous"),
         (lambda: tk.sparse_gemv(x, _w(K + 1, N, torch.bfloat16), t, policy=POLICY), "K mismatch"),
         (lambda: tk.sparse_gemv(x, wt, t.double(), policy=POLICY), "float32"),
@@ -447,6 +452,89 @@ def test_errors():
     for fn, word in cases:
         with pytest.raises(ValueError, match=word):
             fn()
+
+
+# --------------------------------------------------------------------------- several rows
+# Batch decoding and speculative verification: M rows per call, each with its own mask (the
+# dot kernel's A operand holds the rows; a weight row is read if any row keeps it).
+_ROWS_CASES = [
+    (2, GemvConfig(algo="dot", block_n=16, block_k=16, split=3, num_stages=3, rchunk=0, warm=16)),
+    (5, GemvConfig(algo="dot", block_n=32, block_k=32, split=1, num_stages=2)),
+    (16, GemvConfig(algo="dot", block_n=16, block_k=16, split=4, num_stages=3, rchunk=2)),
+]
+
+
+def _rows_x(M, K, dtype, t_low):
+    """M rows of independent draws with per-row scales (so the rows keep different channel
+    sets); the last row lies below every threshold (`t_low`), so its output is exact zeros."""
+    x = torch.randn(M, K) * (0.5 + torch.rand(M, 1))
+    x[-1] = torch.where(torch.rand(K) < 0.5, -1.0, 1.0) * t_low * 0.5
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("M,cfg", _ROWS_CASES, ids=[f"M{m}-{_cfg_id(c)}" for m, c in _ROWS_CASES])
+def test_rows_own_masks(M, cfg, dtype):
+    """Every row of an M-row call equals its own masked GEMV (float64 reference), for
+    segments with scalar thresholds and for gate/up with per-channel ones, through
+    NaN-poisoned outputs and workspaces; counters left zero; deterministic."""
+    seed = _seed()
+    K, sizes, F = 77, (19, 40, 6), 21
+    N = sum(sizes)
+    wt, wg = _w(K, N, dtype), _w(K, 2 * F, dtype)
+    t = torch.tensor([0.6, 0.9, 1.2], device=DEV)
+    tg = (torch.rand(2, K) * 1.5 + 0.3).to(DEV)
+    x = _rows_x(M, K, dtype, 0.3)
+    keeps = x.float().abs() > t[0]
+    assert M == 2 or not torch.equal(keeps[0], keeps[1]), f"rows share a mask seed={seed}"
+    bounds = _bounds(sizes)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+    ws = torch.full((64 * M, N), float("nan"), dtype=torch.float32, device=DEV)
+    lc = D.resolve(cfg, "seg", K, sizes, D.num_sms(DEV))
+    launch.launch_gemv(x, wt, None, t, list(sizes), False, "dense", lc, out=out, workspace=ws)
+    outg = torch.full((M, F), float("nan"), dtype=dtype, device=DEV)
+    wsg = torch.full((64 * M, 2 * F), float("nan"), dtype=torch.float32, device=DEV)
+    lcg = D.resolve(cfg, "gated", K, (F, F), D.num_sms(DEV))
+    launch.launch_gemv(x, wg, None, tg, [F, F], True, "dense", lcg, out=outg, workspace=wsg)
+    for m in range(M):
+        _close(out[m], R.sparse_gemv_ref(x[m], wt, t, bounds), dtype, seed, f"row {m} of {M}")
+        _close(outg[m], R.sparse_gated_gemv_ref(x[m], wg, tg), dtype, seed, f"gated row {m} of {M}")
+    assert (out[-1] == 0).all() and (outg[-1] == 0).all(), f"all-dropped row not zero seed={seed}"
+    assert int(launch.counters(DEV, 1).abs().sum()) == 0
+    assert torch.equal(out, launch.launch_gemv(x, wt, None, t, list(sizes), False, "dense", lc)), \
+        f"non-deterministic seed={seed}"
+
+
+def test_rows_public_api_and_dispatch():
+    """The public GEMVs take (M, K) and (B, T, K) inputs; a policy resolves a dot launch for
+    several rows whatever its one-row kernel; int4 and out-of-range rows are refused."""
+    seed = _seed()
+    K, N = 50, 24
+    x = torch.randn(2, 3, K).to(torch.bfloat16).to(DEV)
+    wt = _w(K, N, torch.bfloat16)
+    t = torch.tensor(0.7, device=DEV)
+    y = tk.sparse_gemv(x, wt, t, policy=KernelPolicy(interpreter=not _CUDA, config=_MASK))
+    assert y.shape == (2, 3, N)
+    ref = torch.stack([R.sparse_gemv_ref(r, wt, t) for r in x.reshape(6, K)])
+    _close(y.reshape(6, N), ref, torch.bfloat16, seed, "(B, T, K) rows")
+    lists = KernelPolicy(config=_LIST)  # a kept-row-list policy: rows still run on dot
+    assert lists.launch("seg", 4096, (4096, 1024, 1024), torch.bfloat16, "dense", 0.8,
+                        "cpu").algo_name == "list"
+    assert lists.launch("seg", 4096, (4096, 1024, 1024), torch.bfloat16, "dense", 0.8, "cpu",
+                        rows=4).algo_name == "dot"
+    assert lists.launch("seg", K, (N,), torch.bfloat16, "dense", 0.5, "cpu", rows=2).algo_name == "dot"
+    big = KernelPolicy()
+    assert big.launch("gated", 4096, (14336, 14336), torch.bfloat16, "int8", 0.5, "cpu",
+                      rows=3).algo_name == "dot"
+    for bad, word in ((dict(rows=17), "1 to 16 rows"), (dict(rows=0), "1 to 16 rows")):
+        with pytest.raises(ValueError, match=word):
+            big.launch("seg", K, (N,), torch.bfloat16, "dense", 0.5, "cpu", **bad)
+    with pytest.raises(ValueError, match="one row per call"):
+        big.launch("seg", K, (N,), torch.bfloat16, "int4-g32", 0.5, "cpu", rows=2)
+    with pytest.raises(ValueError, match="max_rows"):
+        KernelPolicy(max_rows=17)
+    assert not KernelPolicy(max_rows=1).takes_rows("dense")
+    assert KernelPolicy().takes_rows("int8") and not KernelPolicy().takes_rows("int4-g128")
 
 
 def test_import_without_triton_is_lazy():

@@ -246,6 +246,27 @@ def test_variants_poisoned(fmt, cfg):
         f"gated non-deterministic seed={seed}"
 
 
+def test_int8_rows_own_masks():
+    """int8 weights, M = 4 rows per call (the dot kernel, scales in the epilogue): each row
+    equals its own masked GEMV of the dequantized weight; int4 refuses several rows."""
+    seed = _seed()
+    K, sizes, F, M = 70, (16, 24, 8), 12, 4
+    codes, scales, deq = _qweight(K, sum(sizes), "int8")
+    cg, sg, dg = _qweight(K, 2 * F, "int8")
+    x = (torch.randn(M, K) * (0.5 + torch.rand(M, 1))).to(torch.bfloat16).to(DEV)
+    t = torch.tensor([0.5, 0.8, 1.1], device=DEV)
+    tg = (torch.rand(2, K) + 0.4).to(DEV)
+    y = _public(x, codes, scales, t, "segments", sizes, "int8")
+    yg = _public(x, cg, sg, tg, "gated", (F, F), "int8")
+    assert y.shape == (M, sum(sizes)) and yg.shape == (M, F)
+    for m in range(M):
+        _close(y[m], _ref(x[m], deq, t, "segments", sizes), torch.bfloat16, seed, f"int8 row {m}")
+        _close(yg[m], _ref(x[m], dg, tg, "gated", (F, F)), torch.bfloat16, seed, f"int8 gated row {m}")
+    c4, s4, _ = _qweight(K, 16, "int4-g32")
+    with pytest.raises(ValueError, match="one row per call"):
+        _public(x, c4, s4, t[:1], "single", (16,), "int4-g32")
+
+
 def test_int4_group_edges():
     """int4 with K = 200 (g128: one full group and a short one of 72) under the largest
     tiles a group admits (block_k == group) and ranges that end inside a group, on column

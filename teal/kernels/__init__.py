@@ -16,7 +16,10 @@ Public API::
     decode_attention(q, k_cache, v_cache, mask) -> (1, H, 1, D)
     KernelPolicy, GemvConfig, DispatchTable, TableRow      (teal.kernels.dispatch)
 
-M = 1 today (one decode token); the checks live in `teal.kernels._checks`.  Which kernel
+M = 1 to 16 rows (decode tokens of a batch, or the k + 1 tokens of a speculative verify
+step): each row keeps its own mask and its output is its own masked GEMV, while a weight row
+is read once if any row keeps it (M > 1: the dot algorithm, dense or int8 weights).  The
+checks live in `teal.kernels._checks`.  Which kernel
 runs is decided by a `KernelPolicy` (its dispatch table, or one forced config); the
 plain-PyTorch float64 twins are in `teal.kernels.reference`.
 """
@@ -91,7 +94,7 @@ def _ensure_ops() -> None:
 def _gemv(x, wt, thresholds, sizes_of, gated: bool, sparsity: float, policy, launch,
           wformat: str, scales) -> torch.Tensor:
     """Shared body of the two public GEMVs: checks, launch choice, the registered op."""
-    x2, _ = _checks.rows_of(x)
+    x2, rows = _checks.rows_of(x)
     K = x2.shape[1]
     N = _checks.check_weight(wt, scales, wformat, K, x2.dtype)
     sizes = _checks.check_sizes(sizes_of(N), wformat)
@@ -105,7 +108,10 @@ def _gemv(x, wt, thresholds, sizes_of, gated: bool, sparsity: float, policy, lau
     _checks.check_sparsity(sparsity)
     if launch is None:
         launch = policy.launch("gated" if gated else "seg", K, sizes, x2.dtype, wformat, sparsity,
-                               x2.device)
+                               x2.device, rows=rows)
+    elif rows > 1 and launch.algo_name != "dot":
+        raise ValueError(f"{rows} rows per call run on the dot algorithm; the given launch is "
+                         f"{launch.algo_name}: resolve it with KernelPolicy.launch(..., rows={rows})")
     _ensure_ops()
     y = torch.ops.teal.sparse_gemv(x2, wt, scales, t, sizes, gated, wformat, launch.encode())
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -121,7 +127,8 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
     (fused q/k/v), each with its own threshold, computed in one pass.
 
     Args:
-        x: activation, bf16 or fp16, shape (M, K) or (..., K) with M leading rows; M = 1.
+        x: activation, bf16 or fp16, shape (M, K) or (..., K) with M leading rows, 1 <= M
+            <= 16; each row is masked by its own |x[m]| > t_s (M > 1: dense or int8 weights).
         wt: the weight input-channel major, ``W.t().contiguous()`` of shape (K, N), x's dtype
             and device ("dense" format).  Row k is read only if channel k is kept.
         thresholds: float32, (S,) (one per segment) or (S, K) (per segment and channel);
@@ -139,7 +146,8 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
         y of shape x.shape[:-1] + (N,) in x's dtype.  Channels with ``|x_k| <= t`` contribute
         nothing (all dropped: exact zeros).
     Raises:
-        ValueError: wrong dtype, M > 1, mismatched or non-contiguous wt, bad thresholds shape
+        ValueError: wrong dtype, M > 16 (or M > 1 with int4 weights or a launch not of the
+        dot algorithm), mismatched or non-contiguous wt, bad thresholds shape
         or dtype, bad segments, device mismatch, CPU without the Triton interpreter,
         sparsity outside [0, 1).
     Source: TEAL (arXiv 2408.14690) Section 4, Eq. 2-3; greedy allocation (Section 4.2)
@@ -156,7 +164,7 @@ def sparse_gated_gemv(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tenso
     """Fused gate/up sparse GEMV with the SwiGLU epilogue: ``silu(g) * u``.
 
     Args:
-        x: bf16/fp16, (M, K) or (..., K), M = 1.
+        x: bf16/fp16, (M, K) or (..., K), 1 <= M <= 16 (as for `sparse_gemv`).
         wt: one contiguous (K, 2F) buffer: gate = ``wt[:, :F]``, up = ``wt[:, F:]`` (each
             W.t() of its projection).
         thresholds: float32 (2,) = (t_gate, t_up) or (2, K) per channel.

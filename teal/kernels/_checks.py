@@ -6,18 +6,18 @@ from typing import Optional, Sequence
 
 import torch
 
+from .dispatch import MAX_ROWS
 from .formats import get_format
 
 ACT_DTYPES = (torch.bfloat16, torch.float16)
-MAX_ROWS = 1  # rows (M) per call the kernels implement today
 
 
 def rows_of(x: torch.Tensor, name: str = "x") -> tuple[torch.Tensor, int]:
     """(x as a contiguous (M, K) matrix, M) for x of shape (M, K) or (..., K).
 
     Raises:
-        ValueError: not a tensor, 0-d, K = 0, dtype not bf16/fp16, or more rows than the
-            kernels implement.
+        ValueError: not a tensor, 0-d, K = 0, dtype not bf16/fp16, no rows or more than
+            the kernels take (16).
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -29,11 +29,11 @@ def rows_of(x: torch.Tensor, name: str = "x") -> tuple[torch.Tensor, int]:
     if K == 0:
         raise ValueError(f"{name} has K = 0 input channels")
     m = x.numel() // K if x.numel() else 0
-    if m != MAX_ROWS:
+    if not 1 <= m <= MAX_ROWS:
         raise ValueError(
-            f"the sparse GEMV kernels take M = {MAX_ROWS} row per call (one decode token): {name} "
+            f"the sparse GEMV kernels take 1 to {MAX_ROWS} rows per call (decode tokens): {name} "
             f"has shape {tuple(x.shape)} ({m} rows); use the torch path (mask, then matmul) for "
-            f"several rows")
+            f"more rows")
     return x.reshape(m, K).contiguous(), m
 
 

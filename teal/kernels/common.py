@@ -300,3 +300,64 @@ def store_output(acc, acc_u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k
                 out = _reduce_partials(part_ptr, ncols, cols, nmask, split, BLOCK_N, RCHUNK)
             tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+# --------------------------------------------------------------------------- several rows
+# The "dot" kernel with MULTI: rows 0..M-1 of its accumulator are M different inputs (each
+# with its own mask), so the epilogue keeps the rows apart instead of folding them.
+
+
+@triton.jit
+def finish_rows(acc, acc_u, s_ptr, cols, cols_u, nmask, rm, M, part_ptr, cnt_ptr, y_ptr, pid_n,
+                pid_k, split, ncols, GATED: tl.constexpr, HAS_SPLIT: tl.constexpr,
+                WFMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`finish` for M rows: acc / acc_u are (BLOCK_M, BLOCK_N) with row m < M the sums of
+    input row m (rows >= M are not stored); per-column weight scales apply to every row."""
+    v = scale_output(acc, s_ptr, cols, nmask, WFMT)
+    if GATED:
+        u = scale_output(acc_u, s_ptr, cols_u, nmask, WFMT)
+    else:
+        u = v
+    store_rows(v, u, rm, M, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split, ncols,
+               GATED, HAS_SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def store_rows(acc, acc_u, rm, M, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split,
+               ncols, GATED: tl.constexpr, HAS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """`store_output` for M rows: y is (M, ncols) (gated: ncols = F), the split-K workspace
+    part[split, M, W] with W = ncols (gated: 2F, up's partials at F + cols).  The last
+    arriving program sums the partials of split 0, 1, ... in that order (deterministic),
+    applies the epilogue, stores its rows of y and resets its counter."""
+    rmask = (rm < M)[:, None] & nmask[None, :]
+    yoff = rm[:, None] * ncols + cols[None, :]
+    if not HAS_SPLIT:
+        if GATED:
+            out = acc * tl.sigmoid(acc) * acc_u
+        else:
+            out = acc
+        tl.store(y_ptr + yoff, out.to(y_ptr.dtype.element_ty), mask=rmask)
+    else:
+        if GATED:
+            width = 2 * ncols
+        else:
+            width = ncols
+        poff = rm[:, None] * width + cols[None, :]
+        tl.store(part_ptr + pid_k * (M * width) + poff, acc, mask=rmask)
+        if GATED:
+            tl.store(part_ptr + pid_k * (M * width) + ncols + poff, acc_u, mask=rmask)
+        if arrive_last(cnt_ptr, pid_n, split):
+            g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, split):
+                p = part_ptr + s * (M * width) + poff
+                g += tl.load(p, mask=rmask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    u += tl.load(p + ncols, mask=rmask, other=0.0, cache_modifier=".cg")
+            if GATED:
+                out = g * tl.sigmoid(g) * u
+            else:
+                out = g
+            tl.store(y_ptr + yoff, out.to(y_ptr.dtype.element_ty), mask=rmask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")

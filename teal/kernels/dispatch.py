@@ -31,7 +31,7 @@ from .formats import get_format
 
 __all__ = ["ALGORITHMS", "GemvConfig", "Launch", "TableRow", "DispatchTable", "KernelPolicy",
            "DEFAULT_TABLE", "DEFAULT_POLICY", "generic_config", "resolve", "cdiv", "next_pow2",
-           "device_key", "num_sms", "fit_format", "words_fit"]
+           "device_key", "num_sms", "fit_format", "words_fit", "rows_config", "MAX_ROWS"]
 
 ALGORITHMS = ("mask", "dot", "list", "words")
 _KSPLIT_MAX = 4096  # list: the x range a program loads at once (registers)
@@ -327,6 +327,25 @@ _WORDS_Q4_WIDE = GemvConfig(algo="words", block_n=512, block_k=32, num_warps=4, 
 _WORDS_Q8_GATED = GemvConfig(algo="words", block_n=1024, block_k=32, num_warps=4, waves=1, rchunk=0)
 
 
+# Several rows per call (batch decoding, speculative verification): the dot algorithm only
+# (its 16-row A operand holds up to 16 input rows).  Small shapes get this config (not
+# measured on a GPU; the default model's projections are 576 to 1536 wide).
+_DOT_SMALL = GemvConfig(algo="dot", block_n=64, block_k=64, num_warps=4, num_stages=3, waves=2, rchunk=0)
+MAX_ROWS = 16  # rows per call the dot kernel takes (its BLOCK_M)
+
+
+def rows_config(cfg: GemvConfig, kind: str, K: int, n_cols: int) -> GemvConfig:
+    """The config of a call with several rows: `cfg` if it is a dot config, else the dot
+    config of the shape's family (large shapes: `generic_config`'s dense rule; small ones
+    `_DOT_SMALL`).  The weight tiles are the same as one row's; only the A operand holds M
+    rows instead of one."""
+    if cfg.algo == "dot":
+        return cfg
+    if K >= 2048 and n_cols >= 2048:
+        return generic_config(kind, K, n_cols)
+    return _DOT_SMALL
+
+
 def generic_config(kind: str, K: int, n_cols: int, wformat: str = "dense") -> GemvConfig:
     """Calls no table row matches: quantized weights the words kernel (`_WORDS_Q8`,
     `_WORDS_Q4`; calls whose segments are not whole code words fall back to the masked loop's
@@ -436,6 +455,10 @@ class KernelPolicy:
             weight rows (`teal.kernels.cpu`): "compiled" (the C++ kernel, built on first use;
             "gather" where it cannot be built), "gather" (pure torch, one token), or None (the
             exact torch path: mask, then a matmul over every row).  Needs `gemv`.
+        max_rows: the most rows (tokens: batch decoding, speculative verification) one call
+            sends to the sparse kernels (dense and int8 weights, 1..16); a call with more rows
+            takes the torch path (mask, then one GEMM over every weight row), where the union
+            of the rows' masks leaves too little to skip.
 
     `set_kernel_policy(model, policy)` (teal.sparse_linear) hands one to every module.
     """
@@ -446,10 +469,14 @@ class KernelPolicy:
     table: DispatchTable = field(default=DEFAULT_TABLE, repr=False)
     config: Optional[GemvConfig] = None
     cpu: Optional[str] = "compiled"
+    max_rows: int = MAX_ROWS
 
     def __post_init__(self):
         if self.cpu not in (None, "compiled", "gather"):
             raise ValueError(f"KernelPolicy.cpu must be 'compiled', 'gather' or None, got {self.cpu!r}")
+        if not (isinstance(self.max_rows, int) and 1 <= self.max_rows <= MAX_ROWS):
+            raise ValueError(f"KernelPolicy.max_rows must be an int in [1, {MAX_ROWS}], got "
+                             f"{self.max_rows!r}")
 
     def allows(self, device) -> bool:
         """Kernels may run on this device under this policy (availability aside)."""
@@ -467,7 +494,7 @@ class KernelPolicy:
         return (row.config if row is not None else generic_config(kind, K, n_cols, wformat)), row
 
     def launch(self, kind: str, K: int, sizes: Sequence[int], dtype: torch.dtype,
-               wformat: str, sparsity: float, device) -> Launch:
+               wformat: str, sparsity: float, device, rows: int = 1) -> Launch:
         """The resolved launch of a call.
 
         Args:
@@ -476,9 +503,24 @@ class KernelPolicy:
             K: input channels. dtype: activation dtype. wformat: weight format ("dense").
             sparsity: the calibrated sparsity of the call (the lowest of its projections').
             device: where it runs.
+            rows: input rows per call, 1..16; more than one runs the dot algorithm
+                (`rows_config`), whose launch serves any row count up to 16.
+        Raises:
+            ValueError: rows outside [1, 16], or several rows of int4 weights (one row only).
         """
+        rows = int(rows)
+        if not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f"the sparse kernels take 1 to {MAX_ROWS} rows per call, got {rows}")
+        if rows > 1 and get_format(wformat).wfmt == 2:
+            raise ValueError(f"{wformat} weights run one row per call; several rows take the "
+                             f"torch path (KernelPolicy.max_rows=1 for this module)")
         return _launch(self, kind, int(K), tuple(int(s) for s in sizes), dtype, wformat,
-                       round(float(sparsity), 6), str(torch.device(device)))
+                       round(float(sparsity), 6), str(torch.device(device)), rows > 1)
+
+    def takes_rows(self, wformat: str) -> bool:
+        """Several rows of a `wformat` weight can run on the sparse kernels under this policy
+        (max_rows > 1, dense or int8 weights)."""
+        return self.max_rows > 1 and get_format(wformat).wfmt != 2
 
 
 def fit_format(cfg: GemvConfig, kind: str, K: int, n_cols: int, wformat: str) -> GemvConfig:
@@ -500,9 +542,11 @@ def fit_format(cfg: GemvConfig, kind: str, K: int, n_cols: int, wformat: str) ->
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch(policy, kind, K, sizes, dtype, wformat, sparsity, device) -> Launch:
+def _launch(policy, kind, K, sizes, dtype, wformat, sparsity, device, multi=False) -> Launch:
     cfg, _ = policy.choose(kind, K, sizes, dtype, wformat, sparsity, device)
     n_cols = sizes[0] if kind == "gated" else sum(sizes)
+    if multi:
+        return resolve(rows_config(cfg, kind, K, n_cols), kind, K, sizes, num_sms(device))
     cfg = fit_format(cfg, kind, K, n_cols, wformat)
     if cfg.algo == "words" and not words_fit(wformat, sizes):
         cfg = fit_format(_masked_for(kind, wformat), kind, K, n_cols, wformat)

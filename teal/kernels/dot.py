@@ -9,7 +9,13 @@ tile is loaded with the keep-mask as its row mask: a dropped row is a zero-fille
 program.  A prologue (`range_kept`) reads the program's x range into L1 and skips ranges
 with no kept channel.
 
-Numerics: bf16/fp16 products are exact in fp32 and accumulate in fp32; rows 1..BLOCK_M-1
+Several rows (MULTI, 1 < M <= BLOCK_M; batch decoding, speculative verification): row m of
+A holds input row m with the channels *that row* drops zeroed, so each output row is its
+own masked GEMV; the weight tile's row mask is the union of the M rows' keep-masks (a weight
+row is read once if any row keeps it), and the epilogue (`finish_rows`) stores M rows.
+M = 1 (MULTI False) is the one-row kernel unchanged.
+
+Numerics: bf16/fp16 products are exact in fp32 and accumulate in fp32; rows M..BLOCK_M-1
 of the accumulator are exact zeros.  Deterministic (fixed order, same split-K tail).
 Measured (notes/kernels.md): the winner on the Llama shapes below ~80% sparsity.
 """
@@ -19,9 +25,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import finish, load_keep, load_weight_tile, program_columns, range_kept, weight_columns
+from .common import (finish, finish_rows, load_keep, load_threshold, load_weight_tile,
+                     program_columns, range_kept, weight_columns)
 
-BLOCK_M = 16  # rows of the A operand (smallest MMA tile; x in row 0)
+BLOCK_M = 16  # rows of the A operand (smallest MMA tile; x in row 0, or M <= 16 input rows)
 
 
 @triton.jit
@@ -48,6 +55,27 @@ def _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0, offs_k, k_end, cols, w
 
 
 @triton.jit
+def _dot_step_rows(acc, x_ptr, w_ptr, t_ptr, t_off, offs_k, k_end, wcols, wmask, rm, M,
+                   stride_xm, stride_wk, stride_tk, PER_CHANNEL: tl.constexpr,
+                   EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] += A @ wt[offs_k, cols] where row m < M of A is input row m
+    masked by its own |x[m, k]| > t_k; weight rows no input row keeps are not read."""
+    tl.static_assert(WFMT != 2, "the tensor-core GEMV takes dense or int8 weights")
+    kin = offs_k < k_end
+    rin = rm < M
+    xr = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :],
+                 mask=rin[:, None] & kin[None, :], other=0.0)
+    tk = load_threshold(t_ptr, t_off, offs_k, kin, stride_tk, PER_CHANNEL)
+    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin[None, :] & rin[:, None]
+    keep_any = tl.max(keep.to(tl.int32), axis=0) > 0
+    w = load_weight_tile(w_ptr, offs_k, wcols, wmask, stride_wk, keep_any, EVEN_N, BIG, WFMT)
+    w = w.to(tl.float32).to(xr.dtype)  # int8 codes: exact in bf16 / fp16
+    a = tl.where(keep, xr, 0.0).to(xr.dtype)
+    return mma(acc, a, w, DOT_F32)
+
+
+@triton.jit
 def dot_gemv_kernel(
     x_ptr, w_ptr, t_ptr, part_ptr, cnt_ptr, y_ptr,
     K, stride_wk, stride_ts, stride_tk, k_per_split, split, ncols,
@@ -56,8 +84,12 @@ def dot_gemv_kernel(
     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
     WALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, WARM: tl.constexpr,
+    M, stride_xm, MULTI: tl.constexpr,
 ):
-    """Tensor-core version of masked_gemv_kernel (same math, same outputs)."""
+    """Tensor-core version of masked_gemv_kernel (same math, same outputs).
+
+    MULTI: x is (M, K) with row stride stride_xm, y (M, ncols), the workspace
+    (split, M, ncols) (gated: (split, M, 2F)); otherwise M and stride_xm are unused."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     _, cols, nmask, t_off = program_columns(pid_n, ncols, c1, c2, c3, c4, tile1, tile2, tile3, stride_ts,
@@ -73,11 +105,32 @@ def dot_gemv_kernel(
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_stop = k_lo + k_per_split
     if WARM > 0:
-        n_kept = range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL, WARM)
-        if GATED:
-            n_kept += range_kept(x_ptr, t_ptr, t_off + stride_ts, k_lo, k_end, stride_tk,
-                                 PER_CHANNEL, WARM)
+        if MULTI:  # kept channels of any row (each row's x range pulled into L1)
+            n_kept = 0
+            for m in range(0, M):
+                n_kept += range_kept(x_ptr + m * stride_xm, t_ptr, t_off, k_lo, k_end,
+                                     stride_tk, PER_CHANNEL, WARM)
+                if GATED:
+                    n_kept += range_kept(x_ptr + m * stride_xm, t_ptr, t_off + stride_ts, k_lo,
+                                         k_end, stride_tk, PER_CHANNEL, WARM)
+        else:
+            n_kept = range_kept(x_ptr, t_ptr, t_off, k_lo, k_end, stride_tk, PER_CHANNEL, WARM)
+            if GATED:
+                n_kept += range_kept(x_ptr, t_ptr, t_off + stride_ts, k_lo, k_end, stride_tk,
+                                     PER_CHANNEL, WARM)
         k_stop = tl.where(n_kept > 0, k_stop, k_lo)
+    if MULTI:
+        for k0 in range(k_lo, k_stop, BLOCK_K):
+            acc = _dot_step_rows(acc, x_ptr, w_ptr, t_ptr, t_off, k0 + ar, k_end, wcols, wmask,
+                                 rm, M, stride_xm, stride_wk, stride_tk, PER_CHANNEL, EVEN_N,
+                                 BIG, WFMT, DOT_F32)
+            if GATED:
+                acc_u = _dot_step_rows(acc_u, x_ptr, w_ptr, t_ptr, t_off + stride_ts, k0 + ar,
+                                       k_end, wcols_u, wmask, rm, M, stride_xm, stride_wk,
+                                       stride_tk, PER_CHANNEL, EVEN_N, BIG, WFMT, DOT_F32)
+        finish_rows(acc, acc_u, s_ptr, cols, cols_u, nmask, rm, M, part_ptr, cnt_ptr, y_ptr,
+                    pid_n, pid_k, split, ncols, GATED, HAS_SPLIT, WFMT, BLOCK_M, BLOCK_N)
+        return
     for k0 in range(k_lo, k_stop, BLOCK_K):
         acc = _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0, k0 + ar, k_end, cols, wcols,
                         wmask, nmask, rm, stride_wk, stride_s, stride_tk, PER_CHANNEL, EVEN_N, BIG,
@@ -93,4 +146,6 @@ def dot_gemv_kernel(
 def launch(plan, lc) -> None:
     """Launch over `plan` (teal.kernels.launch.Plan) with the resolved launch `lc`."""
     dot_gemv_kernel[plan.grid](*plan.args, **plan.meta, BLOCK_M=BLOCK_M, DOT_F32=plan.interpreted,
-                               WARM=lc.warm, num_warps=lc.num_warps, num_stages=lc.num_stages)
+                               WARM=lc.warm, M=plan.rows, stride_xm=plan.stride_xm,
+                               MULTI=plan.rows > 1, num_warps=lc.num_warps,
+                               num_stages=lc.num_stages)

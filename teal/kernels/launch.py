@@ -72,6 +72,8 @@ class Plan:
     stride_tk: int
     threshold_rows: int
     interpreted: bool
+    rows: int = 1  # M input rows (x (M, K); only the dot algorithm takes M > 1)
+    stride_xm: int = 0
 
 
 def _check_words(fmt, sizes, lc: Launch, wformat: str) -> None:
@@ -96,18 +98,26 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
     """Launch one sparse GEMV (inputs validated by teal.kernels._checks).
 
     Args:
-        x: (K,) contiguous activation (one row).
+        x: (K,) contiguous activation (one row), or (M, K) contiguous with 1 <= M <=
+            dot.BLOCK_M rows (the dot algorithm, dense or int8 weights): each row is masked
+            by its own |x[m]| > t, and a weight row is read once if any row keeps it.
         weight, scales: the weight in format `wformat` ("dense": (K, N) = W.t(), no scales).
-        thresholds: fp32 (S,) or (S, K), one row per segment (gated: gate, up).
+        thresholds: fp32 (S,) or (S, K), one row per segment (gated: gate, up), shared by
+            the M rows.
         sizes: segment widths (gated: (F, F)).
         lc: the resolved launch (teal.kernels.dispatch.Launch).
-        out: optional (N,) output (gated: (F,)); workspace: optional fp32 split-K buffer.
+        out: optional output, (N,) (gated: (F,)) for x (K,), else (M, N) (gated: (M, F));
+            workspace: optional fp32 split-K buffer.
     Returns:
-        out: (N,) or (F,) in x's dtype.
+        out in x's dtype.
+    Raises:
+        ValueError: x not contiguous (K,) / (M, K), M > 1 with another algorithm than dot or
+        with int4 weights, a launch that cannot run the format.
     """
-    if x.dim() != 1 or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous (K,) vector, got shape {tuple(x.shape)} "
-                         f"with strides {x.stride()}")
+    if x.dim() not in (1, 2) or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous (K,) vector or (M, K) matrix, got shape "
+                         f"{tuple(x.shape)} with strides {x.stride()}")
+    rows = 1 if x.dim() == 1 else x.shape[0]
     fmt = get_format(wformat)
     if fmt.group and (lc.block_k > fmt.group or lc.algo_name == "list"):
         raise ValueError(f"a {lc.algo_name} launch with block_k {lc.block_k} cannot run {wformat}: "
@@ -116,14 +126,18 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
                          f"(KernelPolicy.launch / dispatch.fit_format)")
     if lc.algo_name == "words":
         _check_words(fmt, sizes, lc, wformat)
-    K = x.numel()
+    if rows > 1 and (lc.algo_name != "dot" or fmt.wfmt == 2 or rows > dot.BLOCK_M):
+        raise ValueError(f"{rows} rows per call run on the dot algorithm with dense or int8 "
+                         f"weights, at most {dot.BLOCK_M} rows; got a {lc.algo_name} launch on "
+                         f"{wformat}: resolve the launch with KernelPolicy.launch(..., rows={rows})")
+    K = x.shape[-1]
     bn, split = lc.block_n, lc.split
     if gated:
         F = sizes[0]
         ncols, n_out, n_tiles = F, F, cdiv(F, bn)
         c, tfirst = [F] * 4, [_HUGE] * 3
         even_n = F % bn == 0
-        part_n = split * 2 * F
+        part_n = split * rows * 2 * F
     else:
         S, N = len(sizes), sum(sizes)
         tiles = [cdiv(n, bn) for n in sizes]
@@ -132,9 +146,9 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
         c = starts + [N] * (4 - S)
         tfirst = ([sum(tiles[:i]) for i in range(1, S)] + [_HUGE] * 3)[:3]
         even_n = all(n % bn == 0 for n in sizes)
-        part_n = split * N
+        part_n = split * rows * N
     if out is None:
-        out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape[:-1] + (n_out,), dtype=x.dtype, device=x.device)
     # (the words kernel always pairs gate and up tiles through the workspace)
     paired = split > 1 or (gated and lc.algo_name == "words")
     part = _workspace(workspace, part_n, x.device) if paired else out
@@ -156,6 +170,6 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
                 BIG=K * stride_wk > _I32_LIMIT, WFMT=fmt.wfmt, GROUP=fmt.group, WALIGN=walign,
                 BLOCK_K=lc.block_k, BLOCK_N=bn, RCHUNK=lc.rchunk)
     plan = Plan(x, thresholds, K, (n_tiles, split), args, meta, per_channel, stride_tk,
-                2 if gated else len(sizes), interpreted())
+                2 if gated else len(sizes), interpreted(), rows, K)
     _MODULES[lc.algo].launch(plan, lc)
     return out

@@ -11,7 +11,7 @@ op (a `Launch` encoded as ints), so a compiled step bakes it in.
 Ops:
     teal::sparse_gemv(Tensor x, Tensor weight, Tensor? scales, Tensor thresholds, int[] sizes,
                       bool gated, str wformat, int[] launch) -> Tensor
-        x (1, K); returns (1, sum(sizes)) or, gated, (1, sizes[0])
+        x (M, K), 1 <= M <= 16; returns (M, sum(sizes)) or, gated, (M, sizes[0])
     teal::decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor
 """
 
@@ -30,9 +30,10 @@ from .launch import launch_gemv
 def sparse_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                    thresholds: torch.Tensor, sizes: List[int], gated: bool, wformat: str,
                    launch: List[int]) -> torch.Tensor:
-    y = launch_gemv(x.reshape(-1), weight, scales, thresholds, sizes, gated, wformat,
-                    Launch.decode(launch))
-    return y.view(1, -1)
+    m = x.shape[0]
+    y = launch_gemv(x.reshape(-1) if m == 1 else x, weight, scales, thresholds, sizes, gated,
+                    wformat, Launch.decode(launch))
+    return y.view(m, -1)
 
 
 @sparse_gemv_op.register_fake
