@@ -58,20 +58,28 @@ def _dot_step(acc, x_ptr, w_ptr, s_ptr, t_ptr, t_off, k0, offs_k, k_end, cols, w
 def _dot_step_rows(acc, x_ptr, w_ptr, t_ptr, t_off, offs_k, k_end, wcols, wmask, rm, M,
                    stride_xm, stride_wk, stride_tk, PER_CHANNEL: tl.constexpr,
                    EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr,
-                   DOT_F32: tl.constexpr):
+                   DOT_F32: tl.constexpr, MROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] += A @ wt[offs_k, cols] where row m < M of A is input row m
-    masked by its own |x[m, k]| > t_k; weight rows no input row keeps are not read."""
+    masked by its own |x[m, k]| > t_k; weight rows no input row keeps are not read.
+
+    The MROWS (>= M, a power of two) input rows are read as MROWS one-row vector loads, like
+    the one-row step, so the weight tile's mask derives from plain vector loads and the tile
+    stays software-pipelined (a 2-D x load reduced to the union mask measured 2-3x slower at
+    every sparsity, bench_gemv --rows at ebc9ebd)."""
     tl.static_assert(WFMT != 2, "the tensor-core GEMV takes dense or int8 weights")
     kin = offs_k < k_end
-    rin = rm < M
-    xr = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :],
-                 mask=rin[:, None] & kin[None, :], other=0.0)
     tk = load_threshold(t_ptr, t_off, offs_k, kin, stride_tk, PER_CHANNEL)
-    keep = (tl.abs(xr.to(tl.float32)) > tk) & kin[None, :] & rin[:, None]
-    keep_any = tl.max(keep.to(tl.int32), axis=0) > 0
+    keep_any = offs_k < 0
+    a = tl.zeros([BLOCK_M, BLOCK_K], dtype=x_ptr.dtype.element_ty)
+    for m in tl.static_range(MROWS):
+        inm = kin & ((offs_k * 0 + m) < M)  # (a tensor compare: an int1 mask everywhere)
+        xm = tl.load(x_ptr + m * stride_xm + offs_k, mask=inm, other=0.0)
+        km = (tl.abs(xm.to(tl.float32)) > tk) & inm
+        keep_any = keep_any | km
+        a = tl.where((rm[:, None] == m) & km[None, :], xm[None, :], a)
     w = load_weight_tile(w_ptr, offs_k, wcols, wmask, stride_wk, keep_any, EVEN_N, BIG, WFMT)
-    w = w.to(tl.float32).to(xr.dtype)  # int8 codes: exact in bf16 / fp16
-    a = tl.where(keep, xr, 0.0).to(xr.dtype)
+    w = w.to(tl.float32).to(a.dtype)  # int8 codes: exact in bf16 / fp16
     return mma(acc, a, w, DOT_F32)
 
 
@@ -84,12 +92,13 @@ def dot_gemv_kernel(
     EVEN_N: tl.constexpr, BIG: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
     WALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RCHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, WARM: tl.constexpr,
-    M, stride_xm, MULTI: tl.constexpr,
+    M, stride_xm, MULTI: tl.constexpr, MROWS: tl.constexpr,
 ):
     """Tensor-core version of masked_gemv_kernel (same math, same outputs).
 
     MULTI: x is (M, K) with row stride stride_xm, y (M, ncols), the workspace
-    (split, M, ncols) (gated: (split, M, 2F)); otherwise M and stride_xm are unused."""
+    (split, M, ncols) (gated: (split, M, 2F)), MROWS the power of two >= M the main loop is
+    compiled for; otherwise M, stride_xm and MROWS are unused."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     _, cols, nmask, t_off = program_columns(pid_n, ncols, c1, c2, c3, c4, tile1, tile2, tile3, stride_ts,
@@ -123,11 +132,12 @@ def dot_gemv_kernel(
         for k0 in range(k_lo, k_stop, BLOCK_K):
             acc = _dot_step_rows(acc, x_ptr, w_ptr, t_ptr, t_off, k0 + ar, k_end, wcols, wmask,
                                  rm, M, stride_xm, stride_wk, stride_tk, PER_CHANNEL, EVEN_N,
-                                 BIG, WFMT, DOT_F32)
+                                 BIG, WFMT, DOT_F32, MROWS, BLOCK_M, BLOCK_K)
             if GATED:
                 acc_u = _dot_step_rows(acc_u, x_ptr, w_ptr, t_ptr, t_off + stride_ts, k0 + ar,
                                        k_end, wcols_u, wmask, rm, M, stride_xm, stride_wk,
-                                       stride_tk, PER_CHANNEL, EVEN_N, BIG, WFMT, DOT_F32)
+                                       stride_tk, PER_CHANNEL, EVEN_N, BIG, WFMT, DOT_F32, MROWS,
+                                       BLOCK_M, BLOCK_K)
         finish_rows(acc, acc_u, s_ptr, cols, cols_u, nmask, rm, M, part_ptr, cnt_ptr, y_ptr,
                     pid_n, pid_k, split, ncols, GATED, HAS_SPLIT, WFMT, BLOCK_M, BLOCK_N)
         return
@@ -143,9 +153,14 @@ def dot_gemv_kernel(
            ncols, GATED, HAS_SPLIT, WFMT, True, BLOCK_N, RCHUNK)
 
 
+def rows_bucket(rows: int) -> int:
+    """The power of two >= rows (1, 2, 4, 8, 16) the several-row main loop is compiled for."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
 def launch(plan, lc) -> None:
     """Launch over `plan` (teal.kernels.launch.Plan) with the resolved launch `lc`."""
     dot_gemv_kernel[plan.grid](*plan.args, **plan.meta, BLOCK_M=BLOCK_M, DOT_F32=plan.interpreted,
                                WARM=lc.warm, M=plan.rows, stride_xm=plan.stride_xm,
-                               MULTI=plan.rows > 1, num_warps=lc.num_warps,
-                               num_stages=lc.num_stages)
+                               MULTI=plan.rows > 1, MROWS=rows_bucket(plan.rows),
+                               num_warps=lc.num_warps, num_stages=lc.num_stages)
