@@ -114,9 +114,11 @@ def test_every_kernel_call_in_a_decode_step(dtype, monkeypatch):
 def test_several_rows_per_kernel_call(step, monkeypatch):
     """A batch-3 decode step (one token per sequence) and a 4-token speculative verify step
     (sparsify_prefill) send every projection to the several-row kernel, each row with its
-    own mask."""
+    own mask (max_rows=16); the default policy's max_rows (2) sends them to the torch path."""
     dtype = torch.bfloat16
     m = _model(dtype)
+    assert KernelPolicy().max_rows == 2
+    teal.set_kernel_policy(m, KernelPolicy(interpreter=DEVICE == "cpu", max_rows=16))
     B, T = (3, 1) if step == "batch" else (1, 4)
     ids = torch.randint(0, m.config.vocab_size, (B, 8 + T), device=DEVICE)
     m.setup_caches(B, 32)
@@ -130,6 +132,15 @@ def test_several_rows_per_kernel_call(step, monkeypatch):
             with configured(m, sparsify_prefill=True):
                 m(ids[:, 8:], torch.arange(8, 8 + T, device=DEVICE))
     _check_calls(m, calls, dtype, B * T)
+    teal.set_kernel_policy(m, KernelPolicy(interpreter=DEVICE == "cpu"))
+    calls.clear()
+    with torch.no_grad():
+        if step == "batch":
+            m(ids[:, 8:], pos)
+        else:
+            with configured(m, sparsify_prefill=True):
+                m(ids[:, 8:], torch.arange(8, 8 + T, device=DEVICE))
+    assert not calls, "more rows than max_rows must take the torch path"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

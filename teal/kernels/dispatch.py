@@ -332,6 +332,12 @@ _WORDS_Q8_GATED = GemvConfig(algo="words", block_n=1024, block_k=32, num_warps=4
 # measured on a GPU; the default model's projections are 576 to 1536 wide).
 _DOT_SMALL = GemvConfig(algo="dot", block_n=64, block_k=64, num_warps=4, num_stages=3, waves=2, rchunk=0)
 MAX_ROWS = 16  # rows per call the dot kernel takes (its BLOCK_M)
+# Rows per call sent to the sparse kernels by default (KernelPolicy.max_rows), measured by
+# `bench_gemv.py --rows 1 2 3 4 8 16 --sparsities 0.25 0.5 0.8` at 7488b2d on the H200
+# (notes/gemv_rows_h200.json): at 50% with independent masks per row, one Llama-3-8B layer's
+# four GEMVs take 115.5 us on the kernel against 121.6 us on cuBLAS for 2 rows (q/k/v alone
+# loses, 18.4 against 15.1 us), 149.1 against 122.7 us for 3 rows; more rows lose further.
+DEFAULT_MAX_ROWS = 2
 
 
 def rows_config(cfg: GemvConfig, kind: str, K: int, n_cols: int) -> GemvConfig:
@@ -458,7 +464,7 @@ class KernelPolicy:
         max_rows: the most rows (tokens: batch decoding, speculative verification) one call
             sends to the sparse kernels (dense and int8 weights, 1..16); a call with more rows
             takes the torch path (mask, then one GEMM over every weight row), where the union
-            of the rows' masks leaves too little to skip.
+            of the rows' masks leaves too little to skip.  Default `DEFAULT_MAX_ROWS`.
 
     `set_kernel_policy(model, policy)` (teal.sparse_linear) hands one to every module.
     """
@@ -469,7 +475,7 @@ class KernelPolicy:
     table: DispatchTable = field(default=DEFAULT_TABLE, repr=False)
     config: Optional[GemvConfig] = None
     cpu: Optional[str] = "compiled"
-    max_rows: int = MAX_ROWS
+    max_rows: int = DEFAULT_MAX_ROWS
 
     def __post_init__(self):
         if self.cpu not in (None, "compiled", "gather"):
