@@ -45,6 +45,8 @@ DEFAULT_CALIB_TEXT = (Path(__file__).resolve().parent.parent / "shared" / "data"
                       / "wikitext-2-valid-tokenized.txt")
 DEFAULT_PROMPT = "What are the three primary colors?"
 WARMUP_TOKENS = 16  # new tokens of the untimed warm-up run (compile, CUDA graphs, allocator)
+NO_DECODE_STEP = ("Decode: no decode step ran (generation ended with the prefill's token); "
+                  "use --max_new_tokens 2 or more, or a prompt the model does not end at once")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -321,8 +323,8 @@ def run_batch(args, model, tokenizer, prompts, chat, stop_ids, decode_fn, device
         new = [t for t in seq[len(ids):].tolist() if t not in stop_ids]
         text = tokenizer.decode(new) if chat else tokenizer.decode(_shown(tokenizer, ids) + new)
         n, s_b = tm["decode_tokens"][b], tm["sequence_decode_s"][b]
-        print(f"\n[sequence {b + 1}] {n + 1} tokens, {n / s_b if n else float('nan'):.2f} "
-              f"tokens/s\n{text}")
+        rate_b = f"{n / s_b:.2f} tokens/s" if n else "no decode step"
+        print(f"\n[sequence {b + 1}] {n + 1} tokens, {rate_b}\n{text}")
     timed = [r for r in rates if r == r]
     print("\n" + "-" * 60)
     if timed:
@@ -331,6 +333,8 @@ def run_batch(args, model, tokenizer, prompts, chat, stop_ids, decode_fn, device
         print(f"Decode: {med:.2f} tokens/s aggregate over {B} sequences (median of "
               f"{len(timed)}); {gbytes * med / B:.2f} GB/s "
               f"counting every weight row once per step ({gbytes:.3f} GB)")
+    else:
+        print(NO_DECODE_STEP)
     _sparsity_report(model, [(seq, len(ids)) for ids, seq in zip(encoded, seqs)], print,
                      args.sparsity)
 
@@ -373,7 +377,12 @@ def run_speculative(args, model, meta, tokenizer, chat, stop_ids, device, dtype)
         verify_fn = torch.compile(verify_step, mode=mode, fullgraph=True)
     print(f"Speculative decoding: draft = {name}, k = {k}, verifier at {args.sparsity:.0%}",
           file=sys.stderr)
-    ids = _encode_prompt(tokenizer, args.prompt, chat, args.max_new_tokens + k + 1, model)
+    ids = _encode_prompt(tokenizer, args.prompt, chat, args.max_new_tokens, model)
+    for m, who in ((model, "the model"), (draft, "the draft")):
+        if len(ids) + args.max_new_tokens + k + 1 > m.config.block_size:
+            fail(f"prompt ({len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) + "
+                 f"--speculate_k ({k}) + 1 exceeds {who}'s context length "
+                 f"{m.config.block_size}; shorten the prompt or lower one of them")
     prompt = torch.tensor(ids, dtype=torch.int, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     t_w = time.perf_counter()
@@ -407,9 +416,14 @@ def run_speculative(args, model, meta, tokenizer, chat, stop_ids, device, dtype)
     if timed:
         print(f"Decode: {statistics.median(timed):.2f} tokens/s (median of {len(timed)}), "
               f"speculative k = {k}")
-    print(f"Acceptance rate: {st['acceptance_rate']:.1%} of {st['proposed']} drafted tokens; "
-          f"{st['tokens_per_step']:.2f} tokens per verify step; kept per step (0..{k}): "
-          f"{st['accepted_histogram']}")
+    else:
+        print(NO_DECODE_STEP)
+    if not st["proposed"]:
+        print("Acceptance rate: no token was drafted")
+    else:
+        print(f"Acceptance rate: {st['acceptance_rate']:.1%} of {st['proposed']} drafted "
+              f"tokens; {st['tokens_per_step']:.2f} tokens per verify step; kept per step "
+              f"(0..{k}): {st['accepted_histogram']}")
     _sparsity_report(model, [(seq, len(ids))], print, args.sparsity)
 
 
@@ -495,6 +509,9 @@ def main(argv=None) -> None:
         fail(f"{len(prompt_list)} prompts (--batch_size / repeated --prompt) cannot be combined "
              f"with {'--interactive' if args.interactive else 'speculative decoding'}; "
              f"pass one prompt")
+    if speculative and args.interactive:
+        fail("--interactive cannot be combined with speculative decoding (--self_draft / "
+             "--draft_checkpoint_path / --draft_quant); pass --prompt")
     args.prompt = prompt_list[0]
 
     from tp import aggregate_counts, apply_tp, is_rank0, maybe_init_dist  # noqa: F401
@@ -642,8 +659,7 @@ def main(argv=None) -> None:
             + (" (the torch decode path reads every weight row at any sparsity)"
                if torch_path else ""))
     else:
-        out("Decode: no decode step ran (generation ended with the prefill's token); "
-            "use --max_new_tokens 2 or more, or a prompt the model does not end at once")
+        out(NO_DECODE_STEP)
     out(f"Peak memory: {mem}")
     if eff:
         parts = ", ".join(f"{p.replace('_proj', '')} {eff[p]:.1%}" for p in PROJECTIONS if p in eff)

@@ -269,6 +269,15 @@ def _reduce_partials(part_ptr, stride_p, cols, nmask, split, BLOCK_N: tl.constex
 
 
 @triton.jit
+def swiglu_epilogue(g, u, GATED: tl.constexpr):
+    """The output of an fp32 sum: silu(g) * u for the gated (gate/up) GEMV, g otherwise."""
+    out = g
+    if GATED:
+        out = g * tl.sigmoid(g) * u
+    return out
+
+
+@triton.jit
 def store_output(acc, acc_u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k, split,
                  ncols, GATED: tl.constexpr, HAS_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                  RCHUNK: tl.constexpr):
@@ -280,10 +289,7 @@ def store_output(acc, acc_u, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, pid_k
     rows 2F wide).
     """
     if not HAS_SPLIT:
-        if GATED:
-            out = acc * tl.sigmoid(acc) * acc_u
-        else:
-            out = acc
+        out = swiglu_epilogue(acc, acc_u, GATED)
         tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=nmask)
     else:
         if GATED:
@@ -333,10 +339,7 @@ def store_rows(acc, acc_u, rm, M, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, 
     rmask = (rm < M)[:, None] & nmask[None, :]
     yoff = rm[:, None] * ncols + cols[None, :]
     if not HAS_SPLIT:
-        if GATED:
-            out = acc * tl.sigmoid(acc) * acc_u
-        else:
-            out = acc
+        out = swiglu_epilogue(acc, acc_u, GATED)
         tl.store(y_ptr + yoff, out.to(y_ptr.dtype.element_ty), mask=rmask)
     else:
         if GATED:
@@ -355,9 +358,6 @@ def store_rows(acc, acc_u, rm, M, part_ptr, cnt_ptr, y_ptr, cols, nmask, pid_n, 
                 g += tl.load(p, mask=rmask, other=0.0, cache_modifier=".cg")
                 if GATED:
                     u += tl.load(p + ncols, mask=rmask, other=0.0, cache_modifier=".cg")
-            if GATED:
-                out = g * tl.sigmoid(g) * u
-            else:
-                out = g
+            out = swiglu_epilogue(g, u, GATED)
             tl.store(y_ptr + yoff, out.to(y_ptr.dtype.element_ty), mask=rmask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
