@@ -343,11 +343,20 @@ def _load_draft(args, model, meta, device, dtype):
     """The draft model of a speculative run: --draft_checkpoint_path / --draft_quant loaded at
     the --self_draft sparsity (default 0), or the model itself (shared weights) at
     --self_draft."""
+    from teal.sparse_linear import QuantizedSparseLinear
     from teal.speculative import share_weights
     sparsity = args.self_draft if args.self_draft is not None else 0.0
     path = args.draft_checkpoint_path or args.draft_quant
     if path is not None:
+        flag = "--draft_checkpoint_path" if args.draft_checkpoint_path else "--draft_quant"
+        if not Path(path).is_file():
+            fail(f"{flag} {path} not found; pass an existing checkpoint"
+                 + (" (quantize.py writes one next to the model)" if args.draft_quant else ""))
         draft, _ = load_sparse_model(path, device, dtype, sparsity)
+        quantized = any(isinstance(m, QuantizedSparseLinear) for m in draft.modules())
+        if args.draft_quant and not quantized:
+            fail(f"--draft_quant {path} holds no quantized weights; quantize the model with "
+                 f"quantize.py, or pass a smaller model as --draft_checkpoint_path")
         if draft.config.vocab_size != model.config.vocab_size:
             fail(f"the draft {path} has {draft.config.vocab_size} tokens, the model "
                  f"{model.config.vocab_size}; use a draft with the same tokenizer")
@@ -408,9 +417,10 @@ def run_speculative(args, model, meta, tokenizer, chat, stop_ids, device, dtype)
         print(stream.flush(), flush=True)
         rate = st["decode_tokens"] / st["decode_s"] if st["decode_tokens"] else float("nan")
         rates.append(rate)
+        accept = (f"acceptance {st['acceptance_rate']:.1%}, {st['tokens_per_step']:.2f} tokens "
+                  f"per verify step" if st["proposed"] else "no token drafted")
         print(f"\n[sample {i + 1}] {st['decode_tokens'] + 1} tokens, {rate:.2f} tokens/s, "
-              f"acceptance {st['acceptance_rate']:.1%}, {st['tokens_per_step']:.2f} tokens per "
-              f"verify step ({st['verify_steps']} steps)", file=sys.stderr)
+              f"{accept} ({st['verify_steps']} steps)", file=sys.stderr)
     timed = [r for r in rates if r == r]
     print("\n" + "-" * 60)
     if timed:

@@ -159,9 +159,15 @@ def test_prompt_file_lines_other_than_batch_size(ckpt, tmp_path):
     _fails(ckpt, r"2 prompts for --batch_size 3", "--prompt_file", f, "--batch_size", 3)
 
 
-def test_missing_draft_checkpoint(ckpt, tmp_path):
-    _fails(ckpt, re.escape(str(tmp_path / "draft.pth")) + " not found",
-           "--draft_checkpoint_path", tmp_path / "draft.pth")
+@pytest.mark.parametrize("flag", ["--draft_checkpoint_path", "--draft_quant"])
+def test_missing_draft_checkpoint(ckpt, tmp_path, flag):
+    _fails(ckpt, re.escape(f"{flag} {tmp_path / 'draft.pth'}") + " not found",
+           flag, tmp_path / "draft.pth")
+
+
+def test_draft_quant_of_an_unquantized_checkpoint(ckpt):
+    _fails(ckpt, r"--draft_quant .* holds no quantized weights; quantize the model with "
+                 r"quantize.py", "--draft_quant", ckpt)
 
 
 def test_draft_of_another_tokenizer(ckpt, tmp_path):
@@ -183,3 +189,17 @@ def test_one_new_token_reports_no_decode_step(ckpt, argv):
     """--max_new_tokens 1: the prefill makes the only token; no 'nan' rates are printed."""
     out, _ = _gen(ckpt, *argv, "--max_new_tokens", 1, "--prompt", PROMPTS[0])
     assert "Decode: no decode step ran" in out and "nan" not in out, out
+
+
+def test_quantized_self_draft_is_lossless(ckpt):
+    """--draft_quant: the int4 copy of the model (quantize.py) drafts at 50%; the output is
+    still the dense model's greedy text."""
+    import quantize
+    assert quantize.main(["--checkpoint_path", str(ckpt), "--quiet", "--device", "cpu",
+                          "--mode", "int4", "--groupsize", "32"]) in (0, None)
+    q = ckpt.parent / "model_int4-g32.pth"
+    assert q.is_file()
+    out, err = _gen(ckpt, "--draft_quant", q, "--self_draft", 0.5, "--speculate_k", 3,
+                    "--prompt", PROMPTS[1])
+    assert out[: out.index(RULE)] == _alone(ckpt, PROMPTS[1], 0.0)
+    assert "Acceptance rate:" in out and str(q) in err
