@@ -270,11 +270,36 @@ def load_real(checkpoint, thresholds, device, dtype, policy: KernelPolicy):
     return model, calib, str(meta.get("name") or Path(checkpoint).parent.name)
 
 
+def real_prompt(checkpoint, text: str, new_tokens: int, model, device) -> torch.Tensor:
+    """Token ids (int32, on device) of `text` with the checkpoint's tokenizer, wrapped in its
+    chat format when it has one; SystemExit with a one-line message when the tokenizer cannot
+    be loaded, the prompt is empty or prompt + new tokens exceed the context."""
+    from teal.checkpoint import CheckpointError, load_checkpoint
+    from teal.tokenizer import load_tokenizer
+    try:
+        meta = load_checkpoint(checkpoint).get("meta", {})
+        tok = load_tokenizer(Path(checkpoint).parent, meta)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise SystemExit(f"error: --prompt: cannot load the tokenizer next to {checkpoint} ({e})")
+    if not text.strip():
+        raise SystemExit("error: --prompt is empty; pass some text")
+    if tok.chat_template:
+        text = tok.apply_chat_template(text)
+    ids = tok.encode(text, special=True)
+    if not ids:
+        raise SystemExit("error: --prompt is empty; pass some text")
+    if len(ids) + new_tokens > model.config.block_size:
+        raise SystemExit(f"error: --prompt ({len(ids)} tokens) + --new_tokens ({new_tokens}) "
+                         f"exceed the context length {model.config.block_size}; shorten one")
+    return torch.tensor(ids, dtype=torch.int, device=device)
+
+
 def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -> None:
     """Time every format of one model (a config name: random weights; a path: a real
     checkpoint): bf16 dense and every sparsity, then per quantized format its torch baseline
     and every sparsity; appends a dict per configuration to `rows`, calls `save()` after each."""
-    if isinstance(name, Path):
+    real = isinstance(name, Path)
+    if real:
         model, calib, name = load_real(name, args.thresholds, device, dtype, policy)
         if any(isinstance(m, QuantizedSparseLinear) for m in model.modules()) and args.quant != ["bf16"]:
             raise SystemExit(f"error: {name} is already a quantized checkpoint; pass its bf16 "
@@ -282,8 +307,11 @@ def bench_model(name, args, device, dtype, policy, progress, rows: list, save) -
     else:
         model = random_model(name, device, dtype, args.n_layer, policy)
         calib = calibrate_random(model, args.calib_tokens, device)
-    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), device=device,
-                           dtype=torch.int)
+    if args.prompt is not None and real:
+        prompt = real_prompt(args.checkpoint, args.prompt, args.new_tokens, model, device)
+    else:
+        prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), device=device,
+                               dtype=torch.int)
     compiled, _ = compile_decode(args)
 
     def run(m, fmt, wformat, label, s, decode_fn, baseline, options=None):
@@ -532,6 +560,10 @@ def main(argv=None):
                     help="override layer count (smoke tests) (default: the config's)")
     ap.add_argument("--new_tokens", type=int, default=128, help="decode steps per timed run")
     ap.add_argument("--prompt_tokens", type=int, default=16, help="prompt length (prefill)")
+    ap.add_argument("--prompt", default=None,
+                    help="with --checkpoint: this text (chat-wrapped for an instruct model) as the "
+                         "prompt instead of --prompt_tokens random tokens, so the decoded tokens "
+                         "and their measured sparsity are those of real text")
     ap.add_argument("--calib_tokens", type=int, default=512,
                     help="tokens the random models' thresholds are calibrated on")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per configuration (median)")
@@ -584,6 +616,9 @@ def main(argv=None):
                     help="scripts/speculative_acceptance.py JSON (tokens per verify step per "
                          "draft, sparsity and k) for --speculate's modelled tokens/s")
     args = ap.parse_args(argv)
+    if args.prompt is not None and args.checkpoint is None:
+        raise SystemExit("error: --prompt needs --checkpoint (the real model whose tokenizer "
+                         "encodes it)")
     if (args.batch_sizes and min(args.batch_sizes) < 1) or min(args.speculate_k) < 1:
         ap.error("--batch_sizes and --speculate_k must be >= 1")
     if not all(0.0 <= s < 1.0 for s in args.verify_sparsities):

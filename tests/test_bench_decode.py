@@ -8,6 +8,7 @@ import torch
 
 from model import ModelArgs, Transformer
 from teal.checkpoint import save_checkpoint
+from fixtures_smollm2 import smollm2  # noqa: F401  (session fixture: real tokenizer.json)
 from tiny_models import noise_calibration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -215,3 +216,32 @@ def test_profile_kernel_groups():
     assert g("void at::native::tinygemm_m16n8k16_chunk_kernel<at::native::ALayout_RM<") == "torch int4 tinygemm"
     assert g("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_NNT") == "cuBLAS GEMV/GEMM"
     assert g("decode_attention_kernel") == "decode attention kernel"
+
+
+def test_real_text_prompt(smollm2, tmp_path, monkeypatch):
+    """--prompt: the checkpoint's tokenizer encodes the (chat-wrapped) text, and that is the
+    prompt every configuration decodes from; bad uses are one-line errors."""
+    import shutil
+    from teal.tokenizer import load_tokenizer
+    args = ModelArgs(**dict(TINY, vocab_size=49152))
+    meta = {"name": "tiny-text", "tokenizer": {"file": "tokenizer.json", "eos_id": 2,
+                                               "eos_ids": [2], "chat_template": "chatml"}}
+    save_checkpoint(tmp_path / "model.pth", args.to_dict(), Transformer(args).state_dict(), meta)
+    shutil.copy(smollm2.folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    noise_calibration(args).save(tmp_path / "thresholds.safetensors")
+    seen = []
+
+    def fake_time(m, fn, prompt, n, runs):
+        seen.append(prompt.tolist())
+        return [1.0]
+    monkeypatch.setattr(bench_decode, "time_decode", fake_time)
+    _run("--checkpoint", tmp_path / "model.pth", "--sparsities", 0.5, "--prompt", "The sea is")
+    tok = load_tokenizer(tmp_path, meta)
+    want = tok.encode(tok.apply_chat_template("The sea is"), special=True)
+    assert seen == [want, want] and len(want) > 5
+    with pytest.raises(SystemExit, match="--prompt needs --checkpoint"):
+        _run("--models", "Llama-2-7b", "--prompt", "x")
+    with pytest.raises(SystemExit, match="^error: --prompt is empty"):
+        _run("--checkpoint", tmp_path / "model.pth", "--sparsities", 0.5, "--prompt", " ")
+    with pytest.raises(SystemExit, match="^error: --prompt .* exceed the context length 64"):
+        _run("--checkpoint", tmp_path / "model.pth", "--sparsities", 0.5, "--prompt", "word " * 80)
