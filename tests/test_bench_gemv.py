@@ -69,3 +69,24 @@ def test_cli_errors_in_one_line():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             bench_gemv.main(["--wformat", "int8"])
+
+
+@pytest.mark.skipif(not kernels_available("cpu"), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("kind,arg", [("seg", (64, 32, 32)), ("gated", 48)])
+def test_check_covers_every_row(kind, arg, monkeypatch):
+    """--rows: Bench.check compares each of M input rows with its own float64 reference, so
+    a wrong row other than the first is caught."""
+    torch.manual_seed(0)
+    b = bench_gemv.Bench(kind, 128, arg, torch.bfloat16, 1 << 12, "cpu")
+    b.x = torch.randn(3, 128).to(torch.bfloat16)
+    policy = KernelPolicy(interpreter=True)
+    t = torch.full((3 if kind == "seg" else 2,), 0.6)
+    assert b.check(t, 0.5, policy) == ""
+    call = b.call
+
+    def wrong_last_row(*a, **kw):
+        y = call(*a, **kw).clone()
+        y[2] = -y[2]
+        return y
+    monkeypatch.setattr(b, "call", wrong_last_row)
+    assert b.check(t, 0.5, policy).startswith("row 2: rel err")

@@ -109,9 +109,6 @@ def _gemv(x, wt, thresholds, sizes_of, gated: bool, sparsity: float, policy, lau
     if launch is None:
         launch = policy.launch("gated" if gated else "seg", K, sizes, x2.dtype, wformat, sparsity,
                                x2.device, rows=rows)
-    elif rows > 1 and launch.algo_name != "dot":
-        raise ValueError(f"{rows} rows per call run on the dot algorithm; the given launch is "
-                         f"{launch.algo_name}: resolve it with KernelPolicy.launch(..., rows={rows})")
     _ensure_ops()
     y = torch.ops.teal.sparse_gemv(x2, wt, scales, t, sizes, gated, wformat, launch.encode())
     return y.reshape(*x.shape[:-1], y.shape[-1])
