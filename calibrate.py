@@ -75,8 +75,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scorings the greedy search allocates for")
     p.add_argument("--greedy-output", dest="greedy_output", type=Path, default=None,
                    help="greedy allocation file (default: greedy.json next to the thresholds)")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--tune", action="store_true",
+                   help="also tune per-block sparsity budgets end to end on validation text "
+                        "after the calibration tokens (teal.budgets; writes tuned.json; mixes in "
+                        "greedy.json's within-block split when it exists)")
+    t.add_argument("--tune-only", dest="tune_only", action="store_true",
+                   help="only tune the budgets from existing thresholds (and greedy.json)")
+    p.add_argument("--tune-targets", dest="tune_targets", type=float, nargs="+",
+                   default=[0.25, 0.4, 0.5], help="model-level sparsities to tune budgets for")
+    p.add_argument("--tune-objective", dest="tune_objective", choices=["nll", "kl"],
+                   default="nll", help="what the tuning minimises: log perplexity (nll) or the "
+                   "KL divergence to the dense model (kl)")
+    p.add_argument("--tune-tokens", dest="tune_tokens", type=int, default=16384,
+                   help="validation tokens the tuning objective is measured on, taken after the "
+                        "calibration tokens")
+    p.add_argument("--tune-rounds", dest="tune_rounds", type=int, default=3,
+                   help="improvement rounds per target")
+    p.add_argument("--tune-output", dest="tune_output", type=Path, default=None,
+                   help="tuned allocation file (default: tuned.json next to the thresholds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.greedy_only and args.tune_only:
+        p.error("--greedy-only and --tune-only exclude each other; pass --greedy-only --tune "
+                "to run both from an existing thresholds file")
+    for target in args.tune_targets:
+        if not 0.0 < target < 1.0:
+            p.error(f"--tune-targets must be in (0, 1), got {target}")
+    if args.tune_rounds < 1:
+        p.error(f"--tune-rounds must be >= 1, got {args.tune_rounds}")
     sizes = GREEDY_CUDA if str(args.device).startswith("cuda") else GREEDY_CPU
     seq_len_given = args.greedy_seq_len is not None
     for name, default in zip(("greedy_tokens", "greedy_seq_len", "greedy_positions"), sizes):
@@ -91,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, value in (("--max_tokens", args.max_tokens), ("--seq_len", args.seq_len),
                         ("--min_tokens", args.min_tokens), ("--greedy-tokens", args.greedy_tokens),
                         ("--greedy-seq-len", args.greedy_seq_len),
-                        ("--greedy-positions", args.greedy_positions)):
+                        ("--greedy-positions", args.greedy_positions),
+                        ("--tune-tokens", args.tune_tokens)):
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
     if not 0.0 < args.greedy_step < 1.0:
@@ -100,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output = default_thresholds(args.checkpoint_path, for_writing=True)
     if args.greedy_output is None:
         args.greedy_output = greedy_beside(args.output, for_writing=True)
+    if args.tune_output is None:
+        args.tune_output = greedy_beside(args.output, for_writing=True, kind="tuned")
     if args.min_tokens is None:
         args.min_tokens = min(args.seq_len, args.max_tokens)
     return args
@@ -113,10 +143,12 @@ def check_paths(args: argparse.Namespace) -> None:
     from teal.calibration import check_text_file
     from teal.paths import check_output_file
     check_text_file(args.text)
-    if not args.greedy_only:
+    if not (args.greedy_only or args.tune_only):
         check_output_file(args.output, "--output")
     if args.greedy or args.greedy_only:
         check_output_file(args.greedy_output, "--greedy-output")
+    if args.tune or args.tune_only:
+        check_output_file(args.tune_output, "--tune-output")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -132,14 +164,15 @@ def run(args: argparse.Namespace) -> None:
         if value > block and (flag == "--seq_len" or args.greedy or args.greedy_only):
             raise ValueError(f"{flag} {value} exceeds the model's context length {block}; pass "
                              f"{flag} {min(2048, block)} or less")
-    if not args.greedy_only:  # the file's size is known: a full disk fails now, not at the end
+    existing = args.greedy_only or args.tune_only
+    if not existing:  # the file's size is known: a full disk fails now, not at the end
         from teal.io import check_free_space
         from teal.projections import INPUTS, PROJECTIONS
         n_hist = len(INPUTS) + (len(PROJECTIONS) if args.weighted else 0)
         check_free_space(args.output, model.config.n_layer * n_hist * 8192 * 8 + (1 << 20))
     ids = load_token_ids(args.text, args.checkpoint_path, meta)
     progress = not args.quiet
-    if args.greedy_only:
+    if existing:
         calib = Calibration.load(args.output, model.config.to_dict())
     else:
         check_enough_tokens(ids.numel(), args.min_tokens, "calibration", args.text)
@@ -167,6 +200,36 @@ def run(args: argparse.Namespace) -> None:
             source=dict(thresholds=str(args.output), text=calib.meta.get("text")))
         result.save(args.greedy_output)  # atomic, like the thresholds file
         print(f"wrote {args.greedy_output} (scorings: {', '.join(args.greedy_scoring)})")
+    if args.tune or args.tune_only:
+        tune(args, model, calib, ids, progress)
+
+
+def tune(args, model, calib, ids, progress: bool) -> None:
+    """The per-block budget tuning step (teal.budgets): validation tokens after the
+    calibration's, greedy.json's split tried when it exists; writes --tune-output."""
+    from teal.budgets import tune_budgets
+    from teal.greedy import GreedyAllocation
+    greedy = None
+    if args.greedy_output.exists():
+        greedy = GreedyAllocation.load(args.greedy_output)
+        greedy.check_model(model.config.to_dict(), args.greedy_output)
+        top = max(greedy.targets("magnitude"))
+        if max(args.tune_targets) > top:
+            raise ValueError(f"--tune-targets {max(args.tune_targets)} is beyond the greedy "
+                             f"grid of {args.greedy_output} (max {top}); lower it")
+    offset = int(calib.meta.get("tokens", 0))
+    seq_len = min(args.seq_len, args.tune_tokens, model.config.block_size)
+    result = tune_budgets(
+        model, calib, ids, args.tune_targets, offset=offset, n_tokens=args.tune_tokens,
+        seq_len=seq_len, greedy=greedy, objective=args.tune_objective,
+        rounds=args.tune_rounds, progress=progress,
+        source=dict(thresholds=str(args.output), text=calib.meta.get("text"),
+                    greedy=str(args.greedy_output) if greedy is not None else None))
+    result.save(args.tune_output)
+    summary = ", ".join(f"{float(k):.0%}: {v['objective']:.4f} (uniform {v['uniform_objective']:.4f})"
+                        for k, v in result.meta["tuning"].items())
+    print(f"wrote {args.tune_output} ({args.tune_objective} per token, tuned vs uniform TEAL: "
+          f"{summary})")
 
 
 def main(argv=None) -> int:

@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.thresholds = default_thresholds(args.checkpoint_path)
     if args.greedy is None:
         args.greedy = greedy_beside(args.thresholds)
+    if args.tuned is None:
+        args.tuned = greedy_beside(args.thresholds, kind="tuned")
     return args
 
 
@@ -118,7 +120,7 @@ def run(args) -> list[dict]:
             check_generation_length(model, len(ids), args.max_new_tokens)
         except ValueError as e:
             raise ValueError(f"prompt {p.id!r}: {e}") from None
-    calib, greedy = load_sweep_files(model, rows, args.thresholds, args.greedy)
+    calib, tables = load_sweep_files(model, rows, args.thresholds, args.greedy, args.tuned)
     calib_ids = None
     seq_len = min(2048, model.config.block_size)
     if any(row[0] > 0 and row[3] == "sequential" for row in rows):
@@ -129,7 +131,7 @@ def run(args) -> list[dict]:
 
     results, dense = [], None
     for row in rows:
-        apply_configuration(model, row, calib, greedy, calib_ids, seq_len=seq_len,
+        apply_configuration(model, row, calib, tables, calib_ids, seq_len=seq_len,
                             calib_tokens=args.calib_tokens, progress=not args.quiet)
         with tqdm(total=len(prompts), desc=label(row), unit="prompt", disable=args.quiet,
                   leave=False, file=sys.stderr) as bar:

@@ -106,8 +106,10 @@ def apply_sparsity(model, meta: dict, checkpoint_path, sparsity: float,
         from teal.thresholds import Calibration
         try:
             calib = Calibration.load(path, model.config.to_dict())
-            applied = apply_config(model, calib, sparsity, allocation=allocation, scoring=scoring,
-                                   greedy=greedy_beside(path) if allocation == "greedy" else None)
+            applied = apply_config(
+                model, calib, sparsity, allocation=allocation, scoring=scoring,
+                greedy=greedy_beside(path) if allocation == "greedy" else None,
+                tuned=greedy_beside(path, kind="tuned") if allocation == "tuned" else None)
             if calibration == "sequential" and sparsity > 0:
                 text = Path(calib_text or DEFAULT_CALIB_TEXT)
                 if not text.exists():
@@ -363,10 +365,11 @@ def _load_draft(args, model, meta, device, dtype):
         name = f"{path} at {sparsity:.0%}"
     else:
         draft = share_weights(model)
+        allocation, _ = resolve_allocation(args, sparsity)
         apply_sparsity(draft, meta, args.checkpoint_path, sparsity, args.thresholds,
-                       args.allocation, args.scoring, args.calibration, args.calib_text,
+                       allocation, args.scoring, args.calibration, args.calib_text,
                        args.calib_tokens)
-        name = f"the model itself at {sparsity:.0%} ({args.allocation}, shared weights)"
+        name = f"the model itself at {sparsity:.0%} ({allocation}, shared weights)"
     if args.kernels == "off":
         teal.set_kernel_policy(draft, teal.KernelPolicy(gemv=False, attention=False))
     return draft.eval(), name
@@ -482,8 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--thresholds", type=Path, default=None,
                     help="calibration file (default: thresholds.safetensors next to the checkpoint; "
                          "a quantized one's thresholds.<format>.safetensors when present)")
-    ap.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
-                    help="uniform sparsity, or TEAL's block-wise greedy per-projection allocation")
+    ap.add_argument("--allocation", choices=["auto", "uniform", "greedy", "tuned"],
+                    default="auto",
+                    help="uniform sparsity, TEAL's block-wise greedy per-projection allocation "
+                         "(greedy.json), per-block budgets tuned end to end (tuned.json), or "
+                         "auto: tuned where tuned.json covers the target, else greedy from "
+                         "40%% when greedy.json exists, else uniform (the run says which)")
     ap.add_argument("--scoring", choices=["magnitude", "weight"], default="magnitude",
                     help="keep by |x| (TEAL) or by |x|*||W[:,i]|| (weight-informed, WINA)")
     ap.add_argument("--calibration", choices=["dense", "sequential"], default="dense",
@@ -508,9 +515,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def resolve_allocation(args, sparsity: float) -> tuple[str, str]:
+    """(allocation, reason) that `--allocation` means for `sparsity` on this checkpoint:
+    itself with reason "" unless it is auto, which `teal.allocation.choose_allocation`
+    resolves over the greedy.json / tuned.json beside the thresholds."""
+    if args.allocation_requested != "auto":
+        return args.allocation_requested, ""
+    from teal.allocation import choose_allocation
+    from teal.greedy import AllocationError, GreedyAllocation
+    path = Path(args.thresholds) if args.thresholds else default_thresholds(args.checkpoint_path)
+    tables = {}
+    for kind in ("greedy", "tuned"):
+        table = greedy_beside(path, kind=kind)
+        if table.exists():
+            try:
+                tables[kind] = GreedyAllocation.load(table, kind=kind)
+            except AllocationError as e:
+                fail(str(e))
+    return choose_allocation(sparsity, args.scoring, tables.get("greedy"), tables.get("tuned"))
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_args(args)
+    args.allocation_requested = args.allocation
+    args.allocation, auto_reason = resolve_allocation(args, args.sparsity)
     prompt_list = resolve_prompts(args)
     speculative = (args.draft_checkpoint_path is not None or args.self_draft is not None
                    or args.draft_quant is not None)
@@ -566,7 +595,8 @@ def main(argv=None) -> None:
                f"{' + head' if q.get('head') else ''}, {args.dtype} activations") if q else args.dtype
     out(f"Loaded {args.checkpoint_path} ({weights}, {device}) in "
         f"{time.perf_counter() - t0:.2f} s; sparsity {args.sparsity:.0%} "
-        f"({args.allocation}, {args.scoring}, {args.calibration} calibration)", file=sys.stderr)
+        f"({args.allocation}{' [auto: ' + auto_reason + ']' if auto_reason else ''}, "
+        f"{args.scoring}, {args.calibration} calibration)", file=sys.stderr)
 
     chat = args.chat
     if chat is None:

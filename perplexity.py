@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.thresholds = default_thresholds(args.checkpoint_path)
     if args.greedy is None:
         args.greedy = greedy_beside(args.thresholds)
+    if args.tuned is None:
+        args.tuned = greedy_beside(args.thresholds, kind="tuned")
     return args
 
 
@@ -112,7 +114,7 @@ def run(args) -> list[dict]:
     rows = configurations(args)
     model, meta = load_model(args.checkpoint_path, device=args.device, dtype=DTYPES[args.dtype])
     model.eval()
-    calib, greedy = load_sweep_files(model, rows, args.thresholds, args.greedy)
+    calib, tables = load_sweep_files(model, rows, args.thresholds, args.greedy, args.tuned)
     all_ids = load_token_ids(args.text, args.checkpoint_path, meta)
     ids = all_ids[args.start_token:]
     # the token before --start_token is context: token start_token itself is predicted too
@@ -137,7 +139,7 @@ def run(args) -> list[dict]:
         calib_ids = load_token_ids(args.calib_text, args.checkpoint_path, meta)
     results = []
     for s, alloc, scoring, calibration in rows:
-        apply_configuration(model, (s, alloc, scoring, calibration), calib, greedy, calib_ids,
+        apply_configuration(model, (s, alloc, scoring, calibration), calib, tables, calib_ids,
                             seq_len=seq_len, calib_tokens=args.calib_tokens,
                             progress=not args.quiet)
         if s == 0.0:

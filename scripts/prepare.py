@@ -13,9 +13,14 @@ another model -- is made again, with a line saying why):
    (`teal.convert.convert_gguf`, as scripts/convert_gguf_checkpoint.py does; float32);
 4. calibrate TEAL thresholds with `calibrate.py` (if present) on the WikiText-2 validation text
    (`../shared/data/wikitext-2-valid-tokenized.txt` relative to the repo root), writing
-   `thresholds.safetensors` next to the checkpoint.
+   `thresholds.safetensors` next to the checkpoint;
+5. put the per-block budgets shipped for this model (`allocations/SmolLM2-135M-Instruct/
+   tuned.json`, tuned with `calibrate.py --tune-only` on an H200 for thresholds calibrated as
+   step 4 does) next to them, when step 4's text and token count are the ones it was tuned
+   for; `generate.py`'s default `--allocation auto` then uses it (README, "Quality").
 
-The steps are importable (`ensure_gguf`, `ensure_checkpoint`, `ensure_thresholds`) for tests.
+The steps are importable (`ensure_gguf`, `ensure_checkpoint`, `ensure_thresholds`,
+`ensure_tuned`) for tests.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 CHECKPOINT = REPO_ROOT / "checkpoints" / MODEL_NAME / "model.pth"
 CALIB_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-valid-tokenized.txt"
 THRESHOLDS_NAME = "thresholds.safetensors"
+SHIPPED_TUNED = REPO_ROOT / "allocations" / MODEL_NAME / "tuned.json"
 
 
 class PrepareError(RuntimeError):
@@ -179,6 +185,31 @@ def ensure_thresholds(checkpoint: Path = CHECKPOINT, text: Optional[Path] = None
     return out
 
 
+def ensure_tuned(thresholds: Path, shipped: Path = SHIPPED_TUNED) -> Optional[Path]:
+    """Copy the shipped tuned.json next to `thresholds` unless a loadable one is there;
+    returns its path, or None (with a line saying why) when the thresholds were calibrated
+    on another text or token count than the shipped budgets were tuned for."""
+    from teal.greedy import AllocationError, GreedyAllocation
+    from teal.thresholds import Calibration
+    out = thresholds.parent / "tuned.json"
+    if _usable(out, lambda path: GreedyAllocation.load(path, kind="tuned")):
+        return out
+    table = GreedyAllocation.load(shipped, kind="tuned")
+    mine = (Calibration.load(thresholds).meta.get("text") or {})
+    theirs = table.meta["source"]["text"]
+    if (mine.get("sha256"), mine.get("tokens")) != (theirs["sha256"], theirs["tokens"]):
+        _log(f"not installing the shipped {shipped.name}: it was tuned for thresholds from "
+             f"{theirs['tokens']} tokens of the default calibration text; tune for yours with "
+             f"`python calibrate.py --tune-only` (minutes on a GPU)")
+        return None
+    try:
+        with open(shipped, "rb") as src:
+            atomic_copy_stream(src, out)
+    except (OSError, AllocationError) as e:
+        raise PrepareError(f"could not write {out}: {e}") from None
+    return out
+
+
 def main(argv=None) -> None:
     from teal.cli import HelpFormatter
     p = argparse.ArgumentParser(
@@ -203,6 +234,9 @@ def main(argv=None) -> None:
             th = ensure_thresholds(ckpt, a.calib_text, a.calib_tokens)
             if th is not None:
                 _log(f"thresholds ready: {th}")
+                tuned = ensure_tuned(th)
+                if tuned is not None:
+                    _log(f"tuned per-block budgets ready: {tuned}")
     except PrepareError as e:
         raise SystemExit(f"error: {e}") from None
 

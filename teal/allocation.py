@@ -4,6 +4,8 @@ Allocation: how a model-level target sparsity is split among the projections.
 - "uniform": every projection at the target (TEAL's uniform baseline).
 - "greedy": per-layer, per-projection sparsities found by TEAL's block-wise greedy search
   (`teal.greedy`, file `greedy.json`), linearly interpolated between the grid's targets.
+- "tuned": per-block budgets tuned end to end on held-out validation text (`teal.budgets`,
+  file `tuned.json`, same format), interpolated likewise between its tuned targets.
 
 Scoring: which entries of an input x are zeroed for a projection with weight W (see
 `teal.thresholds`): "magnitude" (|x_i| <= t, TEAL) or "weight" (|x_i| * ||W[:, i]||_2 <= t_w,
@@ -24,7 +26,12 @@ from teal.projections import PROJECTIONS
 from teal.sparse_linear import configured
 from teal.thresholds import SCORINGS, Calibration, apply_sparsities, histogram_quantile, update_histogram
 
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "tuned")
+# "auto" (generate.py's default) picks greedy from this target up when there is no tuned
+# table: measured on SmolLM2-135M (README, quality), greedy is worse than uniform at 25% and
+# better at 40% and 50%.
+AUTO_GREEDY_FROM = 0.4
+TABLE_ALLOCATIONS = ("greedy", "tuned")  # the allocations read from a table file
 CALIBRATIONS = ("dense", "sequential")
 
 
@@ -40,30 +47,34 @@ def sweep_configurations(sparsities, allocations=("uniform",), scorings=("magnit
     return rows
 
 
-def load_sweep_files(model, rows, thresholds, greedy_path=None) -> tuple:
-    """(Calibration or None, GreedyAllocation or None) that the `rows` of a sweep need on
-    `model`: the calibration file `thresholds` when a row is sparse, the greedy allocation
-    `greedy_path` when a sparse row uses allocation "greedy" (both checked against the model).
+def load_sweep_files(model, rows, thresholds, greedy_path=None, tuned_path=None) -> tuple:
+    """(Calibration or None, {allocation: GreedyAllocation}) that the `rows` of a sweep need
+    on `model`: the calibration file `thresholds` when a row is sparse, the allocation file
+    (`greedy_path` for "greedy", `tuned_path` for "tuned") of every table allocation a sparse
+    row uses, each checked against the model.
 
     Raises:
         ThresholdsError / teal.greedy.AllocationError: a missing, corrupt or mismatched file.
     """
-    calib = greedy = None
+    calib, tables = None, {}
+    paths = dict(greedy=greedy_path, tuned=tuned_path)
     if any(row[0] > 0 for row in rows):
         calib = Calibration.load(thresholds, model.config.to_dict())
-        if any(row[0] > 0 and row[1] == "greedy" for row in rows):
-            greedy = GreedyAllocation.load(greedy_path)
-            greedy.check_model(model.config.to_dict())
-    return calib, greedy
+        for name in TABLE_ALLOCATIONS:
+            if any(row[0] > 0 and row[1] == name for row in rows):
+                tables[name] = GreedyAllocation.load(paths[name], kind=name)
+                tables[name].check_model(model.config.to_dict(), paths[name])
+    return calib, tables
 
 
-def apply_configuration(model, row: tuple, calib=None, greedy=None, calib_ids=None,
+def apply_configuration(model, row: tuple, calib=None, tables=None, calib_ids=None,
                         seq_len: int = 2048, calib_tokens: int = 8192,
                         progress: bool = False) -> dict:
     """Configure a loaded model for one row of `sweep_configurations`.
 
     The dense row (sparsity 0) turns every projection dense (`teal.configure(sparse=False)`);
-    a sparse row sets the thresholds with `apply_config` and, for calibration "sequential",
+    a sparse row sets the thresholds with `apply_config` (a table allocation's file from
+    `tables`, as `load_sweep_files` returns) and, for calibration "sequential",
     re-derives them with `calibrate_sequentially` over `calib_tokens` of `calib_ids` (1-D
     token ids) in windows of `seq_len`. The sparse/sparsify_prefill/track flags are left to
     the caller. Returns {(layer, proj): target sparsity} applied ({} for the dense row).
@@ -79,8 +90,9 @@ def apply_configuration(model, row: tuple, calib=None, greedy=None, calib_ids=No
         return {}
     if calib is None:
         raise ValueError("a sparse configuration needs a calibration file (thresholds)")
+    tables = tables or {}
     applied = apply_config(model, calib, sparsity, allocation=allocation, scoring=scoring,
-                           greedy=greedy)
+                           greedy=tables.get("greedy"), tuned=tables.get("tuned"))
     if calibration == "sequential":
         if calib_ids is None:
             raise ValueError("calibration 'sequential' needs calibration token ids")
@@ -93,24 +105,26 @@ def apply_configuration(model, row: tuple, calib=None, greedy=None, calib_ids=No
 
 
 def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "uniform",
-                 scoring: str = "magnitude", greedy=None, checkpoint_dir=None) -> dict:
+                 scoring: str = "magnitude", greedy=None, checkpoint_dir=None,
+                 tuned=None) -> dict:
     """Set every projection's threshold for a model-level target `sparsity`.
 
     Args:
         model: a `model.Transformer`.
         calib: its Calibration (validated against the model here).
         sparsity: model-level target in [0, 1); 0 leaves every projection dense.
-        allocation: "uniform" or "greedy" (needs `greedy`).
+        allocation: "uniform", "greedy" (needs `greedy`) or "tuned" (needs `tuned`).
         scoring: "magnitude" or "weight".
         greedy: a `teal.greedy.GreedyAllocation`, or a path to `greedy.json`.
-        checkpoint_dir: where to look for `greedy.json` when `greedy` is None.
+        checkpoint_dir: where to look for `greedy.json` / `tuned.json` when not given.
+        tuned: the tuned per-block budgets (`teal.budgets`): a GreedyAllocation or a path.
 
     Returns:
         {(layer, proj): sparsity} applied (modules whose projections are all at 0 run dense).
 
     Raises:
         ValueError: sparsity outside [0, 1), unknown allocation/scoring, missing greedy file
-            (as `teal.greedy.AllocationError`), or a target beyond the greedy grid.
+            (as `teal.greedy.AllocationError`), or a target beyond the file's grid.
         ThresholdsError: calibration made for another model, or without weighted histograms.
     """
     if not 0.0 <= sparsity < 1.0:
@@ -121,17 +135,17 @@ def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "
     if allocation == "uniform":
         def get(layer, proj):
             return sparsity
-    elif allocation == "greedy":
-        if greedy is None and checkpoint_dir is not None:
-            greedy = Path(checkpoint_dir) / "greedy.json"
-        if greedy is None:
-            raise AllocationError("allocation 'greedy' needs a greedy.json; create it with "
-                                  "`python calibrate.py --checkpoint_path <model.pth> "
-                                  "--greedy-only`")
-        if not isinstance(greedy, GreedyAllocation):
-            greedy = GreedyAllocation.load(greedy)
-        greedy.check_model(model.config.to_dict())
-        table = greedy.sparsities(scoring, sparsity)  # (n_layer, 7)
+    elif allocation in TABLE_ALLOCATIONS:
+        source = greedy if allocation == "greedy" else tuned
+        if source is None and checkpoint_dir is not None:
+            source = Path(checkpoint_dir) / f"{allocation}.json"
+        if source is None:
+            raise AllocationError(f"allocation '{allocation}' needs a {allocation}.json; "
+                                  f"create it with {GreedyAllocation.remedy(allocation)}")
+        if not isinstance(source, GreedyAllocation):
+            source = GreedyAllocation.load(source, kind=allocation)
+        source.check_model(model.config.to_dict())
+        table = source.sparsities(scoring, sparsity)  # (n_layer, 7)
 
         def get(layer, proj):
             return float(table[layer][PROJECTIONS.index(proj)])
@@ -139,6 +153,39 @@ def apply_config(model, calib: Calibration, sparsity: float, allocation: str = "
         raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
     apply_sparsities(model, calib, get, scoring)
     return {(layer, proj): get(layer, proj) for layer, proj, _ in model.projections()}
+
+
+def choose_allocation(sparsity: float, scoring: str = "magnitude", greedy=None,
+                      tuned=None) -> tuple[str, str]:
+    """What allocation "auto" means for a target: the best measured one whose table is there.
+
+    In order (README "Quality"): "tuned" when `tuned` has a table for `scoring` whose grid
+    reaches `sparsity`; else "greedy" when `greedy` has one and `sparsity` >=
+    `AUTO_GREEDY_FROM`; else "uniform".
+
+    Args:
+        sparsity: model-level target in [0, 1).
+        greedy, tuned: the loaded `GreedyAllocation` of greedy.json / tuned.json, or None
+            where the file does not exist.
+
+    Returns:
+        (allocation, reason): the reason is a short phrase for the run's report.
+    """
+    def covers(table):
+        return (table is not None and scoring in table.allocations
+                and sparsity <= max(table.targets(scoring)) + 1e-9)
+
+    if sparsity <= 0.0:
+        return "uniform", "dense"
+    if covers(tuned):
+        return "tuned", "tuned.json covers this target"
+    if covers(greedy) and sparsity >= AUTO_GREEDY_FROM - 1e-9:
+        return "greedy", (f"no tuned table for {sparsity:.0%}; greedy.json, as measured best "
+                          f"from {AUTO_GREEDY_FROM:.0%}")
+    missing = "no tuned.json" if tuned is None else f"tuned.json stops below {sparsity:.0%}"
+    if greedy is not None and sparsity < AUTO_GREEDY_FROM:
+        return "uniform", f"{missing}; uniform beats greedy below {AUTO_GREEDY_FROM:.0%}"
+    return "uniform", f"{missing}, no greedy table for it"
 
 
 def configured_sparsity(model, applied: dict) -> float:
@@ -219,5 +266,6 @@ def calibrate_sequentially(model, calib: Calibration, token_ids: torch.Tensor, a
     return out
 
 
-__all__ = ["apply_config", "calibrate_sequentially", "configured_sparsity", "ALLOCATIONS",
+__all__ = ["apply_config", "calibrate_sequentially", "configured_sparsity", "choose_allocation",
+           "ALLOCATIONS", "AUTO_GREEDY_FROM",
            "SCORINGS"]

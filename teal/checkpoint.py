@@ -261,14 +261,15 @@ def default_thresholds(checkpoint_path, for_writing: bool = False) -> Path:
     return tagged if for_writing or tagged.exists() else plain
 
 
-def greedy_beside(thresholds_path, for_writing: bool = False) -> Path:
-    """The greedy allocation file that goes with a calibration file: `greedy<tag>.json` for
-    `thresholds<tag>.safetensors` (tag e.g. ".int8"), else `greedy.json`, in its folder;
-    reading falls back to `greedy.json` while the tagged one does not exist."""
+def greedy_beside(thresholds_path, for_writing: bool = False, kind: str = "greedy") -> Path:
+    """The allocation file of `kind` ("greedy": teal.greedy, "tuned": teal.budgets) that goes
+    with a calibration file: `<kind><tag>.json` for `thresholds<tag>.safetensors` (tag e.g.
+    ".int8"), else `<kind>.json`, in its folder; reading falls back to `<kind>.json` while
+    the tagged one does not exist."""
     path = Path(thresholds_path)
-    plain = path.parent / "greedy.json"
+    plain = path.parent / f"{kind}.json"
     name = path.name
     if not (name.startswith("thresholds.") and name.endswith(".safetensors")) or name == "thresholds.safetensors":
         return plain
-    tagged = path.parent / ("greedy" + name[len("thresholds"):-len(".safetensors")] + ".json")
+    tagged = path.parent / (kind + name[len("thresholds"):-len(".safetensors")] + ".json")
     return tagged if for_writing or tagged.exists() else plain

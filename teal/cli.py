@@ -147,14 +147,15 @@ def add_sweep_arguments(p: argparse.ArgumentParser, sparsity_default: list,
                         sparsity_help: str, calib_text_default) -> None:
     """The sparsity configurations a sweep evaluates (perplexity.py, evaluate_generation.py):
     --sparsity, --allocation, --scoring, --calibration (with --calib_text, --calib_tokens),
-    --thresholds and --greedy; `teal.allocation.sweep_configurations` expands them."""
+    --thresholds, --greedy and --tuned; `teal.allocation.sweep_configurations` expands them."""
     from pathlib import Path
     from teal.allocation import ALLOCATIONS, CALIBRATIONS, SCORINGS
     p.add_argument("--sparsity", type=sparsity_type, nargs="+", default=sparsity_default,
                    help=sparsity_help)
     p.add_argument("--allocation", nargs="+", choices=ALLOCATIONS, default=["uniform"],
-                   help="allocations to evaluate: uniform sparsity, or TEAL's block-wise greedy "
-                        "per-projection one (greedy.json)")
+                   help="allocations to evaluate: uniform sparsity, TEAL's block-wise greedy "
+                        "per-projection one (greedy.json), or per-block budgets tuned end to end "
+                        "(tuned.json)")
     p.add_argument("--scoring", nargs="+", choices=SCORINGS, default=["magnitude"],
                    help="scorings to evaluate: |x| (TEAL) or |x|*||W[:,i]|| (weight-informed)")
     p.add_argument("--calibration", nargs="+", choices=CALIBRATIONS, default=["dense"],
@@ -170,3 +171,5 @@ def add_sweep_arguments(p: argparse.ArgumentParser, sparsity_default: list,
                         "a quantized one's thresholds.<format>.safetensors when present)")
     p.add_argument("--greedy", type=Path, default=None,
                    help="greedy allocation file (default: greedy.json next to the thresholds)")
+    p.add_argument("--tuned", type=Path, default=None,
+                   help="tuned allocation file (default: tuned.json next to the thresholds)")

@@ -77,18 +77,24 @@ class GreedyAllocation:
         """
         atomic_write_json(path, self.to_dict(), indent=1)
 
+    @staticmethod
+    def remedy(kind: str = "greedy") -> str:
+        """The command that (re)creates an allocation file of `kind` ("greedy" or "tuned")."""
+        flag = "--greedy-only" if kind == "greedy" else "--tune-only"
+        return f"`python calibrate.py --checkpoint_path <model.pth> {flag}`"
+
     @classmethod
-    def load(cls, path) -> "GreedyAllocation":
-        """Read and check the structure of a greedy.json.
+    def load(cls, path, kind: str = "greedy") -> "GreedyAllocation":
+        """Read and check the structure of an allocation file: `kind` "greedy" (greedy.json,
+        `teal.greedy`) or "tuned" (tuned.json, `teal.budgets`; same format).
 
         Raises:
             AllocationError: missing, unreadable or malformed file (the fix in the message).
         """
         path = Path(path)
-        fix = ("create it with "
-               "`python calibrate.py --checkpoint_path <model.pth> --greedy-only`")
+        fix = f"create it with {cls.remedy(kind)}"
         if not path.exists():
-            raise AllocationError(f"greedy allocation file {path} not found; {fix}")
+            raise AllocationError(f"{kind} allocation file {path} not found; {fix}")
         try:
             d = json.loads(path.read_text())
             meta, allocs = d["meta"], d["allocations"]
@@ -96,7 +102,7 @@ class GreedyAllocation:
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             ok = False
         if not ok:
-            raise AllocationError(f"{path} is not a greedy allocation file ({FORMAT}); {fix}")
+            raise AllocationError(f"{path} is not a {kind} allocation file ({FORMAT}); {fix}")
         _check_fields(path, meta, allocs, d.get("errors", {}), fix)
         return cls(meta, allocs, d.get("errors", {}))
 
@@ -107,9 +113,9 @@ class GreedyAllocation:
         diffs = [f"{k} {mine.get(k)} != {model_args.get(k)}" for k in keys
                  if mine.get(k) != model_args.get(k)]
         if diffs:
-            raise AllocationError(f"greedy allocation {path} was made for another model "
-                                  f"({'; '.join(diffs)}); re-run `python calibrate.py "
-                                  f"--checkpoint_path <model.pth> --greedy-only` "
+            kind = "tuned" if self.meta.get("tuning") is not None else "greedy"
+            raise AllocationError(f"{kind} allocation {path} was made for another model "
+                                  f"({'; '.join(diffs)}); re-run {self.remedy(kind)} "
                                   f"for this checkpoint")
 
     def targets(self, scoring: str) -> list[float]:
@@ -136,7 +142,8 @@ class GreedyAllocation:
         n_layer = self.meta["n_layer"]
         points = [(0.0, [[0.0] * len(PROJECTIONS) for _ in range(n_layer)])] + grid
         if target > points[-1][0] + 1e-9:
-            raise AllocationError(f"target sparsity {target} is beyond the greedy grid "
+            kind = "tuned" if self.meta.get("tuning") is not None else "greedy"
+            raise AllocationError(f"target sparsity {target} is beyond the {kind} grid "
                                   f"(max {points[-1][0]})")
         for (t0, a0), (t1, a1) in zip(points, points[1:]):
             if target <= t1 + 1e-9:
