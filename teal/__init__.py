@@ -3,7 +3,8 @@
 Submodules: `projections` (the specification of a block's projections), `sparse_linear`
 (the fused projection module, its handles and dispatch), `kernels` (Triton sparse GEMV and
 decode-attention kernels, their dispatch table and `KernelPolicy`), `thresholds`
-(histograms, inverse CDF, calibration file), `calibration`, `greedy`, `allocation`,
+(histograms, inverse CDF, calibration file), `calibration`, `greedy`, `budgets` (per-block
+budgets tuned end to end), `allocation`,
 `evaluation`, `generation` (the decode loop), `tp` (tensor parallelism), `checkpoint`,
 `convert`, `tokenizer`, `io`, `dtypes`.
 """
