@@ -182,7 +182,9 @@ def choose_allocation(sparsity: float, scoring: str = "magnitude", greedy=None,
     if covers(greedy) and sparsity >= AUTO_GREEDY_FROM - 1e-9:
         return "greedy", (f"no tuned table for {sparsity:.0%}; greedy.json, as measured best "
                           f"from {AUTO_GREEDY_FROM:.0%}")
-    missing = "no tuned.json" if tuned is None else f"tuned.json stops below {sparsity:.0%}"
+    missing = ("no tuned.json" if tuned is None else
+               f"tuned.json has no {scoring} table" if scoring not in tuned.allocations else
+               f"tuned.json stops below {sparsity:.0%}")
     if greedy is not None and sparsity < AUTO_GREEDY_FROM:
         return "uniform", f"{missing}; uniform beats greedy below {AUTO_GREEDY_FROM:.0%}"
     return "uniform", f"{missing}, no greedy table for it"

@@ -77,6 +77,12 @@ class GreedyAllocation:
         """
         atomic_write_json(path, self.to_dict(), indent=1)
 
+    @property
+    def kind(self) -> str:
+        """"tuned" for a file written by `teal.budgets` (it records its search in
+        `meta["tuning"]`), else "greedy"."""
+        return "tuned" if self.meta.get("tuning") is not None else "greedy"
+
     @staticmethod
     def remedy(kind: str = "greedy") -> str:
         """The command that (re)creates an allocation file of `kind` ("greedy" or "tuned")."""
@@ -113,9 +119,8 @@ class GreedyAllocation:
         diffs = [f"{k} {mine.get(k)} != {model_args.get(k)}" for k in keys
                  if mine.get(k) != model_args.get(k)]
         if diffs:
-            kind = "tuned" if self.meta.get("tuning") is not None else "greedy"
-            raise AllocationError(f"{kind} allocation {path} was made for another model "
-                                  f"({'; '.join(diffs)}); re-run {self.remedy(kind)} "
+            raise AllocationError(f"{self.kind} allocation {path} was made for another model "
+                                  f"({'; '.join(diffs)}); re-run {self.remedy(self.kind)} "
                                   f"for this checkpoint")
 
     def targets(self, scoring: str) -> list[float]:
@@ -142,8 +147,7 @@ class GreedyAllocation:
         n_layer = self.meta["n_layer"]
         points = [(0.0, [[0.0] * len(PROJECTIONS) for _ in range(n_layer)])] + grid
         if target > points[-1][0] + 1e-9:
-            kind = "tuned" if self.meta.get("tuning") is not None else "greedy"
-            raise AllocationError(f"target sparsity {target} is beyond the {kind} grid "
+            raise AllocationError(f"target sparsity {target} is beyond the {self.kind} grid "
                                   f"(max {points[-1][0]})")
         for (t0, a0), (t1, a1) in zip(points, points[1:]):
             if target <= t1 + 1e-9:
