@@ -69,6 +69,12 @@ SHAPES = [
     ("llama2-7b", "o", "seg", 4096, (4096,)),
     ("llama2-7b", "gate_up", "gated", 4096, 11008),
     ("llama2-7b", "down", "seg", 11008, (4096,)),
+    # the default model (SmolLM2-135M-Instruct): launch- and latency-bound, where dispatch must
+    # not pick a sparse kernel slower than cuBLAS (issue 13)
+    ("smollm2-135m", "qkv", "seg", 576, (576, 192, 192)),
+    ("smollm2-135m", "o", "seg", 576, (576,)),
+    ("smollm2-135m", "gate_up", "gated", 576, 1536),
+    ("smollm2-135m", "down", "seg", 1536, (576,)),
 ]
 SPARSITIES = [0.0, 0.25, 0.40, 0.50, 0.65, 0.80, 0.90]
 HIGH = 0.8  # the table's cut-off between the low and high sparsity rows
@@ -100,6 +106,23 @@ CANDIDATES = {
 }
 
 
+def _mask(bn, bk, pipe, waves, split=0, nw=4):
+    return GemvConfig(block_n=bn, block_k=bk, num_warps=nw, acc2d=True, pipe=pipe, waves=waves, split=split)
+
+
+# Small shapes (K or N under 2048, the default model's): the generic rule (masked loop) and
+# fewer, shorter split-K ranges, down to one program per column tile (no partials, no
+# arrival counter), and small tensor-core tiles.
+_TORCH = GemvConfig(algo="torch")
+SMALL_CANDIDATES = {
+    "seg": [_TORCH, _MASK_SEG, _mask(128, 32, 1, 2), _mask(64, 64, 1, 1), _mask(128, 64, 2, 1, split=2),
+            _mask(64, 32, 2, 1, split=1), _mask(32, 64, 2, 1, split=1), _dot(64, 64, 4, 3, 2),
+            _dot(32, 64, 4, 3, 1)],
+    "gated": [_TORCH, _MASK_GATED, _mask(128, 32, 2, 2), _mask(64, 64, 2, 1), _mask(64, 32, 2, 1, split=1),
+              _mask(32, 64, 2, 1, split=1), _dot(64, 64, 4, 3, 2), _dot(32, 64, 4, 3, 1)],
+}
+
+
 def _words(bn, bk, nw, waves):
     return GemvConfig(algo="words", block_n=bn, block_k=bk, num_warps=nw, waves=waves, rchunk=0)
 
@@ -123,6 +146,8 @@ def label(cfg: GemvConfig) -> str:
         return f"d{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}v{cfg.waves:g}"
     if cfg.algo == "words":
         return f"w{cfg.block_n}x{cfg.block_k}n{cfg.num_warps}v{cfg.waves:g}"
+    if cfg.algo == "torch":
+        return "torch"
     return f"m{cfg.block_n}x{cfg.block_k}p{cfg.pipe}v{cfg.waves:g}"
 
 
@@ -336,6 +361,16 @@ class Bench:
         return "" if err < tol else f"{self.baseline} rel err {err:.3g} against the dequantized weight"
 
     def sparse_fns(self, t, s, policy):
+        """One call per weight copy.  A call the policy sends to the masked cuBLAS GEMM
+        (algorithm "torch") is timed as that GEMM over the S masked rows made beforehand,
+        as a compiled decode step runs it: the masks fuse into the kernel producing x."""
+        kind = self.kind
+        sizes = list(self.arg) if kind == "seg" else [self.arg, self.arg]
+        lc = policy.launch(kind, self.K, sizes, self.dtype, self.wformat, s, self.device)
+        if lc.algo_name == "torch":
+            keep = self.x.float().abs().unsqueeze(0) > t.reshape(len(sizes), 1, -1)
+            xs = (self.x.unsqueeze(0) * keep).reshape(-1, self.K)
+            return [lambda i=i: xs @ self.wt[i] for i in range(len(self.wt))]
         return [lambda i=i: self.call(i, t, s, policy) for i in range(len(self.wt))]
 
     def baseline_fns(self):
@@ -520,7 +555,8 @@ def candidates(name, kind, K, arg, wformat) -> list:
     """The --compare candidates of a projection fitted to the weight format, duplicates (two
     candidates `fit_format` maps to one config, e.g. lists under int4) dropped."""
     out, seen = [], set()
-    for cfg in CANDIDATES[name]:
+    small = K < 2048 or n_cols(kind, arg) < 2048
+    for cfg in (SMALL_CANDIDATES[kind] + _WORDS if small else CANDIDATES[name]):
         if cfg.algo == "words" and wformat == "dense":
             continue
         cfg = fit_format(cfg, kind, K, n_cols(kind, arg), wformat)

@@ -293,8 +293,11 @@ def skips_weight_rows(module) -> bool:
     Its row-skipping kernels do: a GPU kernel (every algorithm loads kept rows only) or the
     CPU kernel (`teal.kernels.cpu`); the exact torch path (`--kernels off`, a quantized
     format on the CPU, a dtype without a kernel) masks the input and then multiplies by the
-    whole weight, reading every row."""
-    return bool(module.sparse) and (module._launch is not None or module.cpu_kernel_applies())
+    whole weight, reading every row, as does a call the dispatch table sends to the masked
+    cuBLAS GEMM (algorithm "torch")."""
+    launch = module._launch
+    return bool(module.sparse) and ((launch is not None and launch.algo_name != "torch")
+                                    or module.cpu_kernel_applies())
 
 
 def bytes_per_decode_step(model, sparsity_by_proj: Optional[dict] = None) -> int:

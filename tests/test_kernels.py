@@ -375,7 +375,11 @@ def test_table_rows_and_json_roundtrip(tmp_path):
     assert algo("seg", 4096, 4096, 0.79) == ("dot", False)
     assert algo("seg", 4096, 12288, 0.5) == ("mask", False)
     assert algo("seg", 4096, 12288, 0.75) == ("list", True)
-    assert algo("seg", 576, 960, 0.95) is None
+    assert algo("seg", 576, 960, 0.95) == ("torch", False)  # the default model: cuBLAS wins
+    assert algo("gated", 576, 1536, 0.5) == ("torch", False)
+    assert algo("seg", 576, 576, 0.5) == ("dot", False)
+    assert algo("seg", 1536, 576, 0.5) == ("dot", False)
+    assert algo("seg", 960, 2560, 0.5) is None
     for r in T.rows:  # every shape's ranges cover [0, 1) once
         ranges = sorted(x.sparsity for x in T.rows
                         if (x.kind, x.K, x.N, x.wformat) == (r.kind, r.K, r.N, r.wformat))
@@ -386,7 +390,7 @@ def test_table_rows_and_json_roundtrip(tmp_path):
     assert T.lookup(h200, "seg", 4096, 6144, "float16", "int8", 0.5) is None  # measured in bf16
     assert T.lookup(h200, "seg", 4096, 6144, "bfloat16", "int4-g128", 0.5) is None  # generic rule
     assert all(r.source for r in T.rows), "every row names its provenance"
-    assert D.generic_config("seg", 576, 960).algo == "mask"
+    assert D.generic_config("seg", 576, 960).algo == "dot"  # small shapes: _DOT_SMALL
     assert D.generic_config("gated", 4096, 14336).algo == "dot"
     path = tmp_path / "table.json"
     mine = DispatchTable((TableRow(h200, "seg", 4096, 4096, GemvConfig(algo="list", ksplit=256, rchunk=0),
@@ -605,4 +609,42 @@ def test_policy_chooses_by_calibrated_sparsity(monkeypatch):
     _close(yg, R.sparse_gated_gemv_ref(x, wg, t), torch.bfloat16, seed, "gated list via table")
     tk.sparse_gemv(x, wt, t, (19, 59), sparsity=0.5, policy=policy)
     tk.sparse_gemv(x, wt, t, (19, 59), sparsity=0.5, policy=replace(policy, config=_DOT))
-    assert calls == ["list-inline", "list", "mask", "dot"]
+    assert calls == ["list-inline", "list", "dot", "dot"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("M", [1, 3])
+def test_torch_algorithm(mode, M):
+    """Algorithm "torch" (the masked cuBLAS GEMM a table row picks where no kernel beats
+    cuBLAS): each segment / gate and up masked on its own rows, equal to the float64
+    reference for every row, scalar and per-channel thresholds, 0 and +inf; no Triton launch;
+    the low-level launch refuses it; quantized weights fit it back to a kernel; a module on it
+    counts every weight row as read."""
+    seed = _seed()
+    policy = replace(POLICY, config=GemvConfig(algo="torch"))
+    K, sizes = 61, (5, 1, 7, 3)
+    x = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
+    t = _thresholds(x[0], mode, len(sizes))
+    wt = _w(K, sum(sizes), torch.bfloat16)
+    y = tk.sparse_gemv(x, wt, t, _bounds(sizes), sparsity=0.5, policy=policy)
+    for m in range(M):
+        _close(y[m], R.sparse_gemv_ref(x[m], wt, t, _bounds(sizes)), torch.bfloat16, seed, f"torch row {m}")
+    wg, tg = _w(K, 2 * 21, torch.bfloat16), _thresholds(x[0], mode, 2)
+    yg = tk.sparse_gated_gemv(x, wg, tg, sparsity=0.5, policy=policy)
+    for m in range(M):
+        _close(yg[m], R.sparse_gated_gemv_ref(x[m], wg, tg), torch.bfloat16, seed, f"torch gated row {m}")
+    lc = policy.launch("seg", K, sizes, torch.bfloat16, "dense", 0.5, DEV)
+    assert lc.algo_name == "torch" and policy.launch("seg", K, sizes, torch.bfloat16, "dense", 0.5,
+                                                     DEV, rows=3).algo_name == "torch"
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        launch.launch_gemv(x[0].contiguous(), wt, None, t, list(sizes), False, "dense", lc)
+    assert D.fit_format(GemvConfig(algo="torch"), "seg", K, 16, "int8").algo != "torch"
+    from teal.generation import skips_weight_rows
+    from teal.sparse_linear import SparseLinear
+    mod = SparseLinear(K, [5, 11], names=["q_proj", "k_proj"]).to(DEV, torch.bfloat16)
+    mod.set_thresholds([torch.tensor(0.5), torch.tensor(0.5)], sparsities=[0.5, 0.5])
+    mod.sparse = True
+    mod.set_kernel_policy(policy)
+    assert mod._launch is not None and not skips_weight_rows(mod)
+    mod.set_kernel_policy(POLICY)
+    assert skips_weight_rows(mod)

@@ -34,8 +34,9 @@ from . import _checks
 from .dispatch import (DEFAULT_POLICY, DEFAULT_TABLE, DispatchTable, GemvConfig, KernelPolicy,
                        Launch, TableRow)
 from .reference import decode_attention_ref, sparse_gated_gemv_ref, sparse_gemv_ref
+from .torch_gemm import masked_gemm
 
-__all__ = ["kernels_available", "interpreter_active", "prepare", "sparse_gemv",
+__all__ = ["kernels_available", "interpreter_active", "prepare", "sparse_gemv", "masked_gemm",
            "sparse_gated_gemv", "decode_attention", "decode_attention_supported",
            "sparse_gemv_ref", "sparse_gated_gemv_ref", "decode_attention_ref", "KernelPolicy",
            "GemvConfig", "DispatchTable", "TableRow", "Launch", "DEFAULT_POLICY", "DEFAULT_TABLE"]
@@ -109,6 +110,12 @@ def _gemv(x, wt, thresholds, sizes_of, gated: bool, sparsity: float, policy, lau
     if launch is None:
         launch = policy.launch("gated" if gated else "seg", K, sizes, x2.dtype, wformat, sparsity,
                                x2.device, rows=rows)
+    if launch.algo_name == "torch":  # measured faster than every kernel for this shape
+        if wformat != "dense":
+            raise ValueError(f"the torch algorithm (masked cuBLAS GEMM) takes dense weights, "
+                             f"not {wformat}; resolve the launch with KernelPolicy.launch")
+        y = masked_gemm(x2, wt, t, sizes, gated)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     _ensure_ops()
     y = torch.ops.teal.sparse_gemv(x2, wt, scales, t, sizes, gated, wformat, launch.encode())
     return y.reshape(*x.shape[:-1], y.shape[-1])

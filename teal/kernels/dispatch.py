@@ -33,7 +33,7 @@ __all__ = ["ALGORITHMS", "GemvConfig", "Launch", "TableRow", "DispatchTable", "K
            "DEFAULT_TABLE", "DEFAULT_POLICY", "generic_config", "resolve", "cdiv", "next_pow2",
            "device_key", "num_sms", "fit_format", "words_fit", "rows_config", "MAX_ROWS"]
 
-ALGORITHMS = ("mask", "dot", "list", "words")
+ALGORITHMS = ("mask", "dot", "list", "words", "torch")
 _KSPLIT_MAX = 4096  # list: the x range a program loads at once (registers)
 
 
@@ -60,7 +60,10 @@ class GemvConfig:
             through cp.async), or "list" (kept-row lists: programs loop over gathered kept rows
             only, so instructions and bytes follow the kept rows), or "words" (int8 / int4
             only: 32-bit code words split into bit planes on CUDA cores, warps own rows,
-            threads own words; block_k rows per step over num_warps warps).
+            threads own words; block_k rows per step over num_warps warps), or "torch"
+            (dense weights only: no Triton kernel; each segment's input masked, the S masked
+            copies stacked, one cuBLAS GEMM over every weight row, `teal.kernels.torch_gemm`:
+            for shapes where every kernel measured slower than cuBLAS).
         block_n: output columns per program (power of 2).
         block_k: input channels per loop step (power of 2).
         split: programs along K (0: from `waves`).
@@ -327,9 +330,10 @@ _WORDS_Q4_WIDE = GemvConfig(algo="words", block_n=512, block_k=32, num_warps=4, 
 _WORDS_Q8_GATED = GemvConfig(algo="words", block_n=1024, block_k=32, num_warps=4, waves=1, rchunk=0)
 
 
-# Several rows per call (batch decoding, speculative verification): the dot algorithm only
-# (its 16-row A operand holds up to 16 input rows).  Small shapes get this config (not
-# measured on a GPU; the default model's projections are 576 to 1536 wide).
+# Small shapes (K or N under 2048): the generic rule, and the config of several rows per
+# call (batch decoding, speculative verification), which run on the dot algorithm only (its
+# 16-row A operand holds up to 16 input rows).  Measured at one row on the default model's
+# shapes (bench_gemv.py --compare, SMALL rows below).
 _DOT_SMALL = GemvConfig(algo="dot", block_n=64, block_k=64, num_warps=4, num_stages=3, waves=2, rchunk=0)
 MAX_ROWS = 16  # rows per call the dot kernel takes (its BLOCK_M)
 # Rows per call sent to the sparse kernels by default (KernelPolicy.max_rows), measured by
@@ -340,12 +344,16 @@ MAX_ROWS = 16  # rows per call the dot kernel takes (its BLOCK_M)
 DEFAULT_MAX_ROWS = 2
 
 
+# The masked cuBLAS GEMM (no kernel): where cuBLAS beats every sparse kernel.
+_TORCH = GemvConfig(algo="torch")
+
+
 def rows_config(cfg: GemvConfig, kind: str, K: int, n_cols: int) -> GemvConfig:
-    """The config of a call with several rows: `cfg` if it is a dot config, else the dot
+    """The config of a call with several rows: `cfg` if it is a dot or torch config, else the dot
     config of the shape's family (large shapes: `generic_config`'s dense rule; small ones
     `_DOT_SMALL`).  The weight tiles are the same as one row's; only the A operand holds M
     rows instead of one."""
-    if cfg.algo == "dot":
+    if cfg.algo in ("dot", "torch"):
         return cfg
     if K >= 2048 and n_cols >= 2048:
         return generic_config(kind, K, n_cols)
@@ -357,14 +365,15 @@ def generic_config(kind: str, K: int, n_cols: int, wformat: str = "dense") -> Ge
     `_WORDS_Q4`; calls whose segments are not whole code words fall back to the masked loop's
     `_MASK_Q8` / `_MASK_Q`, see `_launch`);
     dense large shapes (K and N >= 2048) the tensor-core family of the Llama shapes'
-    winners, small ones the masked slab loop."""
+    winners, small ones `_DOT_SMALL` (the best kernel on all four of the default model's
+    shapes on the H200, 1.5-1.9x faster there than the masked loop the rule gave before)."""
     if wformat != "dense":
         return _WORDS_Q8 if wformat == "int8" else _WORDS_Q4
     if K >= 2048 and n_cols >= 2048:
         if kind == "gated":
             return _DOT_GATED
         return _DOT_DOWN if K > n_cols else (_DOT_O if n_cols <= 4096 else _DOT_QKV)
-    return _MASK_GATED if kind == "gated" else _MASK_SEG
+    return _DOT_SMALL
 
 
 _H200 = "NVIDIA H200"
@@ -416,7 +425,20 @@ H200_QUANT_ROWS = (
       for f in ("int4-g32", "int4-g64", "int4-g128")),
     _qrow("gated", 4096, 14336, "int4-g32", _WORDS_Q4_WIDE, "51.0/50.7 us (tinygemm 40.2)"),
 )
-DEFAULT_TABLE = DispatchTable(H200_QUANT_ROWS + H200_ROWS)
+# The default model (SmolLM2-135M-Instruct), dense: `bench_gemv.py --compare --no-bench
+# --shapes smollm2-135m:... --compare-sparsities 0 0.5` (session 13, notes/gemv_small_h200.json):
+# no kernel beats cuBLAS on q/k/v (best d64x64 4.46 us at 50% against 4.03) or on gate/up
+# (m64x64 6.07 against 4.11 + the 1.0 us SwiGLU kernel the dense path runs), so those take
+# the masked cuBLAS GEMM (its masks fuse into the RMSNorm when compiled); o and down keep the
+# kernel (4.32 against 3.62 + a mask kernel; 4.70 against 5.03).
+_SMALL = "bench_gemv.py --compare --shapes smollm2-135m:* (notes/gemv_small_h200.json)"
+H200_SMALL_ROWS = (
+    TableRow(_H200, "seg", 576, 960, _TORCH, source=f"{_SMALL}; cuBLAS 4.03 us, best kernel 4.46 us at 50%"),
+    TableRow(_H200, "gated", 576, 1536, _TORCH, source=f"{_SMALL}; cuBLAS 4.11 us + SwiGLU, best kernel 6.07 us"),
+    TableRow(_H200, "seg", 576, 576, _DOT_SMALL, source=f"{_SMALL}; 4.32 us at 50%, cuBLAS 3.62 + mask"),
+    TableRow(_H200, "seg", 1536, 576, _DOT_SMALL, source=f"{_SMALL}; 4.70 us at 50%, cuBLAS 5.03"),
+)
+DEFAULT_TABLE = DispatchTable(H200_QUANT_ROWS + H200_ROWS + H200_SMALL_ROWS)
 
 
 # --------------------------------------------------------------------------- devices
@@ -535,6 +557,8 @@ def fit_format(cfg: GemvConfig, kind: str, K: int, n_cols: int, wformat: str) ->
     which compiles to byte loads), with tiles inside one scale group (block_k at most the
     group size); a config of another algorithm becomes the masked loop's generic one."""
     fmt = get_format(wformat)
+    if cfg.algo == "torch":
+        return cfg if not fmt.quantized else generic_config(kind, K, n_cols, wformat)
     if cfg.algo == "words":
         if not fmt.quantized:
             return generic_config(kind, K, n_cols, wformat)

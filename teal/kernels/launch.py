@@ -118,6 +118,9 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
         raise ValueError(f"x must be a contiguous (K,) vector or (M, K) matrix, got shape "
                          f"{tuple(x.shape)} with strides {x.stride()}")
     rows = 1 if x.dim() == 1 else x.shape[0]
+    if lc.algo_name == "torch":
+        raise ValueError("a torch launch (masked cuBLAS GEMM) has no Triton kernel; call "
+                         "teal.kernels.sparse_gemv / sparse_gated_gemv, which run it")
     fmt = get_format(wformat)
     if fmt.group and (lc.block_k > fmt.group or lc.algo_name == "list"):
         raise ValueError(f"a {lc.algo_name} launch with block_k {lc.block_k} cannot run {wformat}: "
