@@ -13,6 +13,7 @@ Public API::
     kernels_available(device) -> bool
     sparse_gemv(x (M, K), wt (K, N), thresholds[, segments], sparsity=, policy=) -> (M, N)
     sparse_gated_gemv(x (M, K), wt (K, 2F), thresholds, sparsity=, policy=) -> (M, F)
+    masked_gemm(x (M, K), wt (K, N), thresholds, sizes, gated) -> (M, N)   (algorithm "torch")
     decode_attention(q, k_cache, v_cache, mask) -> (1, H, 1, D)
     KernelPolicy, GemvConfig, DispatchTable, TableRow      (teal.kernels.dispatch)
 
