@@ -56,6 +56,7 @@ from teal.io import atomic_write_json
 from teal.kernels import DEFAULT_TABLE, DispatchTable, GemvConfig, KernelPolicy, TableRow
 from teal.kernels import reference as R
 from teal.kernels.dispatch import fit_format
+from teal.kernels.torch_gemm import masked_rows
 from teal.kernels.formats import FORMATS, get_format
 from teal.provenance import environment
 
@@ -368,8 +369,7 @@ class Bench:
         sizes = list(self.arg) if kind == "seg" else [self.arg, self.arg]
         lc = policy.launch(kind, self.K, sizes, self.dtype, self.wformat, s, self.device)
         if lc.algo_name == "torch":
-            keep = self.x.float().abs().unsqueeze(0) > t.reshape(len(sizes), 1, -1)
-            xs = (self.x.unsqueeze(0) * keep).reshape(-1, self.K)
+            xs = masked_rows(self.x, t, len(sizes))
             return [lambda i=i: xs @ self.wt[i] for i in range(len(self.wt))]
         return [lambda i=i: self.call(i, t, s, policy) for i in range(len(self.wt))]
 

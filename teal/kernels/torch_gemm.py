@@ -17,7 +17,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_gemm"]
+__all__ = ["masked_gemm", "masked_rows"]
+
+
+def masked_rows(x: torch.Tensor, thresholds: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """The S masked copies of x stacked segment-major: row s * M + m is
+    ``x[m] * [|x[m]| > t_s]`` (|x| compared in fp32, as the kernels do).
+
+    x: (M, K); thresholds: float32 (S,) or (S, K).  Returns (S * M, K) in x's dtype.
+    """
+    t = thresholds.reshape(n_segments, 1, -1)           # (S, 1, 1) or (S, 1, K)
+    keep = x.float().abs().unsqueeze(0) > t             # (S, M, K)
+    return (x.unsqueeze(0) * keep).reshape(n_segments * x.shape[0], -1)
 
 
 def masked_gemm(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
@@ -35,10 +46,7 @@ def masked_gemm(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor,
         (M, N) (gated: (M, F)) in x's dtype.
     """
     S, M = len(sizes), x.shape[0]
-    t = thresholds.reshape(S, 1, -1)                    # (S, 1, 1) or (S, 1, K)
-    keep = x.float().abs().unsqueeze(0) > t             # (S, M, K)
-    xs = (x.unsqueeze(0) * keep).reshape(S * M, -1)     # masked copies, segment-major
-    y = xs @ wt                                         # (S * M, N): one GEMM, W read once
+    y = masked_rows(x, thresholds, S) @ wt              # (S * M, N): one GEMM, W read once
     if S == 1:
         return y
     parts, a = [], 0
