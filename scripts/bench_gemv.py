@@ -136,6 +136,19 @@ for _name in CANDIDATES:
     CANDIDATES[_name] = CANDIDATES[_name] + _WORDS
 
 
+def _ballot(depth, nw, waves):
+    return GemvConfig(algo="ballot", block_n=256, num_warps=nw, num_stages=depth, waves=waves, rchunk=0)
+
+
+# ballot (the CUDA C++ kernel; dense bf16/fp16 on CUDA, teal/kernels/ballot.py): rows in
+# flight per warp (ring depth - 1) x warps per block x blocks per SM
+_BALLOT = [_ballot(8, 4, 4), _ballot(8, 8, 4), _ballot(8, 4, 8), _ballot(8, 8, 2), _ballot(16, 4, 4),
+           _ballot(16, 8, 4), _ballot(16, 4, 2), _ballot(8, 2, 8)]
+for _name in CANDIDATES:
+    CANDIDATES[_name] = CANDIDATES[_name] + _BALLOT
+_BALLOT_SMALL = [_ballot(8, 4, 4), _ballot(8, 2, 4), _ballot(8, 1, 8), _ballot(8, 4, 1)]
+
+
 def n_cols(kind, arg):
     return sum(arg) if kind == "seg" else arg
 
@@ -149,6 +162,8 @@ def label(cfg: GemvConfig) -> str:
         return f"w{cfg.block_n}x{cfg.block_k}n{cfg.num_warps}v{cfg.waves:g}"
     if cfg.algo == "torch":
         return "torch"
+    if cfg.algo == "ballot":
+        return f"b{cfg.num_stages}w{cfg.num_warps}v{cfg.waves:g}"
     return f"m{cfg.block_n}x{cfg.block_k}p{cfg.pipe}v{cfg.waves:g}"
 
 
@@ -556,8 +571,8 @@ def candidates(name, kind, K, arg, wformat) -> list:
     candidates `fit_format` maps to one config, e.g. lists under int4) dropped."""
     out, seen = [], set()
     small = K < 2048 or n_cols(kind, arg) < 2048
-    for cfg in (SMALL_CANDIDATES[kind] + _WORDS if small else CANDIDATES[name]):
-        if cfg.algo == "words" and wformat == "dense":
+    for cfg in (SMALL_CANDIDATES[kind] + _WORDS + _BALLOT_SMALL if small else CANDIDATES[name]):
+        if (cfg.algo == "words" and wformat == "dense") or (cfg.algo == "ballot" and wformat != "dense"):
             continue
         cfg = fit_format(cfg, kind, K, n_cols(kind, arg), wformat)
         if cfg not in seen:

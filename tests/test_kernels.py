@@ -648,3 +648,102 @@ def test_torch_algorithm(mode, M):
     assert mod._launch is not None and not skips_weight_rows(mod)
     mod.set_kernel_policy(POLICY)
     assert skips_weight_rows(mod)
+
+
+# ---------------------------------------------------------------- algorithm "ballot" (CUDA C++)
+_BALLOT = GemvConfig(algo="ballot", num_warps=4, num_stages=8, waves=4, rchunk=0)
+_BALLOT_CASES = [  # (kind, K, sizes): odd K, partial column tiles, several segments
+    ("seg", 1000, (40,)), ("seg", 97, (264, 8, 520)), ("seg", 333, (16, 24, 8, 256)),
+    ("gated", 161, (72, 72)), ("seg", 4096, (4096, 1024, 1024)), ("gated", 4096, (14336, 14336)),
+    ("seg", 14336, (4096,))]
+
+
+def _ballot_or_skip():
+    if not _CUDA:
+        pytest.skip("the ballot kernel runs on CUDA only (CPU: the fallback tests below)")
+    from teal.kernels import ballot
+    if not ballot.available(DEV):
+        pytest.skip("the ballot kernel cannot be built here (no nvcc)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", _BALLOT_CASES, ids=lambda c: f"{c[0]}{c[1]}x{'-'.join(map(str, c[2]))}")
+@pytest.mark.parametrize("cfg", [_BALLOT, replace(_BALLOT, num_stages=16, num_warps=8, split=1),
+                                 replace(_BALLOT, num_stages=4, num_warps=1, split=3)],
+                         ids=["d8w4", "d16w8s1", "d4w1s3"])
+def test_ballot_against_float64(cfg, case, mode, dtype):
+    """The ballot kernel equals the float64 masked product: segments with their own
+    thresholds, gate/up with SwiGLU, scalar and per-channel thresholds, 0 and +inf, split-K on
+    and off; outputs and workspace poisoned with NaN first; bitwise repeatable; the
+    arrival counters are left at zero."""
+    _ballot_or_skip()
+    seed = _seed()
+    kind, K, sizes = case
+    gated = kind == "gated"
+    x = _x(K, dtype)
+    N = 2 * sizes[0] if gated else sum(sizes)
+    wt = _w(K, N, dtype)
+    t = _thresholds(x, mode, 2 if gated else len(sizes))
+    lc = D.resolve(cfg, kind, K, sizes, D.num_sms(DEV))
+    assert lc.algo_name == "ballot" and lc.k_per_split % 32 == 0
+    out = torch.full((sizes[0] if gated else N,), float("nan"), dtype=dtype, device=DEV)
+    ws = torch.full((lc.split * N,), float("nan"), dtype=torch.float32, device=DEV)
+    y = launch.launch_gemv(x, wt, None, t, list(sizes), gated, "dense", lc, out=out, workspace=ws)
+    ref = (R.sparse_gated_gemv_ref(x, wt, t) if gated else R.sparse_gemv_ref(x, wt, t, _bounds(sizes)))
+    _close(y, ref, dtype, seed, f"ballot {kind} K={K} {sizes} {mode}")
+    y2 = launch.launch_gemv(x, wt, None, t, list(sizes), gated, "dense", lc)
+    assert torch.equal(y, y2), f"not bitwise repeatable seed={seed}"
+    torch.cuda.synchronize()
+    assert int(launch.counters(DEV, 1).abs().sum()) == 0
+
+
+def test_ballot_public_api_and_compiled_graph():
+    """Through the public API and the registered op, in a CUDA graph (torch.compile
+    reduce-overhead), the ballot kernel gives the eager result."""
+    _ballot_or_skip()
+    seed = _seed()
+    policy = replace(POLICY, config=_BALLOT)
+    K, sizes = 4096, (4096, 1024, 1024)
+    x = torch.randn(1, K, dtype=torch.bfloat16, device=DEV)
+    wt = _w(K, sum(sizes), torch.bfloat16)
+    t = _thresholds(x[0], "q50", 3)
+    y = tk.sparse_gemv(x, wt, t, _bounds(sizes), sparsity=0.5, policy=policy)
+    _close(y[0], R.sparse_gemv_ref(x[0], wt, t, _bounds(sizes)), torch.bfloat16, seed, "ballot api")
+    lc = policy.launch("seg", K, sizes, torch.bfloat16, "dense", 0.5, DEV)  # (as SparseLinear does)
+    assert lc.algo_name == "ballot"
+    f = torch.compile(lambda a: tk.sparse_gemv(a, wt, t, _bounds(sizes), launch=lc),
+                      mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        yc = f(x)
+    assert torch.equal(yc, y), f"compiled graph differs seed={seed}"
+
+
+def test_ballot_fallback_and_refusals():
+    """Where the ballot kernel cannot run (CPU, the interpreter, segments not multiples of 8
+    columns, quantized weights, several rows) dispatch takes a Triton config; the low-level
+    launch refuses what it cannot take with a one-line error."""
+    policy = replace(POLICY, config=_BALLOT)
+    for sizes in [(4096,), (30, 17, 33)]:
+        lc = policy.launch("seg", 96, sizes, torch.bfloat16, "dense", 0.5, "cpu")
+        assert lc.algo_name != "ballot"
+    lc = policy.launch("seg", 4096, (4096,), torch.bfloat16, "int8", 0.5, DEV)
+    assert lc.algo_name != "ballot"
+    assert D.fit_format(_BALLOT, "seg", 4096, 4096, "int4-g128").algo != "ballot"
+    lc = policy.launch("seg", 4096, (4096,), torch.bfloat16, "dense", 0.5, DEV, rows=3)
+    assert lc.algo_name == "dot"
+    if _CUDA:
+        lc = policy.launch("seg", 96, (30, 17, 33), torch.bfloat16, "dense", 0.5, DEV)
+        assert lc.algo_name != "ballot"
+    lc = D.resolve(_BALLOT, "seg", 64, (64,), 4)
+    assert lc.algo_name == "ballot" and lc.block_n == 256 and lc.k_per_split % 32 == 0
+    x = torch.randn(64, dtype=torch.bfloat16)
+    wt = torch.randn(64, 64, dtype=torch.bfloat16)
+    t = torch.zeros(1)
+    with pytest.raises(ValueError, match="one row of dense weights on a CUDA device"):
+        launch.launch_gemv(x, wt, None, t, [64], False, "dense", lc)
+    from teal.kernels import ballot
+    assert ballot.fits((4096, 1024), torch.bfloat16, "dense")
+    assert not ballot.fits((4096, 1020), torch.bfloat16, "dense")
+    assert not ballot.fits((64,), torch.float32, "dense")
+    assert not ballot.available("cpu")

@@ -22,7 +22,9 @@ step): each row keeps its own mask and its output is its own masked GEMV, while 
 is read once if any row keeps it (M > 1: the dot algorithm, dense or int8 weights).  The
 checks live in `teal.kernels._checks`.  Which kernel
 runs is decided by a `KernelPolicy` (its dispatch table, or one forced config); the
-plain-PyTorch float64 twins are in `teal.kernels.reference`.
+plain-PyTorch float64 twins are in `teal.kernels.reference`.  Besides the Triton algorithms
+there are two without Triton: "torch" (one masked cuBLAS GEMM, `teal.kernels.torch_gemm`)
+and "ballot" (a CUDA C++ kernel built with nvcc on first use, `teal.kernels.ballot`).
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from .formats import get_format
 
 __all__ = ["ALGORITHMS", "GemvConfig", "Launch", "TableRow", "DispatchTable", "KernelPolicy",
            "DEFAULT_TABLE", "DEFAULT_POLICY", "generic_config", "resolve", "cdiv", "next_pow2",
-           "device_key", "num_sms", "fit_format", "words_fit", "rows_config", "MAX_ROWS"]
+           "device_key", "num_sms", "fit_format", "words_fit", "ballot_runs", "rows_config", "MAX_ROWS"]
 
-ALGORITHMS = ("mask", "dot", "list", "words", "torch")
+ALGORITHMS = ("mask", "dot", "list", "words", "torch", "ballot")
 _KSPLIT_MAX = 4096  # list: the x range a program loads at once (registers)
 
 
@@ -63,7 +63,12 @@ class GemvConfig:
             threads own words; block_k rows per step over num_warps warps), or "torch"
             (dense weights only: no Triton kernel; each segment's input masked, the S masked
             copies stacked, one cuBLAS GEMM over every weight row, `teal.kernels.torch_gemm`:
-            for shapes where every kernel measured slower than cuBLAS).
+            for shapes where every kernel measured slower than cuBLAS), or "ballot" (dense
+            bf16/fp16 on CUDA only: the CUDA C++ kernel of `teal.kernels.ballot`; each warp
+            votes on 32 channels' keep flags, lists the kept ones and streams only their rows
+            through a cp.async ring of num_stages (4, 8 or 16) slots; 256-column tiles;
+            num_warps 1..8; split / waves as for the others, k_per_split a multiple of 32 and
+            at most 256 x num_warps; block_k unused).
         block_n: output columns per program (power of 2).
         block_k: input channels per loop step (power of 2).
         split: programs along K (0: from `waves`).
@@ -153,9 +158,13 @@ def _split_for(K: int, n_tiles: int, cfg: GemvConfig, sms: int, align: int = 1) 
         ks = max(16, cfg.block_k, min(ks, _KSPLIT_MAX, next_pow2(K)))
         return cdiv(K, ks), ks
     unit = cfg.block_k * align // _gcd(cfg.block_k, align)
+    if cfg.algo == "ballot":
+        unit = BALLOT_CHUNK
     slabs = cdiv(K, unit)
     split = cfg.split if cfg.split > 0 else max(1, round(cfg.waves * sms / max(1, n_tiles)))
     split = max(1, min(split, slabs, 256))
+    if cfg.algo == "ballot":  # at most 8 ballots per warp
+        split = max(split, cdiv(slabs, 8 * cfg.num_warps))
     kps = cdiv(slabs, split) * unit
     return cdiv(K, kps), kps
 
@@ -167,11 +176,14 @@ def resolve(cfg: GemvConfig, kind: str, K: int, sizes: Sequence[int], sms: int,
     scale group, which a words launch's K ranges must hold whole)."""
     n_cols = sizes[0] if kind == "gated" else sum(sizes)
     bn = cfg.block_n
-    while bn > 16 and bn // 2 >= n_cols:  # never tiles much wider than the problem
+    align = group if cfg.algo == "words" and group else 1
+    if cfg.algo == "ballot":  # the kernel's fixed tile; K ranges of whole 32-channel ballots
+        bn, align = BALLOT_BLOCK_N, BALLOT_CHUNK
+    while cfg.algo != "ballot" and bn > 16 and bn // 2 >= n_cols:  # no tiles much wider than the problem
         bn //= 2
     cfg = replace(cfg, block_n=bn)
     n_tiles = cdiv(sizes[0], bn) if kind == "gated" else sum(cdiv(n, bn) for n in sizes)
-    split, kps = _split_for(K, n_tiles, cfg, sms, group if cfg.algo == "words" and group else 1)
+    split, kps = _split_for(K, n_tiles, cfg, sms, align)
     rchunk = cfg.rchunk or max(1, min(next_pow2(split), max(1, 8192 // bn)))
     warm = max(16, min(next_pow2(cfg.warm), next_pow2(kps))) if cfg.warm > 0 else 0
     return Launch(ALGORITHMS.index(cfg.algo), bn, cfg.block_k, split, kps, cfg.num_warps,
@@ -346,6 +358,9 @@ DEFAULT_MAX_ROWS = 2
 
 # The masked cuBLAS GEMM (no kernel): where cuBLAS beats every sparse kernel.
 _TORCH = GemvConfig(algo="torch")
+# The ballot CUDA kernel's fixed geometry (teal/kernels/ballot.py, cuda_gemv.cu)
+BALLOT_BLOCK_N = 256
+BALLOT_CHUNK = 32
 
 
 def rows_config(cfg: GemvConfig, kind: str, K: int, n_cols: int) -> GemvConfig:
@@ -557,7 +572,7 @@ def fit_format(cfg: GemvConfig, kind: str, K: int, n_cols: int, wformat: str) ->
     which compiles to byte loads), with tiles inside one scale group (block_k at most the
     group size); a config of another algorithm becomes the masked loop's generic one."""
     fmt = get_format(wformat)
-    if cfg.algo == "torch":
+    if cfg.algo in ("torch", "ballot"):
         return cfg if not fmt.quantized else generic_config(kind, K, n_cols, wformat)
     if cfg.algo == "words":
         if not fmt.quantized:
@@ -578,9 +593,20 @@ def _launch(policy, kind, K, sizes, dtype, wformat, sparsity, device, multi=Fals
     if multi:
         return resolve(rows_config(cfg, kind, K, n_cols), kind, K, sizes, num_sms(device))
     cfg = fit_format(cfg, kind, K, n_cols, wformat)
+    if cfg.algo == "ballot" and not ballot_runs(sizes, dtype, wformat, device):
+        cfg = generic_config(kind, K, n_cols, wformat)
     if cfg.algo == "words" and not words_fit(wformat, sizes):
         cfg = fit_format(_masked_for(kind, wformat), kind, K, n_cols, wformat)
     return resolve(cfg, kind, K, sizes, num_sms(device), get_format(wformat).group)
+
+
+def ballot_runs(sizes, dtype, wformat: str, device) -> bool:
+    """The ballot CUDA kernel takes this call here: a CUDA device where it builds, dense
+    bf16/fp16 weights, segments of multiples of 8 columns (else dispatch takes the generic
+    Triton config of the shape)."""
+    from . import ballot  # (torch and ctypes only)
+    return (torch.device(device).type == "cuda" and ballot.fits(sizes, dtype, wformat)
+            and ballot.available(device))
 
 
 def _masked_for(kind: str, wformat: str) -> GemvConfig:

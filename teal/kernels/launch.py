@@ -2,7 +2,8 @@
 
 `launch_gemv` turns one validated call into a `Plan` (grid, runtime arguments and
 constexprs shared by every algorithm) and hands it to the algorithm's module (`masked`,
-`dot`, `lists`, `words`), whose `launch(plan, lc)` adds its own constexprs.  Outputs and the fp32
+`dot`, `lists`, `words`), whose `launch(plan, lc)` adds its own constexprs; a "ballot" launch
+goes to the CUDA C++ kernel (`ballot.launch`) with the same counters and workspace.  Outputs and the fp32
 split-K workspace are allocated here unless passed in (tests pass NaN-poisoned buffers).  The
 per-column-tile arrival counters live in a persistent, per-device int32 buffer that every
 launch leaves all-zero (the last-arriving program resets its slot).
@@ -15,8 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _interp_compat, dot, lists, masked, words
-from .dispatch import Launch, cdiv, words_fit
+from . import _interp_compat, ballot, dot, lists, masked, words
+from .dispatch import BALLOT_BLOCK_N, Launch, cdiv, words_fit
 from .formats import get_format
 
 _COUNTERS: dict = {}  # per-device counter buffers (a cache of allocations, not a setting)
@@ -91,6 +92,25 @@ def _check_words(fmt, sizes, lc: Launch, wformat: str) -> None:
                          f"{lc.k_per_split}; resolve it with KernelPolicy.launch")
 
 
+def _launch_ballot(x, weight, scales, thresholds, sizes, gated, wformat, lc: Launch, rows,
+                   out, workspace) -> torch.Tensor:
+    """The ballot CUDA kernel (teal.kernels.ballot): one row, dense weights, CUDA tensors."""
+    if rows > 1 or wformat != "dense" or scales is not None or x.device.type != "cuda":
+        raise ValueError(f"a ballot launch takes one row of dense weights on a CUDA device, got "
+                         f"{rows} rows of {wformat} on {x.device}; resolve the launch with "
+                         f"KernelPolicy.launch")
+    K = x.shape[-1]
+    n_out = sizes[0] if gated else sum(sizes)
+    n_tiles = cdiv(sizes[0], BALLOT_BLOCK_N) if gated else sum(cdiv(n, BALLOT_BLOCK_N) for n in sizes)
+    split = cdiv(K, lc.k_per_split)
+    if out is None:
+        out = torch.empty(x.shape[:-1] + (n_out,), dtype=x.dtype, device=x.device)
+    part = _workspace(workspace, split * (2 * sizes[0] if gated else n_out), x.device) if split > 1 else out
+    cnt = counters(x.device, n_tiles)
+    return ballot.launch(x.reshape(-1), weight, thresholds, sizes, gated, lc.k_per_split,
+                         lc.num_warps, lc.num_stages, out.view(-1), part, cnt)
+
+
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor],
                 thresholds: torch.Tensor, sizes: Sequence[int], gated: bool, wformat: str,
                 lc: Launch, out: Optional[torch.Tensor] = None,
@@ -121,6 +141,9 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Te
     if lc.algo_name == "torch":
         raise ValueError("a torch launch (masked cuBLAS GEMM) has no Triton kernel; call "
                          "teal.kernels.sparse_gemv / sparse_gated_gemv, which run it")
+    if lc.algo_name == "ballot":
+        return _launch_ballot(x, weight, scales, thresholds, sizes, gated, wformat, lc, rows,
+                              out, workspace)
     fmt = get_format(wformat)
     if fmt.group and (lc.block_k > fmt.group or lc.algo_name == "list"):
         raise ValueError(f"a {lc.algo_name} launch with block_k {lc.block_k} cannot run {wformat}: "
