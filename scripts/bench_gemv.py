@@ -55,7 +55,7 @@ from teal import quant
 from teal.io import atomic_write_json
 from teal.kernels import DEFAULT_TABLE, DispatchTable, GemvConfig, KernelPolicy, TableRow
 from teal.kernels import reference as R
-from teal.kernels.dispatch import fit_format
+from teal.kernels.dispatch import ALGORITHMS, fit_format
 from teal.kernels.torch_gemm import masked_rows
 from teal.kernels.formats import FORMATS, get_format
 from teal.provenance import environment
@@ -136,17 +136,21 @@ for _name in CANDIDATES:
     CANDIDATES[_name] = CANDIDATES[_name] + _WORDS
 
 
-def _ballot(depth, nw, waves):
-    return GemvConfig(algo="ballot", block_n=256, num_warps=nw, num_stages=depth, waves=waves, rchunk=0)
+def _ballot(unroll, nw, waves=4.0, split=0):
+    return GemvConfig(algo="ballot", block_n=256, num_warps=nw, num_stages=unroll, waves=waves,
+                      split=split, rchunk=0)
 
 
-# ballot (the CUDA C++ kernel; dense bf16/fp16 on CUDA, teal/kernels/ballot.py): rows in
-# flight per warp (ring depth - 1) x warps per block x blocks per SM
-_BALLOT = [_ballot(8, 4, 4), _ballot(8, 8, 4), _ballot(8, 4, 8), _ballot(8, 8, 2), _ballot(16, 4, 4),
-           _ballot(16, 8, 4), _ballot(16, 4, 2), _ballot(8, 2, 8)]
+# ballot (the CUDA C++ kernel; dense bf16/fp16 on CUDA, teal/kernels/ballot.py): rows in flight
+# per warp x warps per block; splits of 2..16 are summed inside a thread-block cluster (H100 /
+# H200), larger ones (from waves) by the global tail
+_BALLOT = [_ballot(8, 8, split=16), _ballot(8, 8, split=8), _ballot(8, 4, split=16),
+           _ballot(4, 8, split=16), _ballot(8, 8, split=4), _ballot(8, 8, waves=4),
+           _ballot(8, 8, waves=8), _ballot(4, 8, waves=4)]
 for _name in CANDIDATES:
     CANDIDATES[_name] = CANDIDATES[_name] + _BALLOT
-_BALLOT_SMALL = [_ballot(8, 4, 4), _ballot(8, 2, 4), _ballot(8, 1, 8), _ballot(8, 4, 1)]
+_BALLOT_SMALL = [_ballot(8, 4, split=4), _ballot(8, 2, split=8), _ballot(4, 1, split=16),
+                 _ballot(8, 4, waves=4)]
 
 
 def n_cols(kind, arg):
@@ -163,7 +167,7 @@ def label(cfg: GemvConfig) -> str:
     if cfg.algo == "torch":
         return "torch"
     if cfg.algo == "ballot":
-        return f"b{cfg.num_stages}w{cfg.num_warps}v{cfg.waves:g}"
+        return f"b{cfg.num_stages}w{cfg.num_warps}" + (f"s{cfg.split}" if cfg.split else f"v{cfg.waves:g}")
     return f"m{cfg.block_n}x{cfg.block_k}p{cfg.pipe}v{cfg.waves:g}"
 
 
@@ -581,9 +585,40 @@ def candidates(name, kind, K, arg, wformat) -> list:
     return out
 
 
+def bucket_edges(sparsities) -> list:
+    """[lo, hi) sparsity ranges, one per measured sparsity: split halfway between neighbours,
+    the first from 0, the last to 0.05 past it (at most HIGH)."""
+    s = sorted(sparsities)
+    mids = [(a + b) / 2 for a, b in zip(s, s[1:])]
+    return [(round(lo, 6), round(hi, 6)) for lo, hi in zip([0.0] + mids, mids + [min(HIGH, s[-1] + 0.05)])]
+
+
+def rows_over_default(res, dflt, sparsities, make_row, margin=0.98) -> list:
+    """Table rows for the sparsity ranges (`bucket_edges`) where the fastest candidate of `res`
+    ({label: (cfg, {s: us})}) beats the default dispatch's time `dflt[s]` by the margin;
+    neighbouring ranges with the same winner merge.  make_row(cfg, (lo, hi), why)."""
+    spans = []
+    for s, (lo, hi) in zip(sorted(sparsities), bucket_edges(sparsities)):
+        best = min(res, key=lambda k: res[k][1][s])
+        us = res[best][1][s]
+        if us > margin * dflt[s]:
+            continue
+        why = f"{s:.0%} {us:.1f} vs {dflt[s]:.1f} us"
+        if spans and spans[-1][0] == best and spans[-1][2] == lo:
+            spans[-1][2], spans[-1][3] = hi, spans[-1][3] + [why]
+        else:
+            spans.append([best, lo, hi, [why]])
+    return [make_row(res[b][0], (lo, hi), f"{b}: {', '.join(w)} (vs the default)")
+            for b, lo, hi, w in spans]
+
+
 def run_compare(shapes, sparsities, l2, dtype, tqdm, commit, wformats=("dense",),
-                eager_baselines=False):
-    """Time every candidate at every sparsity in every format; return (rows, winner TableRows)."""
+                eager_baselines=False, algos=None, default_policy=None):
+    """Time every candidate (of `algos`, default all) at every sparsity in every format;
+    return (rows, winner TableRows).  With `default_policy`, that policy's dispatch is timed
+    too (before and after the candidates, the faster kept) and the winners are rows only for
+    the sparsity ranges where a candidate beats it (`rows_over_default`), to be put in
+    front of its table."""
     rows, winners = [], []
     gpu = torch.cuda.get_device_name()
     dname = str(dtype).removeprefix("torch.")
@@ -593,7 +628,11 @@ def run_compare(shapes, sparsities, l2, dtype, tqdm, commit, wformats=("dense",)
             base_us = _baseline_us(b, dense, model, name)
             ths = {s: b.thresholds(s)[0] for s in sparsities}
             res = {}
+            if default_policy is not None:
+                d1 = {s: time_graph(b.sparse_fns(ths[s], s, default_policy)) for s in sparsities}
             for cfg in candidates(name, kind, K, arg, wf):
+                if algos and cfg.algo not in algos:
+                    continue
                 policy = KernelPolicy(config=cfg)
                 bad = next((f"{s:.0%}: {e}" for s in sparsities if (e := b.check(ths[s], s, policy))), "")
                 if bad:
@@ -606,13 +645,29 @@ def run_compare(shapes, sparsities, l2, dtype, tqdm, commit, wformats=("dense",)
             if not res:
                 print(f"COMPARE {model} {name} {wf}: every candidate failed its check; no rows", flush=True)
                 continue
+            fmt = "" if wf == "dense" else f" --wformat {wf}"
+            N = n_cols(kind, arg)
+            if default_policy is not None:
+                d2 = {s: time_graph(b.sparse_fns(ths[s], s, default_policy)) for s in sparsities}
+                dflt = {s: min(d1[s], d2[s]) for s in sparsities}
+                rows += [dict(model=model, name=name, wformat=wf, config="default", target_sparsity=s,
+                              us=dflt[s], us_runs=[d1[s], d2[s]], cublas_us=dense, baseline=b.baseline,
+                              baseline_us=base_us) for s in sparsities]
+                src = f"scripts/bench_gemv.py --compare{fmt} --vs-default at {commit}"
+                found = rows_over_default(res, dflt, sparsities, lambda cfg, rng, why: TableRow(
+                    gpu, kind, K, N, cfg, (dname,), wf, rng, f"{src}; {why}"))
+                winners += found
+                print(f"COMPARE {model} {name} {wf}: default " + "/".join(f"{dflt[s]:.2f}" for s in sparsities)
+                      + " | " + " | ".join(f"{k}: " + "/".join(f"{v[1][s]:.2f}" for s in sparsities)
+                                           for k, v in res.items())
+                      + f" || {len(found)} row(s) over the default", flush=True)
+                del b
+                continue
             low = [s for s in sparsities if s < HIGH]
             high = [s for s in sparsities if s >= HIGH]
             score_low = {k: sum(v[1][s] * (2 if s == 0.5 else 1) for s in low) for k, v in res.items()}
             best_low = min(score_low, key=score_low.get) if low else None
-            fmt = "" if wf == "dense" else f" --wformat {wf}"
             src = f"scripts/bench_gemv.py --compare{fmt} at {commit} (score {' + '.join(f'{s:g}' for s in low)}; 50% twice)"
-            N = n_cols(kind, arg)
             if low:
                 winners.append(TableRow(gpu, kind, K, N, res[best_low][0], (dname,), wf,
                                         (0.0, HIGH) if high else (0.0, 1.0), src))
@@ -673,6 +728,13 @@ def main(argv=None) -> None:
                     default=[0.0, 0.5, 0.9], help="--compare: sparsities the candidates run at")
     ap.add_argument("--table-out", dest="table_out", type=Path, default=None,
                     help="--compare: write the winners as table rows (JSON) (default: not written)")
+    ap.add_argument("--algos", nargs="+", default=None, choices=list(ALGORITHMS),
+                    help="--compare: only the candidates of these algorithms (default: all)")
+    ap.add_argument("--vs-default", dest="vs_default", action="store_true",
+                    help="--compare: time the dispatch table's choice too (without the rows of "
+                         "--algos; twice, the faster kept) and make rows only for the sparsity "
+                         "ranges where a candidate beats it by 2%% (ranges split halfway "
+                         "between --compare-sparsities)")
     ap.add_argument("--no-bench", dest="bench", action="store_false", help="only --compare")
     ap.add_argument("--wformat", nargs="+", default=["dense"], choices=WFORMATS,
                     help="weight formats to time (each with its torch baseline)")
@@ -711,9 +773,14 @@ def main(argv=None) -> None:
     results = dict(env, dtype=args.dtype, copy_gbs=bw, argv=sys.argv[1:] if argv is None else list(argv),
                    wformats=wformats)
     t0 = time.time()
+    default_policy = None
+    if args.vs_default:  # the table's choice without the compared algorithms' own rows
+        default_policy = KernelPolicy(table=DispatchTable(tuple(
+            r for r in table.rows if not args.algos or r.config.algo not in args.algos)))
     if args.compare:
-        results["compare"], winners = run_compare(shapes, sorted(set(args.compare_sparsities)), l2,
-                                                  dtype, tqdm, commit, wformats, args.eager_baselines)
+        results["compare"], winners = run_compare(
+            shapes, sorted(set(args.compare_sparsities)), l2, dtype, tqdm, commit, wformats,
+            args.eager_baselines, args.algos, default_policy)
         results["table"] = DispatchTable(tuple(winners)).to_json()
         if args.table_out:
             atomic_write_json(args.table_out, results["table"])

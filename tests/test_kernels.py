@@ -669,14 +669,16 @@ def _ballot_or_skip():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", _BALLOT_CASES, ids=lambda c: f"{c[0]}{c[1]}x{'-'.join(map(str, c[2]))}")
-@pytest.mark.parametrize("cfg", [_BALLOT, replace(_BALLOT, num_stages=16, num_warps=8, split=1),
-                                 replace(_BALLOT, num_stages=4, num_warps=1, split=3)],
-                         ids=["d8w4", "d16w8s1", "d4w1s3"])
+@pytest.mark.parametrize("cfg", [_BALLOT, replace(_BALLOT, num_stages=8, num_warps=8, split=1),
+                                 replace(_BALLOT, num_stages=4, num_warps=1, split=3),
+                                 replace(_BALLOT, num_stages=8, num_warps=8, split=16)],
+                         ids=["u8w4v4", "u8w8s1", "u4w1s3", "u8w8s16"])
 def test_ballot_against_float64(cfg, case, mode, dtype):
     """The ballot kernel equals the float64 masked product: segments with their own
-    thresholds, gate/up with SwiGLU, scalar and per-channel thresholds, 0 and +inf, split-K on
-    and off; outputs and workspace poisoned with NaN first; bitwise repeatable; the
-    arrival counters are left at zero."""
+    thresholds, gate/up with SwiGLU, scalar and per-channel thresholds, 0 and +inf, split-K off,
+    in a cluster (split <= 16 on compute capability 9.0+) and through the global tail (larger
+    splits, or older GPUs); outputs and workspace poisoned with NaN first; bitwise repeatable,
+    and the same bits with the cluster forced off; the arrival counters are left at zero."""
     _ballot_or_skip()
     seed = _seed()
     kind, K, sizes = case
@@ -694,6 +696,12 @@ def test_ballot_against_float64(cfg, case, mode, dtype):
     _close(y, ref, dtype, seed, f"ballot {kind} K={K} {sizes} {mode}")
     y2 = launch.launch_gemv(x, wt, None, t, list(sizes), gated, "dense", lc)
     assert torch.equal(y, y2), f"not bitwise repeatable seed={seed}"
+    from teal.kernels import ballot
+    if lc.split > 1:
+        y3 = torch.full_like(out, float("nan"))
+        ballot.launch(x, wt, t, sizes, gated, lc.k_per_split, lc.num_warps, lc.num_stages, y3,
+                      ws, launch.counters(DEV, 4096), cluster=False)
+        assert torch.equal(y, y3), f"cluster and global split-K sums differ seed={seed}"
     torch.cuda.synchronize()
     assert int(launch.counters(DEV, 1).abs().sum()) == 0
 
@@ -712,7 +720,8 @@ def test_ballot_public_api_and_compiled_graph():
     _close(y[0], R.sparse_gemv_ref(x[0], wt, t, _bounds(sizes)), torch.bfloat16, seed, "ballot api")
     lc = policy.launch("seg", K, sizes, torch.bfloat16, "dense", 0.5, DEV)  # (as SparseLinear does)
     assert lc.algo_name == "ballot"
-    f = torch.compile(lambda a: tk.sparse_gemv(a, wt, t, _bounds(sizes), launch=lc),
+    ends = _bounds(sizes)  # (outside the compiled function: it reads a tensor)
+    f = torch.compile(lambda a: tk.sparse_gemv(a, wt, t, ends, launch=lc),
                       mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         yc = f(x)
@@ -742,6 +751,12 @@ def test_ballot_fallback_and_refusals():
     t = torch.zeros(1)
     with pytest.raises(ValueError, match="one row of dense weights on a CUDA device"):
         launch.launch_gemv(x, wt, None, t, [64], False, "dense", lc)
+    # a table's ballot row that cannot run here hands the call to the next matching row
+    table = D.DispatchTable((
+        D.TableRow("cpu", "seg", 96, 64, _BALLOT, sparsity=(0.0, 0.6)),
+        D.TableRow("cpu", "seg", 96, 64, GemvConfig(algo="dot", block_n=32, block_k=16), sparsity=(0.0, 1.0))))
+    lc = replace(POLICY, table=table).launch("seg", 96, (64,), torch.bfloat16, "dense", 0.5, "cpu")
+    assert lc.algo_name == "dot" and lc.block_n == 32
     from teal.kernels import ballot
     assert ballot.fits((4096, 1024), torch.bfloat16, "dense")
     assert not ballot.fits((4096, 1020), torch.bfloat16, "dense")

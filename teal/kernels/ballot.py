@@ -4,15 +4,15 @@ TEAL (arXiv 2408.14690, Section 4, Eq. 2-3) keeps input channel k iff ``|x_k| > 
 input-channel-major weight ``wt = W.t()`` of shape (K, N), ``y = sum over kept k of x_k wt[k]``.
 Triton has no warp vote, so its kernels either walk every row of a tile with masked loads (a
 dropped row costs its instructions) or build kept-row lists through shared memory (a scan
-and a barrier per program).  Here each warp reads 32 channels of x, one ``__ballot_sync``
-gives their keep bits; a prefix popcount appends the kept channels to the warp's list in
-shared memory (no block barrier).  The warp then walks its list, each lane copying its own 16
-bytes of a kept row into a shared-memory ring with ``cp.async`` (``num_stages`` slots: that
-many rows minus one in flight per warp, no registers held) while it multiplies the row that
-landed: bytes and instructions both follow the kept rows.  Kernel source and layout: `cuda_gemv.cu` (bf16 / fp16, dense weights; segments with
-their own thresholds; gated gate/up with the SwiGLU epilogue; scalar or per-channel
-thresholds; the same deterministic split-K tail and self-resetting arrival counters as the
-Triton kernels).
+and a barrier per program).  Here each warp reads 32 channels of x and one ``__ballot_sync``
+gives their keep bits; the warp walks only the set bits, ``unroll`` rows at a time (that many
+independent 16-byte loads per lane in flight, x broadcast by a shuffle): bytes and
+instructions both follow the kept rows.  Split-K partials are summed through distributed
+shared memory inside a thread-block cluster on compute capability 9.0+ (split <= 16 and what
+the GPU can co-schedule), else with the Triton kernels' deterministic global tail and
+self-resetting arrival counters.  Kernel source and layout: `cuda_gemv.cu` (bf16 / fp16, dense
+weights; segments with their own thresholds; gated gate/up with the SwiGLU epilogue; scalar
+or per-channel thresholds).
 
 Build: the source is compiled on first use with the CUDA toolkit's ``nvcc`` (the one
 ``torch.utils.cpp_extension.CUDA_HOME`` finds, else ``nvcc`` on PATH) for the GPU's own
@@ -23,7 +23,8 @@ the Triton config instead (`teal.kernels.dispatch.fit_device`), with one warning
 
 Numerics: products and sums in fp32 (each kept row's bf16/fp16 weights converted exactly),
 one rounding to the activation dtype at the store; deterministic (fixed order in a warp, in
-a block and across the split).
+a block and across the split; the cluster and global reductions add in the same order, so
+they give the same bits).
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["available", "library", "launch", "fits", "BLOCK_N", "DEPTHS", "MAX_WARPS", "COL_ALIGN"]
+__all__ = ["available", "library", "launch", "fits", "max_cluster", "BLOCK_N", "UNROLLS",
+           "MAX_WARPS", "MAX_CLUSTER", "COL_ALIGN"]
 
 BLOCK_N = 256           # columns per block tile (32 lanes x 8 columns of 16 bytes)
-DEPTHS = (4, 8, 16)     # cp.async ring slots per warp (GemvConfig.num_stages): depth - 1 rows in flight
-MAX_CHUNKS = 8          # 32-channel chunks per warp: k_per_split <= 256 * num_warps
+UNROLLS = (4, 8)        # rows in flight per warp (GemvConfig.num_stages)
 MAX_WARPS = 8
+MAX_CLUSTER = 16        # blocks along K summed through distributed shared memory
 COL_ALIGN = 8           # every segment a multiple of 8 columns (16-byte rows per lane)
 CHUNK = 32              # channels per warp ballot (k_per_split is a multiple)
 _SOURCE = Path(__file__).with_name("cuda_gemv.cu")
@@ -103,6 +105,8 @@ def library(arch: str) -> Optional[ctypes.CDLL]:
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     f.argtypes = [P, P, P, P, P, P, I, L, L, L, I, ctypes.POINTER(L), I, I, I, I, I, I, P, I]
     f.restype = I
+    lib.teal_ballot_max_cluster.argtypes = [I, I, I, I]
+    lib.teal_ballot_max_cluster.restype = I
     return lib
 
 
@@ -124,6 +128,21 @@ def available(device) -> bool:
     return library(_arch(device)) is not None
 
 
+@functools.lru_cache(maxsize=None)
+def max_cluster(device_index: int, num_warps: int, unroll: int, gated: bool, dtype_code: int) -> int:
+    """The largest split (blocks along K, at most MAX_CLUSTER) the GPU `device_index` can run as
+    one thread-block cluster for this launch shape; 0 below compute capability 9.0 or where the
+    query fails (the global split-K tail runs then)."""
+    if torch.cuda.get_device_capability(device_index) < (9, 0):
+        return 0
+    lib = library(_arch(torch.device("cuda", device_index)))
+    if lib is None:
+        return 0
+    with torch.cuda.device(device_index):
+        return max(0, min(MAX_CLUSTER, int(lib.teal_ballot_max_cluster(num_warps, unroll, int(gated),
+                                                                        dtype_code))))
+
+
 def fits(sizes: Sequence[int], dtype: torch.dtype, wformat: str) -> bool:
     """The kernel takes this call: dense bf16/fp16 weights, segments of multiples of 8
     columns, at most 4 segments."""
@@ -132,18 +151,20 @@ def fits(sizes: Sequence[int], dtype: torch.dtype, wformat: str) -> bool:
 
 
 def launch(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, sizes: Sequence[int],
-           gated: bool, k_per_split: int, num_warps: int, depth: int, out: torch.Tensor,
-           part: torch.Tensor, cnt: torch.Tensor, _flags: int = 0) -> torch.Tensor:
+           gated: bool, k_per_split: int, num_warps: int, unroll: int, out: torch.Tensor,
+           part: torch.Tensor, cnt: torch.Tensor, cluster: Optional[bool] = None) -> torch.Tensor:
     """Launch the kernel on the current stream (inputs validated by teal.kernels._checks).
 
     Args:
         x: (K,) contiguous bf16/fp16. wt: (K, N) in x's dtype, row stride a multiple of 8,
             16-byte aligned. thresholds: fp32 (S,) or (S, K) (gated: rows gate, up).
         sizes: segment widths (gated: (F, F)), multiples of 8. k_per_split: channels per
-            block along K (a multiple of 32, at most 256 * num_warps). num_warps: 1..8.
-            depth: ring slots per warp, 4, 8 or 16.
+            block along K (a multiple of 32). num_warps: 1..8. unroll: rows in flight per
+            warp, 4 or 8.
         out: (N,) (gated: (F,)) in x's dtype. part: fp32 workspace of >= split * N (gated:
             2F) floats when K > k_per_split. cnt: int32 counters, >= the column tiles, zero.
+        cluster: sum the split through a thread-block cluster (True), the global tail
+            (False), or the cluster wherever `max_cluster` allows it (None).
     Returns:
         out.
     Raises:
@@ -160,11 +181,9 @@ def launch(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, sizes: S
         raise ValueError(f"the ballot kernel needs a row-major weight with a row stride of a "
                          f"multiple of {COL_ALIGN} elements, 16-byte aligned; got strides "
                          f"{wt.stride()}")
-    if (k_per_split % CHUNK or k_per_split > MAX_CHUNKS * CHUNK * num_warps or depth not in DEPTHS
-            or not 1 <= num_warps <= MAX_WARPS):
-        raise ValueError(f"ballot launch: k_per_split {k_per_split} (a multiple of {CHUNK}, at most "
-                         f"{MAX_CHUNKS * CHUNK} x num_warps), depth {depth} (one of {DEPTHS}), "
-                         f"num_warps {num_warps} (1..{MAX_WARPS})")
+    if k_per_split % CHUNK or k_per_split < CHUNK or unroll not in UNROLLS or not 1 <= num_warps <= MAX_WARPS:
+        raise ValueError(f"ballot launch: k_per_split {k_per_split} (a multiple of {CHUNK}), unroll "
+                         f"{unroll} (one of {UNROLLS}), num_warps {num_warps} (1..{MAX_WARPS})")
     lib = library(_arch(x.device))
     if lib is None:
         raise ValueError("the ballot kernel is not built on this machine (no nvcc); resolve the "
@@ -172,12 +191,19 @@ def launch(x: torch.Tensor, wt: torch.Tensor, thresholds: torch.Tensor, sizes: S
     per_channel = thresholds.dim() == 2
     seg = [int(sizes[0])] if gated else [int(s) for s in sizes]
     arr = (ctypes.c_longlong * len(seg))(*seg)
+    split = -(-wt.shape[0] // k_per_split)
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    limit = max_cluster(idx, int(num_warps), int(unroll), bool(gated), _DTYPES[x.dtype]) if split > 1 else 0
+    if cluster and not 2 <= split <= limit:
+        raise ValueError(f"a ballot cluster launch needs 2 <= split <= {limit} on this GPU, got "
+                         f"split {split}; pass cluster=None to fall back to the global tail")
+    use_cluster = 2 <= split <= limit if cluster is None else bool(cluster)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     rc = lib.teal_ballot_gemv(
         x.data_ptr(), wt.data_ptr(), thresholds.data_ptr(), part.data_ptr(), cnt.data_ptr(),
         out.data_ptr(), wt.shape[0], wt.stride(0), thresholds.stride(0),
         thresholds.stride(1) if per_channel else 0, int(per_channel), arr, len(seg), int(gated),
-        int(k_per_split), int(num_warps), int(depth), _DTYPES[x.dtype], stream, int(_flags))
+        int(k_per_split), int(num_warps), int(unroll), _DTYPES[x.dtype], stream, int(use_cluster))
     if rc != 0:
         raise RuntimeError(f"the ballot CUDA GEMV launch failed (code {rc})")
     return out

@@ -65,10 +65,11 @@ class GemvConfig:
             copies stacked, one cuBLAS GEMM over every weight row, `teal.kernels.torch_gemm`:
             for shapes where every kernel measured slower than cuBLAS), or "ballot" (dense
             bf16/fp16 on CUDA only: the CUDA C++ kernel of `teal.kernels.ballot`; each warp
-            votes on 32 channels' keep flags, lists the kept ones and streams only their rows
-            through a cp.async ring of num_stages (4, 8 or 16) slots; 256-column tiles;
-            num_warps 1..8; split / waves as for the others, k_per_split a multiple of 32 and
-            at most 256 x num_warps; block_k unused).
+            votes on 32 channels' keep flags and loads only the kept rows, num_stages (4 or
+            8; other values round to them) rows in flight per warp; 256-column tiles;
+            num_warps 1..8; split / waves as for the others, k_per_split a multiple of 32; a
+            split of 2..16 is summed inside a thread-block cluster on compute capability
+            9.0+; block_k unused).
         block_n: output columns per program (power of 2).
         block_k: input channels per loop step (power of 2).
         split: programs along K (0: from `waves`).
@@ -163,8 +164,6 @@ def _split_for(K: int, n_tiles: int, cfg: GemvConfig, sms: int, align: int = 1) 
     slabs = cdiv(K, unit)
     split = cfg.split if cfg.split > 0 else max(1, round(cfg.waves * sms / max(1, n_tiles)))
     split = max(1, min(split, slabs, 256))
-    if cfg.algo == "ballot":  # at most 8 ballots per warp
-        split = max(split, cdiv(slabs, 8 * cfg.num_warps))
     kps = cdiv(slabs, split) * unit
     return cdiv(K, kps), kps
 
@@ -179,6 +178,7 @@ def resolve(cfg: GemvConfig, kind: str, K: int, sizes: Sequence[int], sms: int,
     align = group if cfg.algo == "words" and group else 1
     if cfg.algo == "ballot":  # the kernel's fixed tile; K ranges of whole 32-channel ballots
         bn, align = BALLOT_BLOCK_N, BALLOT_CHUNK
+        cfg = replace(cfg, num_stages=8 if cfg.num_stages >= 8 else 4)  # rows in flight
     while cfg.algo != "ballot" and bn > 16 and bn // 2 >= n_cols:  # no tiles much wider than the problem
         bn //= 2
     cfg = replace(cfg, block_n=bn)
@@ -419,6 +419,40 @@ H200_ROWS = (
     *_rows(4096, 11008, "gated", _DOT_GATED, _LIST_GATED, 0.70, "at 70% 26.0 vs 27.2 us (mask), tie at 65%"),
     *_rows(11008, 4096, "seg", _DOT_DOWN, _LIST_DOWN, 0.65, "at 65% 15.8 vs 17.0 us (dot), tie at 60%"),
 )
+# The ballot CUDA kernel (teal/kernels/ballot.py) in each sparsity range where its best
+# candidate measured >= 2% faster than the row below it (the default dispatch of `b74c29b`),
+# timed in one process: `bench_gemv.py --compare --algos ballot --vs-default
+# --compare-sparsities 0 0.25 0.4 0.5 0.65` (notes/ballot_gemv_h200.json; ranges split halfway
+# between the measured sparsities, none above 70%, where the kept-row lists take over).
+# Llama-2-7B's o_proj is Llama-3-8B's shape. Where the kernel cannot run (no nvcc, another
+# GPU), the next matching row decides (`_launch`).
+_BALLOT_SRC = "bench_gemv.py --compare --algos ballot --vs-default (notes/ballot_gemv_h200.json)"
+_BALLOT_CFGS = {f"b{u}w{w}s{s}": GemvConfig(algo="ballot", block_n=256, num_warps=w, num_stages=u,
+                                             split=s, rchunk=0)
+                for u in (4, 8) for w in (4, 8) for s in (4, 8, 16)}
+_BALLOT_CFGS["b8w8v4"] = GemvConfig(algo="ballot", block_n=256, num_warps=8, num_stages=8, waves=4,
+                                    rchunk=0)
+
+
+def _brow(kind: str, K: int, N: int, label: str, sparsity: tuple, why: str) -> TableRow:
+    return TableRow(_H200, kind, K, N, _BALLOT_CFGS[label], sparsity=sparsity,
+                    source=f"{_BALLOT_SRC}; {label}: {why} (ballot vs default)")
+
+
+H200_BALLOT_ROWS = (
+    _brow("seg", 4096, 6144, "b8w8s8", (0.0, 0.125), "0% 15.9 vs 17.7 us"),
+    _brow("seg", 4096, 6144, "b4w8s16", (0.125, 0.45), "25% 13.8 vs 14.6, 40% 12.1 vs 13.1 us"),
+    _brow("seg", 4096, 6144, "b8w8s16", (0.45, 0.7), "50% 11.0 vs 12.5, 65% 9.3 vs 12.0 us"),
+    _brow("seg", 4096, 4096, "b8w8s16", (0.0, 0.575), "0% 11.8 vs 12.9, 25% 10.6 vs 11.1, 40% 9.6 vs 10.3, 50% 8.6 vs 10.0 us"),
+    _brow("seg", 4096, 4096, "b4w8s16", (0.575, 0.7), "65% 7.8 vs 9.5 us"),
+    _brow("gated", 4096, 14336, "b8w8s4", (0.0, 0.125), "0% 57.4 vs 59.8 us"),
+    _brow("gated", 4096, 14336, "b8w8s4", (0.45, 0.7), "50% 35.1 vs 37.6, 65% 26.6 vs 36.6 us; 25% 47.8 vs 45.5 lost"),
+    _brow("seg", 14336, 4096, "b8w8v4", (0.0, 0.575), "0% 31.0 vs 32.4, 25% 25.5 vs 26.5, 40% 21.5 vs 22.2, 50% 19.1 vs 20.5 us"),
+    _brow("seg", 14336, 4096, "b8w8s16", (0.575, 0.7), "65% 15.6 vs 19.7 us"),
+    _brow("seg", 4096, 12288, "b8w8s8", (0.0, 0.7), "0% 27.3 vs 29.5, 25% 22.1 vs 24.4, 40% 18.7 vs 21.7, 50% 16.6 vs 20.1, 65% 13.2 vs 17.9 us"),
+    _brow("gated", 4096, 11008, "b8w8s8", (0.45, 0.7), "50% 27.0 vs 29.5, 65% 20.7 vs 28.1 us; 0-40% lost or tied"),
+    _brow("seg", 11008, 4096, "b8w8s16", (0.0, 0.7), "0% 25.0 vs 27.5, 25% 21.5 vs 22.6, 40% 18.5 vs 19.1, 50% 16.3 vs 17.5, 65% 13.2 vs 16.0 us"),
+)
 # Quantized weights on the Llama-3-8B shapes: the winners of `bench_gemv.py --compare --wformat
 # int8 int4-g32 int4-g128 --compare-sparsities 0 0.5` at 73c4a95 (score t0 + 2 t50; raw:
 # notes/quant_gemv_words_h200.json).  int8: the tensor-core kept-row lists except on gate/up;
@@ -453,7 +487,7 @@ H200_SMALL_ROWS = (
     TableRow(_H200, "seg", 576, 576, _DOT_SMALL, source=f"{_SMALL}; 4.32 us at 50%, cuBLAS 3.62 + mask"),
     TableRow(_H200, "seg", 1536, 576, _DOT_SMALL, source=f"{_SMALL}; 4.70 us at 50%, cuBLAS 5.03"),
 )
-DEFAULT_TABLE = DispatchTable(H200_QUANT_ROWS + H200_ROWS + H200_SMALL_ROWS)
+DEFAULT_TABLE = DispatchTable(H200_QUANT_ROWS + H200_BALLOT_ROWS + H200_ROWS + H200_SMALL_ROWS)
 
 
 # --------------------------------------------------------------------------- devices
@@ -594,16 +628,29 @@ def _launch(policy, kind, K, sizes, dtype, wformat, sparsity, device, multi=Fals
         return resolve(rows_config(cfg, kind, K, n_cols), kind, K, sizes, num_sms(device))
     cfg = fit_format(cfg, kind, K, n_cols, wformat)
     if cfg.algo == "ballot" and not ballot_runs(sizes, dtype, wformat, device):
-        cfg = generic_config(kind, K, n_cols, wformat)
+        cfg = _next_to_ballot(policy, kind, K, n_cols, dtype, wformat, sparsity, device)
     if cfg.algo == "words" and not words_fit(wformat, sizes):
         cfg = fit_format(_masked_for(kind, wformat), kind, K, n_cols, wformat)
     return resolve(cfg, kind, K, sizes, num_sms(device), get_format(wformat).group)
 
 
+def _next_to_ballot(policy, kind, K, n_cols, dtype, wformat, sparsity, device) -> GemvConfig:
+    """Where a ballot config cannot run: the first matching table row of another algorithm
+    (a forced config or no such row: the shape's generic config)."""
+    if policy.config is None:
+        dname = str(dtype).removeprefix("torch.")
+        key = device_key(device)
+        row = next((r for r in policy.table.rows if r.config.algo != "ballot"
+                    and r.matches(key, kind, K, n_cols, dname, wformat, sparsity)), None)
+        if row is not None:
+            return fit_format(row.config, kind, K, n_cols, wformat)
+    return generic_config(kind, K, n_cols, wformat)
+
+
 def ballot_runs(sizes, dtype, wformat: str, device) -> bool:
     """The ballot CUDA kernel takes this call here: a CUDA device where it builds, dense
-    bf16/fp16 weights, segments of multiples of 8 columns (else dispatch takes the generic
-    Triton config of the shape)."""
+    bf16/fp16 weights, segments of multiples of 8 columns (else dispatch takes the next
+    table row of another algorithm, `_next_to_ballot`)."""
     from . import ballot  # (torch and ctypes only)
     return (torch.device(device).type == "cuda" and ballot.fits(sizes, dtype, wformat)
             and ballot.available(device))

@@ -3,7 +3,8 @@
 `launch_gemv` turns one validated call into a `Plan` (grid, runtime arguments and
 constexprs shared by every algorithm) and hands it to the algorithm's module (`masked`,
 `dot`, `lists`, `words`), whose `launch(plan, lc)` adds its own constexprs; a "ballot" launch
-goes to the CUDA C++ kernel (`ballot.launch`) with the same counters and workspace.  Outputs and the fp32
+goes to the CUDA C++ kernel (`ballot.launch`) with the same counters and workspace (unused
+where its split is summed inside a thread-block cluster).  Outputs and the fp32
 split-K workspace are allocated here unless passed in (tests pass NaN-poisoned buffers).  The
 per-column-tile arrival counters live in a persistent, per-device int32 buffer that every
 launch leaves all-zero (the last-arriving program resets its slot).
