@@ -420,18 +420,21 @@ H200_ROWS = (
     *_rows(11008, 4096, "seg", _DOT_DOWN, _LIST_DOWN, 0.65, "at 65% 15.8 vs 17.0 us (dot), tie at 60%"),
 )
 # The ballot CUDA kernel (teal/kernels/ballot.py) in each sparsity range where its best
-# candidate measured >= 2% faster than the row below it (the default dispatch of `b74c29b`),
-# timed in one process: `bench_gemv.py --compare --algos ballot --vs-default
-# --compare-sparsities 0 0.25 0.4 0.5 0.65` (notes/ballot_gemv_h200.json; ranges split halfway
-# between the measured sparsities, none above 70%, where the kept-row lists take over).
-# Llama-2-7B's o_proj is Llama-3-8B's shape. Where the kernel cannot run (no nvcc, another
-# GPU), the next matching row decides (`_launch`).
+# candidate measured >= 2% faster than the rows below it (the default dispatch of `b74c29b`),
+# timed in one process at a66e812: `bench_gemv.py --compare --algos ballot --vs-default
+# --no-bench --compare-sparsities 0 0.25 0.4 0.5 0.65 --shapes llama3-8b:* llama2-7b:*`
+# (notes/ballot_gemv_h200.json; ranges split halfway between the measured sparsities, none
+# above 70%, where the kept-row lists take over; Llama-2-7B's o_proj is Llama-3-8B's shape and
+# took that shape's rows).  The cluster configs' times moved by up to 8% between two H200
+# calls (o at 50%: 8.6 and 9.4 us; Triton's within 1%), so a range won by less than that may
+# flip.  Where the kernel cannot run (no nvcc, another GPU), the next matching row decides
+# (`_next_to_ballot`).
 _BALLOT_SRC = "bench_gemv.py --compare --algos ballot --vs-default (notes/ballot_gemv_h200.json)"
 _BALLOT_CFGS = {f"b{u}w{w}s{s}": GemvConfig(algo="ballot", block_n=256, num_warps=w, num_stages=u,
                                              split=s, rchunk=0)
                 for u in (4, 8) for w in (4, 8) for s in (4, 8, 16)}
-_BALLOT_CFGS["b8w8v4"] = GemvConfig(algo="ballot", block_n=256, num_warps=8, num_stages=8, waves=4,
-                                    rchunk=0)
+_BALLOT_CFGS.update({f"b{u}w8v4": GemvConfig(algo="ballot", block_n=256, num_warps=8, num_stages=u,
+                                               waves=4, rchunk=0) for u in (4, 8)})
 
 
 def _brow(kind: str, K: int, N: int, label: str, sparsity: tuple, why: str) -> TableRow:
@@ -440,18 +443,18 @@ def _brow(kind: str, K: int, N: int, label: str, sparsity: tuple, why: str) -> T
 
 
 H200_BALLOT_ROWS = (
-    _brow("seg", 4096, 6144, "b8w8s8", (0.0, 0.125), "0% 15.9 vs 17.7 us"),
-    _brow("seg", 4096, 6144, "b4w8s16", (0.125, 0.45), "25% 13.8 vs 14.6, 40% 12.1 vs 13.1 us"),
-    _brow("seg", 4096, 6144, "b8w8s16", (0.45, 0.7), "50% 11.0 vs 12.5, 65% 9.3 vs 12.0 us"),
-    _brow("seg", 4096, 4096, "b8w8s16", (0.0, 0.575), "0% 11.8 vs 12.9, 25% 10.6 vs 11.1, 40% 9.6 vs 10.3, 50% 8.6 vs 10.0 us"),
-    _brow("seg", 4096, 4096, "b4w8s16", (0.575, 0.7), "65% 7.8 vs 9.5 us"),
-    _brow("gated", 4096, 14336, "b8w8s4", (0.0, 0.125), "0% 57.4 vs 59.8 us"),
-    _brow("gated", 4096, 14336, "b8w8s4", (0.45, 0.7), "50% 35.1 vs 37.6, 65% 26.6 vs 36.6 us; 25% 47.8 vs 45.5 lost"),
-    _brow("seg", 14336, 4096, "b8w8v4", (0.0, 0.575), "0% 31.0 vs 32.4, 25% 25.5 vs 26.5, 40% 21.5 vs 22.2, 50% 19.1 vs 20.5 us"),
-    _brow("seg", 14336, 4096, "b8w8s16", (0.575, 0.7), "65% 15.6 vs 19.7 us"),
-    _brow("seg", 4096, 12288, "b8w8s8", (0.0, 0.7), "0% 27.3 vs 29.5, 25% 22.1 vs 24.4, 40% 18.7 vs 21.7, 50% 16.6 vs 20.1, 65% 13.2 vs 17.9 us"),
-    _brow("gated", 4096, 11008, "b8w8s8", (0.45, 0.7), "50% 27.0 vs 29.5, 65% 20.7 vs 28.1 us; 0-40% lost or tied"),
-    _brow("seg", 11008, 4096, "b8w8s16", (0.0, 0.7), "0% 25.0 vs 27.5, 25% 21.5 vs 22.6, 40% 18.5 vs 19.1, 50% 16.3 vs 17.5, 65% 13.2 vs 16.0 us"),
+    _brow("seg", 4096, 6144, "b8w8s8", (0.0, 0.7), "0% 15.8 vs 17.8, 25% 14.0 vs 14.7, 40% 12.3 vs 13.2, 50% 11.4 vs 12.6, 65% 9.4 vs 12.1 us"),
+    _brow("seg", 4096, 4096, "b8w8s16", (0.0, 0.125), "0% 12.5 vs 13.0 us"),
+    _brow("seg", 4096, 4096, "b8w8s16", (0.325, 0.7), "40% 9.9 vs 10.4, 50% 9.4 vs 10.0, 65% 7.9 vs 9.6 us"),
+    _brow("gated", 4096, 14336, "b8w8s4", (0.0, 0.125), "0% 58.4 vs 59.9 us"),
+    _brow("gated", 4096, 14336, "b8w8s4", (0.45, 0.7), "50% 35.1 vs 37.4, 65% 27.0 vs 36.5 us"),
+    _brow("seg", 14336, 4096, "b4w8v4", (0.0, 0.125), "0% 30.9 vs 32.6 us"),
+    _brow("seg", 14336, 4096, "b8w8v4", (0.125, 0.7), "25% 25.5 vs 26.8, 40% 21.5 vs 22.3, 50% 19.1 vs 20.5, 65% 15.3 vs 19.7 us"),
+    _brow("seg", 4096, 12288, "b8w8s4", (0.0, 0.125), "0% 27.6 vs 29.6 us"),
+    _brow("seg", 4096, 12288, "b8w8s8", (0.125, 0.7), "25% 22.4 vs 24.4, 40% 18.9 vs 21.6, 50% 16.6 vs 20.1, 65% 13.4 vs 17.9 us"),
+    _brow("gated", 4096, 11008, "b8w8s8", (0.325, 0.7), "40% 31.2 vs 32.1, 50% 26.8 vs 29.5, 65% 20.0 vs 28.1 us"),
+    _brow("seg", 11008, 4096, "b8w8v4", (0.0, 0.575), "0% 25.4 vs 27.0, 25% 21.7 vs 22.7, 40% 18.6 vs 19.0, 50% 16.7 vs 17.6 us"),
+    _brow("seg", 11008, 4096, "b8w8s16", (0.575, 0.7), "65% 13.4 vs 15.7 us"),
 )
 # Quantized weights on the Llama-3-8B shapes: the winners of `bench_gemv.py --compare --wformat
 # int8 int4-g32 int4-g128 --compare-sparsities 0 0.5` at 73c4a95 (score t0 + 2 t50; raw:
