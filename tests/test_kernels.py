@@ -362,7 +362,8 @@ def test_table_rows_and_json_roundtrip(tmp_path):
     sparsity), kept-row lists above it; shapes
     without a row take the generic rule; a table survives JSON; the policy uses the table
     it is given, and nothing in the environment changes the default table."""
-    h200, T = "NVIDIA H200", D.DEFAULT_TABLE
+    h200 = "NVIDIA H200"
+    T = DispatchTable(D.H200_QUANT_ROWS + D.H200_ROWS + D.H200_SMALL_ROWS)  # the Triton rows
 
     def algo(kind, K, N, s, table=T):
         row = table.lookup(h200, kind, K, N, "bfloat16", "dense", s)
@@ -380,6 +381,20 @@ def test_table_rows_and_json_roundtrip(tmp_path):
     assert algo("seg", 576, 576, 0.5) == ("dot", False)
     assert algo("seg", 1536, 576, 0.5) == ("dot", False)
     assert algo("seg", 960, 2560, 0.5) is None
+    # the ballot rows come first in the default table, where they measured faster; the
+    # Triton rows still cover each shape's other sparsities
+    B = D.DEFAULT_TABLE
+    assert B.rows[:len(D.H200_QUANT_ROWS)] == D.H200_QUANT_ROWS
+    assert algo("seg", 14336, 4096, 0.5, B) == ("ballot", False)
+    assert algo("seg", 14336, 4096, 0.9, B) == ("list", True)
+    assert algo("seg", 4096, 4096, 0.2, B) == ("dot", False)
+    assert algo("gated", 4096, 14336, 0.3, B) == algo("gated", 4096, 14336, 0.3)
+    assert algo("seg", 576, 960, 0.5, B) == ("torch", False)
+    for r in D.H200_BALLOT_ROWS:  # disjoint ranges inside [0, 1), unroll 4 or 8
+        assert r.config.algo == "ballot" and r.config.num_stages in (4, 8)
+        ranges = sorted(x.sparsity for x in D.H200_BALLOT_ROWS if (x.kind, x.K, x.N) == (r.kind, r.K, r.N))
+        assert 0.0 <= ranges[0][0] and ranges[-1][1] < 1.0
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])), ranges
     for r in T.rows:  # every shape's ranges cover [0, 1) once
         ranges = sorted(x.sparsity for x in T.rows
                         if (x.kind, x.K, x.N, x.wformat) == (r.kind, r.K, r.N, r.wformat))
@@ -406,7 +421,7 @@ def test_table_rows_and_json_roundtrip(tmp_path):
         with pytest.raises(ValueError, match="kernel table"):
             DispatchTable.load(tmp_path / "bad.json")
     code = ("import teal.kernels.dispatch as D\n"
-            "r = D.DEFAULT_TABLE.lookup('NVIDIA H200', 'seg', 4096, 4096, 'bfloat16', 'dense', 0.5)\n"
+            "r = D.DEFAULT_TABLE.lookup('NVIDIA H200', 'seg', 4096, 4096, 'bfloat16', 'dense', 0.2)\n"
             "assert r.config.algo == 'dot', r\nprint('ok')\n")
     env = dict(os.environ, TEAL_GEMV_TABLE=str(path), TEAL_LIST_FROM="0.1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
