@@ -359,7 +359,8 @@ def test_config_validation():
 
 def test_table_rows_and_json_roundtrip(tmp_path):
     """The H200 table: masked/dot kernels below each shape's cut-off (65-80% calibrated
-    sparsity), kept-row lists above it; shapes
+    sparsity), kept-row lists above it, the ballot rows ahead of both where they measured
+    faster; shapes
     without a row take the generic rule; a table survives JSON; the policy uses the table
     it is given, and nothing in the environment changes the default table."""
     h200 = "NVIDIA H200"
